@@ -1,0 +1,1 @@
+"""dfpipe.manifests"""

@@ -1,0 +1,80 @@
+"""Manifest tables on disk: CSV read as text, written atomically.
+
+Values are kept as strings end to end so that reading a manifest and writing it back gives the same bytes;
+stages convert the columns they compute with. A write goes to a temp file in the same folder, is fsynced and
+renamed over the target, so a crash leaves either the old table or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import pandas as pd
+
+TMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def read_table(path: str | Path, columns: list[str]) -> pd.DataFrame:
+    """A manifest as strings; an absent manifest is an empty table with the expected columns."""
+    path = Path(path)
+    if not path.exists():
+        return pd.DataFrame({c: pd.Series(dtype=str) for c in columns})
+    df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{path}: manifest lacks columns {missing} (written by another dfpipe version?)")
+    return df[columns]
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def table_bytes(rows: Iterable[Mapping] | pd.DataFrame, columns: list[str]) -> bytes:
+    """Cells are converted one by one (never through a float column: '3' must not come back as '3.0')."""
+    records = rows.to_dict("records") if isinstance(rows, pd.DataFrame) else rows
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in records:
+        writer.writerow([_cell(row.get(c)) for c in columns])
+    return buf.getvalue().encode("utf-8")
+
+
+def write_table(path: str | Path, rows: Iterable[Mapping] | pd.DataFrame, columns: list[str]) -> None:
+    data = table_bytes(rows, columns)
+    path = Path(path)
+    if path.exists() and path.read_bytes() == data:
+        return  # unchanged: keep mtime, so readers caching on it stay valid
+    atomic_write_bytes(path, data)

@@ -1,0 +1,370 @@
+"""The unit protocol every stage runs on.
+
+A unit is one video. Its fingerprint is the sha256 of (stage, output-format version, parameters, input digest);
+the unit is *done* when its last record is `done` with that fingerprint and every output file it recorded still
+exists. Work happens in a private temp folder; the folder is renamed into place, its files hashed, and only
+then is the unit's record appended (fsynced) to the writer's journal. Journals are merged into the manifest
+tables by whoever next holds the stage's exclusive lock. So a crash at any instant leaves each unit either
+fully recorded or not recorded at all, and a rerun redoes exactly the units that are not done.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from tqdm import tqdm
+
+from .table import atomic_write_bytes, read_table, write_table
+from .workspace import Shard, Workspace, replace_dir
+from ..pipeline.workers import run_parallel
+
+STATES = ("done", "stale", "failed", "pending")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a stage writes: its manifests, its output folder and which row columns name output files."""
+    name: str                      # 'extract'
+    version: int                   # bump when the output format changes: every unit is redone
+    area: str                      # output folder in the workspace ('frames')
+    rows_table: str                # 'frames.csv'
+    row_columns: list[str]         # columns of the rows table (the first is the unit id column)
+    file_columns: list[tuple[str, str]]  # (path column, sha256 column) pairs in the rows
+    info_columns: list[str] = field(default_factory=list)  # per-unit summary columns of '<name>.csv'
+
+    @property
+    def unit_columns(self) -> list[str]:
+        return [self.row_columns[0], "status", "fingerprint", "reason", *self.info_columns]
+
+
+@dataclass(frozen=True)
+class Unit:
+    id: str
+    digest: str          # what the outputs depend on besides the parameters (input sha256, upstream digests)
+    payload: Any = None  # whatever the work function needs (a path, upstream rows)
+
+
+@dataclass
+class Record:
+    status: str          # done | failed | invalid
+    fingerprint: str
+    reason: str = ""
+    info: dict = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class UnitOutput:
+    """What a work function returns: rows naming files it wrote into its folder, and a summary."""
+    rows: list[dict]
+    info: dict = field(default_factory=dict)
+
+
+class UnitError(Exception):
+    """A unit that cannot be done for a reason worth a manifest row (bad video, no face...)."""
+
+
+@dataclass
+class RunSummary:
+    stage: str
+    total: int = 0
+    skipped: int = 0
+    ran: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    skipped_failed: int = 0
+
+    def line(self) -> str:
+        text = (f"{self.stage}: {self.total} units, {self.skipped} already done, {self.ran} processed, "
+                f"{len(self.failed)} failed")
+        if self.skipped_failed:
+            text += f", {self.skipped_failed} failed earlier (use --retry-failed)"
+        return text
+
+
+def fingerprint(spec: StageSpec, params: dict, unit: Unit) -> str:
+    blob = json.dumps({"stage": spec.name, "version": spec.version, "params": params, "input": unit.digest},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- state: tables + journals
+
+def _journal_dir(ws: Workspace) -> Path:
+    return ws.manifests / "journal"
+
+
+def _journals(ws: Workspace, spec: StageSpec) -> list[Path]:
+    return sorted(_journal_dir(ws).glob(f"{spec.name}.*.jsonl"))
+
+
+def _read_journal(path: Path) -> list[tuple[int, str, Record]]:
+    out = []
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break  # a record cut by a crash was never acknowledged; its unit will be redone
+            try:
+                d = json.loads(line)
+            except ValueError:
+                break
+            out.append((d["seq"], d["unit"], Record(d["status"], d["fingerprint"], d["reason"], d["info"],
+                                                    d["rows"])))
+    return out
+
+
+def load_state(ws: Workspace, spec: StageSpec, *, merge: bool = True,
+               keep: Iterable[str] | None = None) -> dict[str, Record]:
+    """Every unit's latest record. With ``merge``, journals are folded into the tables when nobody writes."""
+    unit_col = spec.row_columns[0]
+    records: dict[str, Record] = {}
+    units = read_table(ws.manifest(f"{spec.name}.csv"), spec.unit_columns)
+    for row in units.to_dict("records"):
+        records[row[unit_col]] = Record(row["status"], row["fingerprint"], row["reason"],
+                                        {c: row[c] for c in spec.info_columns})
+    for row in read_table(ws.manifest(spec.rows_table), spec.row_columns).to_dict("records"):
+        if row[unit_col] in records:
+            records[row[unit_col]].rows.append(row)
+    journals = _journals(ws, spec)
+    entries = sorted((e for j in journals for e in _read_journal(j)), key=lambda e: e[0])
+    for _, unit, rec in entries:
+        records[unit] = rec
+    if merge and (journals or keep is not None):
+        held = ws.try_lock(spec.name)
+        if held is not None:
+            try:
+                _compact(ws, spec, records, journals, keep)
+            finally:
+                held.__exit__(None, None, None)
+    return records
+
+
+def _compact(ws: Workspace, spec: StageSpec, records: dict[str, Record], journals: list[Path],
+             keep: Iterable[str] | None) -> None:
+    """Rewrite the tables from the merged records (sorted, so every history gives the same bytes)."""
+    if keep is not None:
+        keep = set(keep)
+        for unit in [u for u in records if u not in keep]:
+            shutil.rmtree(ws.unit_dir(spec.area, unit), ignore_errors=True)
+            del records[unit]
+    unit_col = spec.row_columns[0]
+    order = sorted(records)
+    rows = [r for u in order for r in records[u].rows]
+    write_table(ws.manifest(spec.rows_table), rows, spec.row_columns)
+    write_table(ws.manifest(f"{spec.name}.csv"),
+                [{unit_col: u, "status": records[u].status, "fingerprint": records[u].fingerprint,
+                  "reason": records[u].reason, **records[u].info} for u in order],
+                spec.unit_columns)
+    for j in journals:
+        j.unlink(missing_ok=True)
+
+
+class Journal:
+    """Append-only, fsynced record log of one writer (one stage shard)."""
+
+    def __init__(self, ws: Workspace, spec: StageSpec, shard: Shard):
+        _journal_dir(ws).mkdir(parents=True, exist_ok=True)
+        self.path = _journal_dir(ws) / f"{spec.name}.{shard.name}.jsonl"
+        self._f = open(self.path, "ab")
+
+    def append(self, unit: str, rec: Record) -> None:
+        line = json.dumps({"seq": time.time_ns(), "unit": unit, "status": rec.status,
+                           "fingerprint": rec.fingerprint, "reason": rec.reason, "info": rec.info,
+                           "rows": rec.rows}, ensure_ascii=False, default=str)
+        self._f.write(line.encode("utf-8") + b"\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        self._f.close()
+
+
+# ---------------------------------------------------------------- deciding what to do
+
+def outputs_exist(ws: Workspace, spec: StageSpec, rec: Record) -> bool:
+    for row in rec.rows:
+        for path_col, _ in spec.file_columns:
+            if row.get(path_col) and not (ws.root / row[path_col]).exists():
+                return False
+    return True
+
+
+def unit_state(ws: Workspace, spec: StageSpec, params: dict, unit: Unit, rec: Record | None) -> str:
+    if rec is None:
+        return "pending"
+    if rec.fingerprint != fingerprint(spec, params, unit) or rec.status == "invalid":
+        return "stale"
+    if rec.status == "failed":
+        return "failed"
+    return "done" if outputs_exist(ws, spec, rec) else "stale"
+
+
+def count_states(ws: Workspace, spec: StageSpec, params: dict, units: list[Unit]) -> Counter:
+    records = load_state(ws, spec, merge=False)
+    return Counter(unit_state(ws, spec, params, u, records.get(u.id)) for u in units)
+
+
+def save_params(ws: Workspace, spec: StageSpec, params: dict) -> None:
+    """The parameters of the last run, so `status` can judge units without being told the flags again."""
+    atomic_write_bytes(ws.manifest(f"{spec.name}.params.json"),
+                       (json.dumps(params, sort_keys=True, indent=1, default=str) + "\n").encode())
+
+
+def load_params(ws: Workspace, spec: StageSpec) -> dict | None:
+    path = ws.manifest(f"{spec.name}.params.json")
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# ---------------------------------------------------------------- running
+
+def _do_unit(work: Callable[[Unit, Path], UnitOutput], spec: StageSpec, unit: Unit, tmp: Path) -> UnitOutput:
+    """Runs in the worker: do the work in a fresh folder and hash what it wrote (in parallel, not in the parent)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    out = work(unit, tmp)
+    for row in out.rows:
+        for path_col, sha_col in spec.file_columns:
+            if row.get(path_col):
+                row[sha_col] = sha256_file(tmp / row[path_col])
+    return out
+
+
+def run_stage(ws: Workspace, spec: StageSpec, params: dict, units: list[Unit],
+              work: Callable[[Unit, Path], UnitOutput], *, shard: Shard = Shard(), workers: int = 0,
+              timeout: float | None = None, retry_failed: bool = False, progress: bool = True) -> RunSummary:
+    """Do every unit of this shard that is not done; record each one as it finishes."""
+    ws.init()
+    unit_col = spec.row_columns[0]
+    sharded = shard.count > 1
+    summary = RunSummary(spec.name)
+    with ws.lock(spec.name, shared=sharded, what=f"the {spec.name} stage"):
+        with ws.lock(f"{spec.name}.{shard.name}", what=f"shard {shard.index}/{shard.count} of {spec.name}") \
+                if sharded else _null():
+            save_params(ws, spec, params)
+            records = load_state(ws, spec, merge=False)
+            tmp_root = ws.tmp_dir(spec.name, shard)
+            shutil.rmtree(tmp_root, ignore_errors=True)  # leftovers of a killed run of this same writer
+            mine = [u for u in units if shard.owns(u.id)]
+            summary.total = len(mine)
+            todo = []
+            for u in mine:
+                state = unit_state(ws, spec, params, u, records.get(u.id))
+                if state == "done":
+                    summary.skipped += 1
+                elif state == "failed" and not retry_failed:
+                    summary.skipped_failed += 1
+                else:
+                    todo.append(u)
+            journal = Journal(ws, spec, shard)
+            try:
+                results = run_parallel(lambda u: _do_unit(work, spec, u, tmp_root / safe_tmp(u.id)), todo,
+                                       workers=workers, timeout=timeout)
+                bar = tqdm(results, total=len(todo), desc=spec.name, unit="video", disable=not progress,
+                           dynamic_ncols=True)
+                for unit, ok, value in bar:
+                    fp = fingerprint(spec, params, unit)
+                    final = ws.unit_dir(spec.area, unit.id)
+                    if ok:
+                        replace_dir(tmp_root / safe_tmp(unit.id), final)
+                        rel = ws.rel(final)
+                        for row in value.rows:
+                            row[unit_col] = unit.id
+                            for path_col, _ in spec.file_columns:
+                                if row.get(path_col):
+                                    row[path_col] = f"{rel}/{row[path_col]}"
+                        journal.append(unit.id, Record("done", fp, "", value.info, value.rows))
+                        summary.ran += 1
+                    else:
+                        shutil.rmtree(final, ignore_errors=True)  # outputs of an older input are stale now
+                        shutil.rmtree(tmp_root / safe_tmp(unit.id), ignore_errors=True)
+                        journal.append(unit.id, Record("failed", fp, value))
+                        summary.failed.append((unit.id, value))
+            finally:
+                journal.close()
+            shutil.rmtree(tmp_root, ignore_errors=True)
+            _rmdir_empty(tmp_root.parent)
+    # the last writer standing folds all journals into the tables and drops units that left the input
+    load_state(ws, spec, merge=True, keep=None if sharded else [u.id for u in units])
+    return summary
+
+
+def safe_tmp(unit_id: str) -> str:
+    return hashlib.sha1(unit_id.encode("utf-8")).hexdigest()[:16]
+
+
+def _rmdir_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------- verify
+
+@dataclass
+class VerifyReport:
+    stage: str
+    checked: int = 0
+    missing: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.changed
+
+
+def verify(ws: Workspace, spec: StageSpec) -> VerifyReport:
+    """Re-hash every recorded output; units with a missing or changed file are marked for redoing."""
+    report = VerifyReport(spec.name)
+    with ws.lock(spec.name, what=f"the {spec.name} stage"):
+        records = load_state(ws, spec, merge=False)
+        bad: dict[str, list[str]] = {}
+        for unit, rec in sorted(records.items()):
+            if rec.status != "done":
+                continue
+            for row in rec.rows:
+                for path_col, sha_col in spec.file_columns:
+                    rel = row.get(path_col)
+                    if not rel:
+                        continue
+                    report.checked += 1
+                    path = ws.root / rel
+                    if not path.exists():
+                        report.missing.append(rel)
+                        bad.setdefault(unit, []).append(f"missing {rel}")
+                    elif sha256_file(path) != row[sha_col]:
+                        report.changed.append(rel)
+                        bad.setdefault(unit, []).append(f"changed {rel}")
+        if bad:
+            journal = Journal(ws, spec, Shard())
+            try:
+                for unit, problems in bad.items():
+                    rec = records[unit]
+                    reason = f"verify: {len(problems)} file(s) missing or changed, e.g. {problems[0]}"
+                    journal.append(unit, Record("invalid", rec.fingerprint, reason, rec.info, rec.rows))
+            finally:
+                journal.close()
+    load_state(ws, spec, merge=True)
+    return report

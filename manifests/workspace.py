@@ -1,0 +1,138 @@
+"""A workspace folder: where every output of one dataset lives, and who may write it.
+
+Layout: ``manifests/`` (CSV tables, journals, locks), ``frames/<unit>/``, ``faces/<unit>/``, ``tmp/``.
+Every path derived from a video id goes through :meth:`Workspace.unit_dir`, which flattens the id into one
+safe folder name, so a hostile id like ``../../x`` can never write outside the workspace.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import shutil
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+
+class WorkspaceError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Shard:
+    """``--shard I/N``: this process owns the units whose stable hash lands in bucket I of N."""
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str | None) -> "Shard":
+        if not text:
+            return cls()
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+            raise WorkspaceError(f"--shard '{text}': expected I/N with 0 <= I < N, e.g. 0/4")
+        return cls(int(m.group(1)), int(m.group(2)))
+
+    @property
+    def name(self) -> str:
+        return f"{self.index}-of-{self.count}"
+
+    def owns(self, unit_id: str) -> bool:
+        import hashlib
+        if self.count == 1:
+            return True
+        h = int.from_bytes(hashlib.sha256(unit_id.encode("utf-8")).digest()[:8], "big")
+        return h % self.count == self.index
+
+
+_UNSAFE = re.compile(r"[\x00-\x1f/\\]")
+
+
+def safe_name(unit_id: str) -> str:
+    """One folder name per id: separators become '__', and names that mean a parent are refused."""
+    name = _UNSAFE.sub("__", unit_id.strip())
+    if name in ("", ".", "..") or name.startswith(".."):
+        name = "_" + name
+    return name
+
+
+class Workspace:
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.manifests = self.root / "manifests"
+
+    def init(self) -> "Workspace":
+        try:
+            self.manifests.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise WorkspaceError(f"{self.root}: cannot create workspace ({e.strerror})") from None
+        return self
+
+    def manifest(self, name: str) -> Path:
+        return self.manifests / name
+
+    def inside(self, path: str | Path) -> Path:
+        """Resolve a workspace-relative path, refusing anything that escapes the workspace."""
+        p = (self.root / path).resolve()
+        if p != self.root and self.root not in p.parents:
+            raise WorkspaceError(f"{path}: path escapes the workspace {self.root}")
+        return p
+
+    def rel(self, path: Path) -> str:
+        return Path(path).resolve().relative_to(self.root).as_posix()
+
+    def unit_dir(self, area: str, unit_id: str) -> Path:
+        return self.inside(Path(area) / safe_name(unit_id))
+
+    def tmp_dir(self, stage: str, shard: Shard) -> Path:
+        """Private scratch of one (stage, shard) writer; emptied when that writer starts."""
+        return self.inside(Path("tmp") / f"{stage}.{shard.name}")
+
+    @contextmanager
+    def lock(self, name: str, *, shared: bool = False, what: str = "") -> Iterator[None]:
+        """An flock on ``manifests/locks/<name>``; refused at once (not waited for) when held elsewhere."""
+        lock_dir = self.manifests / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        path = lock_dir / f"{name}.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = path.read_text(errors="replace").strip() or "another process"
+                raise WorkspaceError(
+                    f"{self.root}: {what or name} is in use by {holder}; wait for it to finish "
+                    f"(or use --shard I/N to split the work between processes)") from None
+            if not shared:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+            yield
+        finally:
+            os.close(fd)
+
+    def try_lock(self, name: str):
+        """The exclusive lock if free right now, else None (for opportunistic merges)."""
+        cm = self.lock(name)
+        try:
+            cm.__enter__()
+        except WorkspaceError:
+            return None
+        return cm
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Put a finished unit's folder in place; the old one is moved aside first and removed after."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if dst.exists():
+        old = src.parent / (src.name + ".old")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,180 @@
+"""The `dfpipe` command: parse, load the config, call a stage, print the summary, set the exit code."""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .config import load_config, parse_override
+
+EXIT_FAILED_UNITS = 1
+EXIT_BAD_INPUT = 2
+
+
+def _user_error(exc: BaseException) -> bool:
+    """dfpipe's own exceptions and OS errors are the user's to fix: one line, no traceback."""
+    return type(exc).__module__.startswith("dfpipe.") or isinstance(exc, OSError)
+
+
+def command(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.exceptions.Exit:
+            raise
+        except Exception as e:  # noqa: BLE001
+            if not _user_error(e):
+                raise
+            click.echo(f"error: {' '.join(str(e).split())}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+    return wrapper
+
+
+def config_options(fn):
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override any config value, e.g. --set align.margin=1.4 (repeatable).")(fn)
+    fn = click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                      help="YAML file overriding pipeline/defaults.yaml.")(fn)
+    return fn
+
+
+def work_option(fn):
+    return click.option("--work", "work", required=True, type=click.Path(file_okay=False),
+                        help="Workspace folder holding manifests/, frames/, faces/ of one dataset.")(fn)
+
+
+def shard_option(fn):
+    return click.option("--shard", default=None, metavar="I/N",
+                        help="Process only part I of N (0-based) of the units, e.g. one Slurm array task.")(fn)
+
+
+def make_config(config_file, overrides, **section_values):
+    """CLI flags are overrides like any other; a flag left unset keeps the file's or the default value."""
+    updates = [parse_override(o) for o in overrides]
+    for dotted, value in section_values.items():
+        if value is not None:
+            section, key = dotted.split(".", 1)
+            updates.append({section: {key: value}})
+    return load_config(config_file, updates)
+
+
+def print_failures(summary) -> None:
+    for unit, reason in summary.failed[:20]:
+        click.echo(f"  failed {unit}: {reason}", err=True)
+    if len(summary.failed) > 20:
+        click.echo(f"  ... and {len(summary.failed) - 20} more (see the stage's manifest)", err=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dfpipe")
+def main():
+    """dfpipe: videos -> aligned face crops -> a trained deepfake detector -> per-video scores.
+
+    Every stage keeps its state in a workspace (--work DIR) and is resumable: rerun a command and finished
+    work is skipped; kill it and the rerun completes only what is missing.
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+
+
+@main.command("demo-data")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--n-real", type=int, default=None, help="Number of real clips.")
+@click.option("--n-fake", type=int, default=None, help="Number of fake clips (each made from a real one).")
+@click.option("--seed", type=int, default=None)
+@config_options
+@command
+def demo_data(out, n_real, n_fake, seed, config_file, overrides):
+    """Generate a small labelled video set (real/ and fake/) to try dfpipe without a dataset."""
+    from ..stages.demo import make_demo_dataset
+    cfg = make_config(config_file, overrides, **{"demo.n_real": n_real, "demo.n_fake": n_fake, "demo.seed": seed})
+    paths = make_demo_dataset(out, **cfg.demo)
+    click.echo(f"demo-data: wrote {len(paths)} videos to {out}")
+
+
+@main.command()
+@click.argument("input_path", metavar="INPUT", type=click.Path(exists=True))
+@work_option
+@click.option("--dataset", type=click.Choice(["auto", "ffpp", "dfdc", "celebdf", "folders", "csv"]),
+              default="auto", show_default=True, help="Layout of INPUT.")
+@click.option("--stride", type=int, default=None, help="Keep every N-th frame [default from config: 3].")
+@click.option("--max-frames", type=int, default=None, help="At most this many sampled frames per video.")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=None)
+@click.option("--decoder", type=click.Choice(["auto", "pyav", "decord"]), default=None)
+@click.option("--workers", type=int, default=None, help="Decode worker processes.")
+@click.option("--timeout", type=float, default=None, help="Seconds per video before its worker is killed.")
+@shard_option
+@click.option("--retry-failed", is_flag=True, help="Retry videos that failed in an earlier run.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@config_options
+@command
+def extract(input_path, work, dataset, stride, max_frames, jpeg_quality, decoder, workers, timeout, shard,
+            retry_failed, quiet, config_file, overrides):
+    """Decode every video of INPUT and keep every stride-th frame as JPEG under DIR/frames/."""
+    from ..manifests.workspace import Shard, Workspace
+    from ..stages.extract import run_extract
+    cfg = make_config(config_file, overrides, **{
+        "extract.stride": stride, "extract.max_frames": max_frames, "extract.jpeg_quality": jpeg_quality,
+        "extract.decoder": decoder, "extract.workers": workers, "extract.timeout": timeout})
+    found, summary = run_extract(Workspace(work), input_path, cfg, dataset=dataset, shard=Shard.parse(shard),
+                                 retry_failed=retry_failed, progress=not quiet)
+    click.echo(f"dataset layout: {found.layout} ({len(found.rows)} videos)")
+    for note in found.notes:
+        click.echo(f"  note: {note}")
+    click.echo(summary.line())
+    print_failures(summary)
+    sys.exit(EXIT_FAILED_UNITS if summary.failed else 0)
+
+
+def _stages():
+    """(name, spec, units-for-status) of every stage with a workspace manifest, in pipeline order."""
+    from ..stages import extract as ex
+    return [("extract", ex.SPEC, ex.status_units)]
+
+
+@main.command()
+@work_option
+@command
+def status(work):
+    """Per stage: how many units are done, stale, failed or pending."""
+    from ..manifests.units import count_states, load_params
+    from ..manifests.workspace import Workspace
+    ws = Workspace(work)
+    if not ws.manifests.is_dir():
+        raise click.ClickException(f"{ws.root}: not a dfpipe workspace (no manifests/ folder)")
+    click.echo(f"{'stage':<10}{'done':>8}{'stale':>8}{'failed':>8}{'pending':>9}")
+    for name, spec, units_fn in _stages():
+        params = load_params(ws, spec)
+        units = units_fn(ws)
+        counts = count_states(ws, spec, params, units) if params is not None else {"pending": len(units)}
+        click.echo(f"{name:<10}{counts.get('done', 0):>8}{counts.get('stale', 0):>8}"
+                   f"{counts.get('failed', 0):>8}{counts.get('pending', 0):>9}")
+
+
+@main.command()
+@work_option
+@command
+def verify(work):
+    """Re-hash every recorded output file; report missing or changed ones (the next run redoes their units)."""
+    from ..manifests.units import verify as verify_stage
+    from ..manifests.workspace import Workspace
+    ws = Workspace(work)
+    bad = False
+    for name, spec, _ in _stages():
+        report = verify_stage(ws, spec)
+        click.echo(f"{name}: {report.checked} files checked, {len(report.missing)} missing, "
+                   f"{len(report.changed)} changed")
+        for rel in report.missing[:20]:
+            click.echo(f"  missing {rel}")
+        for rel in report.changed[:20]:
+            click.echo(f"  changed {rel}")
+        bad |= not report.ok
+    sys.exit(EXIT_FAILED_UNITS if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

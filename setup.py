@@ -1,0 +1,42 @@
+from pathlib import Path
+
+from setuptools import setup
+
+FOLDERS = ["pipeline", "models", "stages", "manifests"]
+version = {}
+exec(Path("pipeline/__init__.py").read_text().split("\n\n", 1)[1], version)
+
+setup(
+    name="dfpipe",
+    version=version["__version__"],
+    description="Deepfake-video detection pipeline: extract, align, train, score-video",
+    long_description=Path("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # Each top-level folder is installed as dfpipe.<folder>; nothing lands as a bare `models` or `stages`.
+    packages=[f"dfpipe.{name}" for name in FOLDERS],
+    package_dir={f"dfpipe.{name}": name for name in FOLDERS},
+    package_data={"dfpipe.pipeline": ["defaults.yaml"]},
+    install_requires=[
+        "torch>=2.14",
+        "torchvision>=0.29",
+        "facenet-pytorch==2.5.3",
+        "decord>=0.6; platform_machine=='x86_64' and sys_platform=='linux'",
+        "av>=12",
+        "timm>=1.0",
+        "efficientnet-pytorch>=0.7.1",
+        "numpy",
+        "pandas>=2",
+        "scikit-learn>=1.3",
+        "scikit-image>=0.22",
+        "opencv-python-headless>=4.8",
+        "matplotlib>=3.7",
+        "pillow>=10",
+        "tqdm",
+        "click>=8",
+        "pyyaml>=6",
+        "psutil",
+    ],
+    extras_require={"dev": ["pytest>=7", "pytest-timeout"]},
+    entry_points={"console_scripts": ["dfpipe=dfpipe.pipeline.cli:main"]},
+)

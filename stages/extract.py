@@ -1,0 +1,103 @@
+"""`dfpipe extract`: list the videos of a dataset, then decode each one and keep every stride-th frame as JPEG."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+from tqdm import tqdm
+
+from ..manifests.table import read_table, write_table
+from ..manifests.units import StageSpec, Unit, UnitError, UnitOutput, run_stage, sha256_file
+from ..manifests.workspace import Shard, Workspace
+from .discover import discover
+from .video import FrameReader, VideoError, probe
+
+VIDEO_COLUMNS = ["video_id", "path", "label", "source_id", "group", "split", "dataset", "method",
+                 "size", "mtime_ns", "sha256", "frames", "fps", "width", "height", "codec"]
+PROBE_KEYS = ["frames", "fps", "width", "height", "codec"]
+
+SPEC = StageSpec(
+    name="extract", version=1, area="frames", rows_table="frames.csv",
+    row_columns=["video_id", "frame_index", "timestamp", "path", "sha256"],
+    file_columns=[("path", "sha256")],
+    info_columns=["decoder", "frames_written", "frames_expected"],
+)
+
+# a container's frame count is sometimes an estimate; fewer than this share of it means the file is cut short
+TRUNCATED_BELOW = 0.95
+
+
+def params_of(cfg) -> dict:
+    return {k: cfg.extract[k] for k in ("stride", "max_frames", "jpeg_quality", "decoder")}
+
+
+def build_videos_table(ws: Workspace, input_path: str | Path, dataset: str, progress: bool = True):
+    """Discover the videos and describe each one; sha256 and probe are reused while size and mtime match."""
+    found = discover(input_path, dataset)
+    old = {r["path"]: r for r in read_table(ws.manifest("videos.csv"), VIDEO_COLUMNS).to_dict("records")}
+    rows = []
+    for row in tqdm(found.rows, desc="hashing", unit="video", disable=not progress, leave=False):
+        row = {k: row.get(k, "") for k in VIDEO_COLUMNS}
+        try:
+            st = os.stat(row["path"])
+        except OSError:
+            rows.append(row)  # vanished or unreadable: extract records why
+            continue
+        row["size"], row["mtime_ns"] = str(st.st_size), str(st.st_mtime_ns)
+        prev = old.get(row["path"])
+        if prev and prev["size"] == row["size"] and prev["mtime_ns"] == row["mtime_ns"] and prev["sha256"]:
+            row.update({k: prev[k] for k in ["sha256", *PROBE_KEYS]})
+        else:
+            try:
+                row["sha256"] = sha256_file(Path(row["path"]))
+                info = probe(row["path"])
+                row.update({"frames": info["frames"], "fps": round(info["fps"], 3), "width": info["width"],
+                            "height": info["height"], "codec": info["codec"]})
+            except (OSError, VideoError):
+                pass
+        rows.append(row)
+    write_table(ws.manifest("videos.csv"), rows, VIDEO_COLUMNS)
+    return found, rows
+
+
+def units_of(videos: list[dict]) -> list[Unit]:
+    return [Unit(v["video_id"], v["sha256"], v["path"]) for v in videos]
+
+
+def extract_video(unit: Unit, out_dir: Path, *, stride: int, max_frames: int | None, jpeg_quality: int,
+                  decoder: str) -> UnitOutput:
+    reader = FrameReader(unit.payload, stride=stride, max_frames=max_frames, decoder=decoder)
+    rows, last = [], -1
+    for frame in reader:
+        name = f"{frame.index:06d}.jpg"
+        ok, jpg = cv2.imencode(".jpg", frame.image[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
+        if not ok:
+            raise UnitError(f"{unit.payload}: JPEG encoding failed at frame {frame.index}")
+        (out_dir / name).write_bytes(jpg.tobytes())
+        rows.append({"frame_index": frame.index, "timestamp": f"{frame.timestamp:.6f}", "path": name})
+        last = frame.index
+    if not rows:
+        raise UnitError(f"{unit.payload}: no frame could be decoded")
+    expected = int(reader.expected_frames or 0)
+    capped = max_frames is not None and len(rows) >= max_frames
+    if expected and not capped and last + stride < TRUNCATED_BELOW * expected:
+        raise UnitError(f"{unit.payload}: truncated or corrupt, decoded frames up to {last} of {expected}")
+    return UnitOutput(rows, {"decoder": "+".join(reader.decoders_used), "frames_written": len(rows),
+                             "frames_expected": expected})
+
+
+def run_extract(ws: Workspace, input_path: str | Path, cfg, *, dataset: str = "auto", shard: Shard = Shard(),
+                retry_failed: bool = False, progress: bool = True):
+    ws.init()
+    found, videos = build_videos_table(ws, input_path, dataset, progress)
+    params = params_of(cfg)
+    summary = run_stage(ws, SPEC, params, units_of(videos),
+                        lambda unit, out: extract_video(unit, out, **params),
+                        shard=shard, workers=cfg.extract.workers, timeout=cfg.extract.timeout,
+                        retry_failed=retry_failed, progress=progress)
+    return found, summary
+
+
+def status_units(ws: Workspace) -> list[Unit]:
+    return units_of(read_table(ws.manifest("videos.csv"), VIDEO_COLUMNS).to_dict("records"))

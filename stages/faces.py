@@ -1,0 +1,234 @@
+"""Find, track and align faces: the one code path behind `dfpipe align` and `dfpipe score-video`.
+
+Frames stream through in detector-sized batches and leave as aligned crops as soon as their smoothing
+window is complete, so memory stays flat however long the video is. Track selection (minimum length,
+largest N faces) needs the whole video and is therefore left to the consumer via `select_tracks`.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any, Iterable, Iterator, Sequence
+
+import cv2
+import numpy as np
+import torch
+from facenet_pytorch import MTCNN
+from scipy.optimize import linear_sum_assignment
+from skimage.transform import SimilarityTransform
+from torchvision.ops import box_iou
+
+# ArcFace (insightface) 112x112 template: left eye, right eye, nose tip, left and right mouth corners.
+ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
+                        [41.5493, 92.3655], [70.7299, 92.2041]])
+# MTCNN's tight box expressed in the template's frame (median over 26 photos of
+# /work/shared/data/faces: centre (55.3, 62.8), 75 x 109). The square of the box height is the "tight
+# face" that `margin` scales, so margin 1.3 reproduces the usual "MTCNN box x 1.3" crops.
+FACE_CENTRE = np.array([56.0, 63.0])
+FACE_SIDE = 108.0
+
+
+@dataclass(frozen=True)
+class Detection:
+    box: np.ndarray        # (4,) x1, y1, x2, y2 in full-resolution pixels
+    prob: float
+    landmarks: np.ndarray  # (5, 2) full-resolution pixels, ARCFACE_112 order
+    scale: float           # factor the frame was shrunk by for detection
+
+
+@dataclass(frozen=True)
+class AlignedFace:
+    track_id: int
+    box: np.ndarray
+    prob: float
+    landmarks: np.ndarray      # smoothed along the track; the warp uses these
+    raw_landmarks: np.ndarray  # as detected in this frame
+    scale: float
+    matrix: np.ndarray         # (2, 3) frame -> HQ crop pixels
+    hq: np.ndarray             # (hq_size, hq_size, 3) uint8 RGB
+    lq: np.ndarray             # (lq_size, lq_size, 3) uint8 RGB
+
+
+@dataclass(frozen=True)
+class FrameFaces:
+    index: int
+    timestamp: float
+    faces: list[AlignedFace]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+class FaceDetector:
+    """MTCNN on frames shrunk to `detect_max_side`: full-HD detection costs ~10x more and finds the same faces."""
+
+    def __init__(self, *, device, min_face_size, thresholds, detect_max_side, batch_size, min_prob, **_):
+        self.device = resolve_device(device)
+        self.detect_max_side = detect_max_side
+        self.batch_size = batch_size
+        self.min_prob = min_prob
+        self._mtcnn = MTCNN(keep_all=True, post_process=False, select_largest=False,
+                            min_face_size=min_face_size, thresholds=list(thresholds), device=self.device)
+
+    def detect(self, frames: Sequence[np.ndarray]) -> list[list[Detection]]:
+        if not frames:
+            return []
+        shape = frames[0].shape
+        if len(shape) != 3 or shape[2] != 3 or any(f.shape != shape for f in frames):
+            raise ValueError(f"detect needs RGB frames of one size, got shapes {sorted({f.shape for f in frames})}")
+        height, width = shape[:2]
+        scale = min(1.0, self.detect_max_side / max(height, width))
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        # Per-axis factors: rounding the small size makes x and y shrink by slightly different amounts.
+        to_full = np.array([width / size[0], height / size[1]])
+        small = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) if scale < 1 else f for f in frames])
+        found = []
+        for start in range(0, len(small), self.batch_size):
+            # `detect`, not `forward`: forward breaks on batches where some frames have no face.
+            boxes, probs, points = self._mtcnn.detect(small[start:start + self.batch_size], landmarks=True)
+            found.extend(self._keep(b, p, l, to_full, scale) for b, p, l in zip(boxes, probs, points))
+        return found
+
+    def _keep(self, boxes, probs, points, to_full: np.ndarray, scale: float) -> list[Detection]:
+        """MTCNN returns None / object arrays for empty frames; turn them into plain float Detections."""
+        if boxes is None:
+            return []
+        boxes = np.asarray(boxes, dtype=float).reshape(-1, 4) * np.tile(to_full, 2)
+        points = np.asarray(points, dtype=float).reshape(-1, 5, 2) * to_full
+        probs = np.asarray(probs, dtype=float).reshape(-1)
+        return [Detection(box=b, prob=float(p), landmarks=l, scale=scale)
+                for b, p, l in zip(boxes, probs, points) if p >= self.min_prob]
+
+
+class FaceTracker:
+    """Online IoU tracker with optimal assignment, so two nearby people never trade identities greedily."""
+
+    def __init__(self, *, track_iou, track_max_gap, **_):
+        self.track_iou = track_iou
+        self.track_max_gap = track_max_gap
+        self._last_box: dict[int, np.ndarray] = {}
+        self._missed: dict[int, int] = {}
+        self._next_id = 0
+
+    def update(self, detections: Sequence[Detection]) -> list[int]:
+        live = list(self._last_box)
+        ids: list[int | None] = [None] * len(detections)
+        if live and detections:
+            iou = box_iou(torch.as_tensor(np.stack([d.box for d in detections])),
+                          torch.as_tensor(np.stack([self._last_box[t] for t in live]))).numpy()
+            for row, col in zip(*linear_sum_assignment(iou, maximize=True)):
+                if iou[row, col] >= self.track_iou:
+                    ids[row] = live[col]
+        # New tracks are numbered left to right, so ids do not depend on the detector's output order.
+        for i in sorted((i for i, t in enumerate(ids) if t is None), key=lambda i: tuple(detections[i].box[:2])):
+            ids[i] = self._next_id
+            self._next_id += 1
+        for track in set(live) - set(ids):
+            self._missed[track] += 1
+            if self._missed[track] > self.track_max_gap:
+                del self._last_box[track], self._missed[track]
+        for track, det in zip(ids, detections):
+            self._last_box[track] = det.box
+            self._missed[track] = 0
+        return ids
+
+
+def template_points(hq_size: int, margin: float) -> np.ndarray:
+    """Where the five landmarks land in the HQ crop (cv2 pixel-centre coordinates)."""
+    return (ARCFACE_112 - FACE_CENTRE) * (hq_size / (margin * FACE_SIDE)) + (hq_size - 1) / 2
+
+
+def align_face(frame: np.ndarray, landmarks: np.ndarray, *, margin, hq_size, lq_size, **_):
+    """One similarity warp per face; LQ is the HQ crop shrunk, so both streams see exactly the same face."""
+    transform = SimilarityTransform.from_estimate(np.asarray(landmarks, dtype=float), template_points(hq_size, margin))
+    if not transform:
+        raise ValueError(f"cannot align face: degenerate landmarks {np.round(landmarks, 1).tolist()}")
+    matrix = transform.params[:2]
+    hq = cv2.warpAffine(frame, matrix, (hq_size, hq_size), flags=cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    lq = cv2.resize(hq, (lq_size, lq_size), interpolation=cv2.INTER_AREA)
+    return hq, lq, matrix
+
+
+def select_tracks(track_lengths: dict[int, int], track_sizes: dict[int, float], *, min_track_len, max_faces,
+                  **_) -> set[int]:
+    """Short tracks are mostly false positives; extra small faces are background people."""
+    kept = sorted((t for t, n in track_lengths.items() if n >= min_track_len), key=lambda t: (-track_sizes[t], t))
+    return set(kept if max_faces is None else kept[:max_faces])
+
+
+@dataclass
+class _Tracked:
+    frame: Any
+    detections: list[Detection]
+    ids: list[int]
+
+
+class FaceStream:
+    """Iterate for one FrameFaces per input frame; afterwards `track_lengths`/`track_sizes` feed `select_tracks`."""
+
+    def __init__(self, frames: Iterable[Any], detector: FaceDetector, *, smooth_window, margin, hq_size, lq_size,
+                 batch_size, track_iou, track_max_gap, **_):
+        if not isinstance(smooth_window, int) or smooth_window < 1:
+            raise ValueError(f"smooth_window must be a positive integer, got {smooth_window!r}")
+        self._frames = frames
+        self._detector = detector
+        self._behind = (smooth_window - 1) // 2
+        self._ahead = smooth_window // 2
+        self._crop = dict(margin=margin, hq_size=hq_size, lq_size=lq_size)
+        self._batch_size = batch_size
+        self._tracker = FaceTracker(track_iou=track_iou, track_max_gap=track_max_gap)
+        self.track_lengths: dict[int, int] = {}
+        self._area_sums: dict[int, float] = {}
+
+    @property
+    def track_sizes(self) -> dict[int, float]:
+        """Mean box area per track in full-resolution pixels."""
+        return {t: self._area_sums[t] / n for t, n in self.track_lengths.items()}
+
+    def __iter__(self) -> Iterator[FrameFaces]:
+        frames = iter(self._frames)
+        # Entries already yielded stay only as long as later frames need them for look-back smoothing.
+        window: deque[_Tracked] = deque()
+        done = 0
+        while batch := list(islice(frames, self._batch_size)):
+            for frame, detections in zip(batch, self._detector.detect([f.image for f in batch])):
+                window.append(_Tracked(frame, detections, self._track(detections)))
+            while len(window) - done > self._ahead:
+                yield self._align(window, done)
+                done += 1
+                if done > self._behind:
+                    window.popleft()
+                    done -= 1
+        for position in range(done, len(window)):
+            yield self._align(window, position)
+
+    def _track(self, detections: list[Detection]) -> list[int]:
+        ids = self._tracker.update(detections)
+        for track, det in zip(ids, detections):
+            x1, y1, x2, y2 = det.box
+            self.track_lengths[track] = self.track_lengths.get(track, 0) + 1
+            self._area_sums[track] = self._area_sums.get(track, 0.0) + (x2 - x1) * (y2 - y1)
+        return ids
+
+    def _align(self, window: deque[_Tracked], position: int) -> FrameFaces:
+        entry = window[position]
+        neighbours = list(islice(window, max(0, position - self._behind), position + self._ahead + 1))
+        faces = []
+        for track, det in zip(entry.ids, entry.detections):
+            # Mean over the frames of the window where this track was seen (a gap just shortens the window).
+            smoothed = np.mean([d.landmarks for n in neighbours for t, d in zip(n.ids, n.detections) if t == track],
+                               axis=0)
+            hq, lq, matrix = align_face(entry.frame.image, smoothed, **self._crop)
+            faces.append(AlignedFace(track_id=track, box=det.box, prob=det.prob, landmarks=smoothed,
+                                     raw_landmarks=det.landmarks, scale=det.scale, matrix=matrix, hq=hq, lq=lq))
+        return FrameFaces(index=entry.frame.index, timestamp=entry.frame.timestamp, faces=faces)
+
+
+# Callers read `for frame_faces in faces_in_frames(frames, detector, **cfg.align)`; frames are objects with
+# `index`, `timestamp` and `image` (RGB uint8, one size per stream).
+faces_in_frames = FaceStream

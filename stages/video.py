@@ -1,0 +1,226 @@
+"""Reading and writing video frames.
+
+Every stage that reads a video goes through `probe` and `FrameReader`, so that bad files fail
+with one clear reason and frame indices mean the same thing whichever decoder produced them.
+Reading uses PyAV first because it is the faster of the two on DFDC-like H.264
+(benchmarks/bench_decode.py) and honours rotation; decord, built on its own FFmpeg, is the
+second chance when PyAV fails or stops short of the container's frame count.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import av
+import numpy as np
+
+try:
+    import decord
+except ImportError:  # decord ships wheels for Linux x86-64 only; elsewhere auto means PyAV alone
+    decord = None
+
+DECODERS = ("auto", "pyav", "decord")
+# Frames per decord get_batch call: large enough to amortise the call, small enough that a
+# 1080p chunk stays around 50 MB however long the video is.
+DECORD_CHUNK = 8
+
+
+def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 30, crf: int = 18,
+                pix_fmt: str = "yuv420p", codec: str = "libx264") -> None:
+    """Encode RGB uint8 frames (H, W, 3) as H.264; used by the demo-data generator and the tests."""
+    with av.open(str(path), "w") as container:
+        stream = None
+        for frame in frames:
+            if stream is None:
+                stream = container.add_stream(codec, rate=int(round(fps)) if float(fps).is_integer() else fps)
+                stream.width, stream.height = frame.shape[1], frame.shape[0]
+                stream.pix_fmt = pix_fmt
+                stream.options = {"crf": str(crf)}
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        if stream is not None:
+            for packet in stream.encode():
+                container.mux(packet)
+
+
+class VideoError(Exception):
+    """A video that cannot be read; callers log `str(err)` as one line and skip the file."""
+
+    def __init__(self, path: str | Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Frame:
+    index: int  # position in decode (presentation) order; identical for both decoders
+    timestamp: float  # seconds since the stream's first frame
+    image: np.ndarray  # H x W x 3 uint8 RGB, upright
+
+
+def probe(path: str | Path) -> dict:
+    """Container facts for planning a read, with the reason when the file is not a readable video.
+
+    Rotation costs one decoded frame: PyAV 18 exposes the display matrix on decoded frames
+    (`VideoFrame.rotation`) but not on streams. A first frame that will not decode reports
+    rotation 0 and leaves the failure to `FrameReader`, which may still read the file with decord.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        container = av.open(str(path))
+    except av.FFmpegError as err:
+        raise VideoError(path, f"cannot open ({err.strerror})") from err
+    with container:
+        if container.format.name == "image2" or container.format.name.endswith("_pipe"):
+            raise VideoError(path, "not a video (single image)")
+        if not container.streams.video:
+            kinds = " and ".join(sorted({s.type for s in container.streams}))
+            raise VideoError(path, f"no video stream ({kinds} only)" if kinds else "no video stream")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        if stream.duration:
+            duration = float(stream.duration * stream.time_base)
+        elif container.duration:
+            duration = container.duration / av.time_base
+        else:
+            duration = stream.frames / fps if fps else 0.0
+        rotation = _first_frame_rotation(container, stream)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if rotation in (90, 270):
+            width, height = height, width
+        return {"frames": stream.frames, "fps": fps, "width": width, "height": height,
+                "codec": stream.codec_context.name, "rotation": rotation, "duration": duration}
+
+
+class FrameReader:
+    """Streams the sampled frames of one video, switching decoder mid-video when the first fails.
+
+    Holds at most one decoded frame (PyAV) or one DECORD_CHUNK (decord) at a time. After a pass,
+    `decoders_used` names the decoders that produced frames and `errors` says why a decoder
+    stopped early; fewer frames than `expected_frames` / stride marks a truncated video.
+    """
+
+    def __init__(self, path: str | Path, *, stride: int, max_frames: int | None, decoder: str, **_):
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        if max_frames is not None and max_frames < 0:
+            raise ValueError(f"max_frames must be >= 0 or None, got {max_frames}")
+        self.path = Path(path)
+        self.stride = stride
+        self.max_frames = max_frames
+        self.decoders = decoder_chain(decoder)
+        self.info = probe(self.path)
+        self.expected_frames: int = self.info["frames"]
+        self.decoders_used: list[str] = []
+        self.errors: list[str] = []
+
+    def __iter__(self) -> Iterator[Frame]:
+        self.decoders_used, self.errors = [], []
+        pending = range(0, sys.maxsize, self.stride)[: self.max_frames]
+        for name in self.decoders:
+            if not pending:
+                break
+            try:
+                for index, timestamp, image in BACKENDS[name](self.path, pending, self.info):
+                    if name not in self.decoders_used:
+                        self.decoders_used.append(name)
+                    yield Frame(index, timestamp, image)
+                    pending = pending[pending.index(index) + 1:]
+            except VideoError as err:
+                self.errors.append(err.reason)
+                continue
+            if not pending or pending[0] >= self.expected_frames:
+                break
+            self.errors.append(f"{name}: ended before frame {pending[0]} of {self.expected_frames}")
+        if not self.decoders_used and pending:
+            raise VideoError(self.path, self.errors[0] if self.errors else "no frames decoded")
+
+
+def decoder_chain(decoder: str) -> tuple[str, ...]:
+    """The decoders to try in order for a `decoder` setting from the config."""
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    if decoder == "decord" and decord is None:
+        raise ValueError("decoder 'decord' requested but decord is not installed on this platform")
+    if decoder == "auto":
+        return ("pyav", "decord") if decord is not None else ("pyav",)
+    return (decoder,)
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise VideoError(path, "file not found")
+    if not os.access(path, os.R_OK):
+        raise VideoError(path, "permission denied")
+    if path.stat().st_size == 0:
+        raise VideoError(path, "empty file (0 bytes)")
+
+
+def _first_frame_rotation(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> int:
+    try:
+        frame = next(container.decode(stream), None)
+    except av.FFmpegError:
+        return 0
+    return frame.rotation % 360 if frame is not None else 0
+
+
+def _pyav_frames(path: Path, pending: range, info: dict) -> Iterator[tuple[int, float, np.ndarray]]:
+    """Decode every frame (H.264 needs them all) but convert to RGB only the pending ones."""
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            start = stream.start_time or 0
+            for index, frame in enumerate(container.decode(stream)):
+                if index in pending:
+                    image = np.rot90(frame.to_ndarray(format="rgb24"), frame.rotation % 360 // 90)
+                    yield index, _seconds(frame.pts, start, stream, index, info["fps"]), np.ascontiguousarray(image)
+                if index >= pending[-1]:
+                    return
+    except av.FFmpegError as err:
+        raise VideoError(path, f"pyav: {err.strerror}") from err
+
+
+def _seconds(pts: int | None, start: int, stream: av.video.stream.VideoStream, index: int, fps: float) -> float:
+    """Relative to the stream start, as decord reports it, so timestamps agree across a fallback."""
+    if pts is not None:
+        return float((pts - start) * stream.time_base)
+    return index / fps if fps else 0.0
+
+
+def _decord_frames(path: Path, pending: range, info: dict) -> Iterator[tuple[int, float, np.ndarray]]:
+    """Read pending frames in small get_batch chunks, starting wherever PyAV stopped.
+
+    decord 0.6 rotates frames itself; for 180 degrees the result is upright, but for quarter
+    turns get_batch fails with a buffer-size mismatch, so those videos are refused up front.
+    """
+    if info["rotation"] in (90, 270):
+        raise VideoError(path, f"decord: cannot read video rotated {info['rotation']} degrees")
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+        indices = range(pending.start, min(pending.stop, len(reader)), pending.step)
+        for first in range(0, len(indices), DECORD_CHUNK):
+            chunk = list(indices[first:first + DECORD_CHUNK])
+            images = reader.get_batch(chunk).asnumpy()
+            timestamps = reader.get_frame_timestamp(chunk)[:, 0].tolist()
+            yield from zip(chunk, timestamps, images)
+    except (decord.DECORDError, RuntimeError) as err:
+        raise VideoError(path, f"decord: {_decord_reason(err)}") from err
+
+
+def _decord_reason(err: Exception) -> str:
+    """decord errors carry a '[hh:mm:ss] /build/path.cc:123: ' prefix and a C++ stack trace."""
+    first_line = str(err).strip().splitlines()[0]
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", first_line)
+
+
+BACKENDS: dict[str, Callable[[Path, range, dict], Iterator[tuple[int, float, np.ndarray]]]] = {
+    "pyav": _pyav_frames,
+    "decord": _decord_frames,
+}

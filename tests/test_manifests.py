@@ -1,0 +1,152 @@
+"""The unit protocol on a synthetic stage: idempotence, invalidation, failures, verify, shards, locks, safety."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dfpipe.manifests.table import read_table, write_table
+from dfpipe.manifests.units import (StageSpec, Unit, UnitError, UnitOutput, count_states, load_state,
+                                    run_stage, verify)
+from dfpipe.manifests.workspace import Shard, Workspace, WorkspaceError, safe_name
+
+SPEC = StageSpec(name="toy", version=1, area="out", rows_table="toy_rows.csv",
+                 row_columns=["video_id", "n", "path", "sha256"], file_columns=[("path", "sha256")],
+                 info_columns=["count"])
+
+
+def make_work(calls: list):
+    def work(unit: Unit, out: Path) -> UnitOutput:
+        calls.append(unit.id)
+        if unit.payload == "bad":
+            raise UnitError(f"{unit.id}: cannot read")
+        rows = []
+        for i in range(3):
+            (out / f"{i}.txt").write_text(f"{unit.id}:{unit.digest}:{i}")
+            rows.append({"n": i, "path": f"{i}.txt"})
+        return UnitOutput(rows, {"count": 3})
+    return work
+
+
+def units(*ids, digest="d0", bad=()):
+    return [Unit(i, digest, "bad" if i in bad else "ok") for i in ids]
+
+
+def test_run_records_files_and_rerun_skips(tmp_path):
+    ws, calls = Workspace(tmp_path / "ws"), []
+    s = run_stage(ws, SPEC, {"p": 1}, units("a", "b"), make_work(calls), progress=False)
+    assert (s.ran, s.skipped, s.failed) == (2, 0, [])
+    rows = read_table(ws.manifest("toy_rows.csv"), SPEC.row_columns)
+    assert list(rows.video_id) == ["a"] * 3 + ["b"] * 3
+    assert (ws.root / rows.path[0]).read_text() == "a:d0:0"
+    before = {p: p.read_bytes() for p in ws.manifests.glob("*.csv")}
+    s = run_stage(ws, SPEC, {"p": 1}, units("a", "b"), make_work(calls), progress=False)
+    assert (s.ran, s.skipped) == (0, 2) and calls == ["a", "b"]
+    assert {p: p.read_bytes() for p in ws.manifests.glob("*.csv")} == before
+    assert not list((ws.manifests / "journal").glob("*.jsonl"))
+    assert not (ws.root / "tmp").exists()
+
+
+def test_param_or_input_change_redoes_exactly_the_affected_units(tmp_path):
+    ws, calls = Workspace(tmp_path / "ws"), []
+    run_stage(ws, SPEC, {"p": 1}, units("a", "b"), make_work(calls), progress=False)
+    changed = [Unit("a", "d0", "ok"), Unit("b", "NEW", "ok")]
+    run_stage(ws, SPEC, {"p": 1}, changed, make_work(calls), progress=False)
+    assert calls == ["a", "b", "b"]
+    assert (ws.root / "out/b/0.txt").read_text() == "b:NEW:0"
+    run_stage(ws, SPEC, {"p": 2}, changed, make_work(calls), progress=False)
+    assert calls[3:] == ["a", "b"]
+
+
+def test_failed_units_are_recorded_skipped_then_retried(tmp_path):
+    ws, calls = Workspace(tmp_path / "ws"), []
+    s = run_stage(ws, SPEC, {}, units("a", "b", bad={"b"}), make_work(calls), progress=False)
+    assert s.failed == [("b", "b: cannot read")]
+    table = read_table(ws.manifest("toy.csv"), SPEC.unit_columns).set_index("video_id")
+    assert table.loc["b", "status"] == "failed" and table.loc["b", "reason"] == "b: cannot read"
+    assert table.loc["a", "status"] == "done"
+    s = run_stage(ws, SPEC, {}, units("a", "b", bad={"b"}), make_work(calls), progress=False)
+    assert s.skipped_failed == 1 and calls == ["a", "b"]
+    s = run_stage(ws, SPEC, {}, units("a", "b"), make_work(calls), retry_failed=True, progress=False)
+    assert s.ran == 1 and s.failed == [] and calls[-1] == "b"
+
+
+def test_worker_processes_and_timeout(tmp_path):
+    import time
+    ws, calls = Workspace(tmp_path / "ws"), []
+    inner = make_work(calls)
+
+    def work(unit, out):
+        if unit.id == "slow":
+            time.sleep(30)
+        return inner(unit, out)
+    s = run_stage(ws, SPEC, {}, units("a", "slow", "c"), work, workers=2, timeout=2, progress=False)
+    assert s.ran == 2 and s.failed[0][0] == "slow" and "timed out" in s.failed[0][1]
+    assert (ws.root / "out/c/2.txt").exists() and not (ws.root / "out/slow").exists()
+
+
+def test_verify_marks_missing_and_changed_files_and_rerun_repairs(tmp_path):
+    ws, calls = Workspace(tmp_path / "ws"), []
+    run_stage(ws, SPEC, {}, units("a", "b", "c"), make_work(calls), progress=False)
+    (ws.root / "out/a/1.txt").unlink()
+    (ws.root / "out/b/2.txt").write_text("tampered")
+    report = verify(ws, SPEC)
+    assert report.missing == ["out/a/1.txt"] and report.changed == ["out/b/2.txt"] and report.checked == 9
+    assert count_states(ws, SPEC, {}, units("a", "b", "c")) == {"stale": 2, "done": 1}
+    run_stage(ws, SPEC, {}, units("a", "b", "c"), make_work(calls), progress=False)
+    assert sorted(calls[3:]) == ["a", "b"]
+    assert (ws.root / "out/b/2.txt").read_text() == "b:d0:2"
+    assert verify(ws, SPEC).ok
+
+
+def test_shards_split_units_and_merge_to_the_same_tables(tmp_path):
+    ids = [f"v{i}" for i in range(10)]
+    one, calls = Workspace(tmp_path / "one"), []
+    run_stage(one, SPEC, {}, units(*ids), make_work(calls), progress=False)
+    two, calls = Workspace(tmp_path / "two"), []
+    s0 = run_stage(two, SPEC, {}, units(*ids), make_work(calls), shard=Shard(0, 2), progress=False)
+    s1 = run_stage(two, SPEC, {}, units(*ids), make_work(calls), shard=Shard(1, 2), progress=False)
+    assert sorted(calls) == ids and s0.total + s1.total == 10 and 0 < s0.total < 10
+    for name in ("toy.csv", "toy_rows.csv"):
+        assert (one.manifest(name)).read_bytes() == (two.manifest(name)).read_bytes()
+
+
+def test_partial_journal_line_is_ignored(tmp_path):
+    ws, calls = Workspace(tmp_path / "ws"), []
+    run_stage(ws, SPEC, {}, units("a"), make_work(calls), progress=False)
+    journal = ws.manifests / "journal" / "toy.0-of-1.jsonl"
+    journal.write_text(json.dumps({"seq": 1, "unit": "b"})[:20])  # a crash in the middle of an append
+    assert set(load_state(ws, SPEC, merge=False)) == {"a"}
+
+
+def test_units_that_left_the_input_are_dropped_with_their_files(tmp_path):
+    ws, calls = Workspace(tmp_path / "ws"), []
+    run_stage(ws, SPEC, {}, units("a", "b"), make_work(calls), progress=False)
+    run_stage(ws, SPEC, {}, units("a"), make_work(calls), progress=False)
+    assert set(read_table(ws.manifest("toy.csv"), SPEC.unit_columns).video_id) == {"a"}
+    assert not (ws.root / "out/b").exists()
+
+
+def test_lock_refuses_a_second_writer(tmp_path):
+    ws = Workspace(tmp_path / "ws").init()
+    with ws.lock("toy"):
+        with pytest.raises(WorkspaceError, match="in use by pid"):
+            run_stage(ws, SPEC, {}, units("a"), make_work([]), progress=False)
+
+
+@pytest.mark.parametrize("hostile", ["../../x", "/etc/passwd", "..", "a/../../b", "a\\..\\b"])
+def test_hostile_ids_stay_inside_the_workspace(tmp_path, hostile):
+    ws = Workspace(tmp_path / "ws")
+    run_stage(ws, SPEC, {}, [Unit(hostile, "d", "ok")], make_work([]), progress=False)
+    written = [p for p in tmp_path.rglob("*.txt")]
+    assert written and all(ws.root in p.parents for p in written)
+    assert "/" not in safe_name(hostile) and safe_name(hostile) not in ("..", ".")
+
+
+def test_table_roundtrip_is_byte_stable(tmp_path):
+    cols = ["a", "b"]
+    write_table(tmp_path / "t.csv", [{"a": "x,y", "b": ""}, {"a": "ünï côdé", "b": "1.50"}], cols)
+    data = (tmp_path / "t.csv").read_bytes()
+    write_table(tmp_path / "u.csv", read_table(tmp_path / "t.csv", cols), cols)
+    assert (tmp_path / "u.csv").read_bytes() == data
