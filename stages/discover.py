@@ -131,9 +131,11 @@ def _union_groups(identities: list[list[str]]) -> list[str]:
 
 
 def _video_files(candidates: Iterable[Path], base: Path) -> list[Path]:
-    """Video files among `candidates`, skipping hidden entries below `base` (macOS '._x.mp4' forks are not videos)."""
+    """Video files among `candidates`, skipping hidden entries below `base` (macOS '._x.mp4' forks are not videos).
+
+    A broken symlink is kept: it is a video the user meant to include, and extract records it as failed."""
     return sorted(p for p in candidates
-                  if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()
+                  if p.suffix.lower() in VIDEO_EXTENSIONS and (p.is_file() or p.is_symlink())
                   and not any(part.startswith(".") for part in p.relative_to(base).parts))
 
 

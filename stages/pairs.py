@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from itertools import groupby
+from operator import itemgetter
 
 import numpy as np
 import pandas as pd
@@ -45,7 +47,7 @@ def _text(table: pd.DataFrame, columns: list[str], where: str) -> pd.DataFrame:
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise ValueError(f"{where}: missing columns {', '.join(missing)}")
-    return table[columns].fillna("").astype(str).reset_index(drop=True)
+    return table[columns].astype(object).fillna("").astype(str).reset_index(drop=True)
 
 
 def _check_videos(videos: pd.DataFrame) -> None:
@@ -64,21 +66,21 @@ def _check_videos(videos: pd.DataFrame) -> None:
 
 def crop_digests(faces: pd.DataFrame) -> dict[str, str]:
     """video_id -> sha256 of its face crop set, so a manifest pins the exact crops a model was trained on."""
-    faces = _text(faces, _FACE_COLUMNS, FACES)
-    faces = faces[faces.status == "face"]
+    text = _text(faces, _FACE_COLUMNS, FACES)
+    crops = text.status == "face"
     try:
-        keys = faces[["frame_index", "track_id"]].apply(pd.to_numeric).astype(np.int64)
+        keys = faces[["frame_index", "track_id"]].reset_index(drop=True)[crops].apply(pd.to_numeric).astype(np.int64)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{FACES}: frame_index/track_id must be integers ({e})") from None
-    faces = faces.assign(frame_index=keys.frame_index, track_id=keys.track_id)
-    faces = faces.sort_values(["video_id", "frame_index", "track_id", "hq_sha256", "lq_sha256"])
-    lines = (faces.frame_index.astype(str) + "," + faces.track_id.astype(str) + ","
-             + faces.hq_sha256 + "," + faces.lq_sha256 + "\n")
-    return {vid: hashlib.sha256("".join(rows).encode()).hexdigest() for vid, rows in lines.groupby(faces.video_id)}
+    text = text[crops]
+    rows = sorted(zip(text.video_id.tolist(), keys.frame_index.tolist(), keys.track_id.tolist(),
+                      text.hq_sha256.tolist(), text.lq_sha256.tolist()))
+    return {video: hashlib.sha256("".join(f"{f},{t},{hq},{lq}\n" for _, f, t, hq, lq in crops).encode()).hexdigest()
+            for video, crops in groupby(rows, key=itemgetter(0))}
 
 
 def _components(videos: pd.DataFrame) -> pd.Series:
-    """video_id -> group name of its connected component (named by its smallest group label, else video id).
+    """Group name of each video's connected component (its smallest group label, else its smallest video id).
 
     A fake is linked to its source_id even when that video is absent, so fakes of one missing original
     (DFDC) still share a group.
@@ -98,7 +100,7 @@ def _components(videos: pd.DataFrame) -> pd.Series:
     names = pd.DataFrame({"component": component, "kind": [n[0] for n in nodes], "name": [n[2:] for n in nodes]})
     # 'g' < 'v': a component with any group label is named after its smallest label.
     names = names.sort_values(["component", "kind", "name"]).drop_duplicates("component").set_index("component").name
-    return pd.Series(names.loc[component[:n_videos]].to_numpy(), index=videos.video_id.to_numpy())
+    return pd.Series(names.loc[component[index[:n_videos]]].to_numpy(), index=videos.video_id.to_numpy())
 
 
 def _most_restrictive(splits: set[str]) -> str:
@@ -120,7 +122,7 @@ def _previous_splits(previous: pd.DataFrame | None, videos: pd.DataFrame, group_
     video_split = {video: split for split, ids in split_videos(previous).items() for video in ids}
     group_split = dict(zip(previous.group, previous.split))
     found: dict[str, set[str]] = {}
-    for video, label, group in zip(videos.video_id, videos.group, group_of.loc[videos.video_id]):
+    for video, label, group in zip(videos.video_id, videos.group, group_of):
         for split in (video_split.get(video), group_split.get(label), group_split.get(group)):
             if split:
                 found.setdefault(group, set()).add(split)
@@ -158,7 +160,7 @@ def _seeded_splits(strata: dict[str, str], fixed: dict[str, str], *, seed: int, 
 def _assign_splits(videos: pd.DataFrame, group_of: pd.Series, previous: pd.DataFrame | None, *, seed: int,
                    val_fraction: float, test_fraction: float) -> tuple[dict[str, str], list[str]]:
     notes = []
-    table = videos.assign(group_name=group_of.loc[videos.video_id].to_numpy())
+    table = videos.assign(group_name=group_of.to_numpy())
     official = table[table.split != ""].groupby("group_name").split.agg(set).to_dict()
     old = _previous_splits(previous, videos, group_of)
     fixed = {}
@@ -166,19 +168,20 @@ def _assign_splits(videos: pd.DataFrame, group_of: pd.Series, previous: pd.DataF
         if group in old:
             fixed[group] = _most_restrictive(old[group])
             if len(old[group]) > 1:
-                notes.append(f"group '{group}' merges previously separate splits {sorted(old[group])}: now {fixed[group]}")
-            if group in official and official[group] != {fixed[group]}:
-                notes.append(f"group '{group}' keeps previous split {fixed[group]} over official {sorted(official[group])}")
+                notes.append(f"group '{group}' merges previously separate splits {sorted(old[group])}: "
+                             f"now {fixed[group]}")
+            if group in official and _most_restrictive(official[group]) != fixed[group]:
+                notes.append(f"group '{group}' keeps previous split {fixed[group]} over official "
+                             f"{sorted(official[group])}")
         elif group in official:
             fixed[group] = _most_restrictive(official[group])
             if len(official[group]) > 1:
                 notes.append(f"group '{group}' has official splits {sorted(official[group])}: using {fixed[group]}")
-    is_fake = table.groupby("group_name").label.agg(lambda labels: "fake" if (labels == "fake").any() else "real")
-    pool = {g: label for g, label in is_fake.items() if g not in official}
-    split_of = dict(fixed)
-    split_of.update(_seeded_splits(pool, {g: s for g, s in fixed.items() if g in pool}, seed=seed,
-                                   val_fraction=val_fraction, test_fraction=test_fraction))
-    return split_of, notes
+    has_fake = (table.label == "fake").groupby(table.group_name).any()
+    pool = {g: "fake" if fake else "real" for g, fake in has_fake.items() if g not in official}
+    seeded = _seeded_splits(pool, {g: s for g, s in fixed.items() if g in pool}, seed=seed,
+                            val_fraction=val_fraction, test_fraction=test_fraction)
+    return {**fixed, **seeded}, notes
 
 
 def build_training_pairs(videos: pd.DataFrame, faces: pd.DataFrame, previous: pd.DataFrame | None, *, seed: int,
@@ -200,8 +203,8 @@ def build_training_pairs(videos: pd.DataFrame, faces: pd.DataFrame, previous: pd
 
     reals = set(videos.video_id[videos.label == "real"])
     fakes = videos[videos.label == "fake"]
-    fake_rows = pd.DataFrame({"fake_id": fakes.video_id, "real_id": fakes.source_id.where(fakes.source_id.isin(reals), ""),
-                              "dataset": fakes.dataset, "method": fakes.method})
+    fake_rows = pd.DataFrame({"fake_id": fakes.video_id, "dataset": fakes.dataset, "method": fakes.method,
+                              "real_id": fakes.source_id.where(fakes.source_id.isin(reals), "")})
     lonely = videos[(videos.label == "real") & ~videos.video_id.isin(fake_rows.real_id)]
     real_rows = pd.DataFrame({"fake_id": "", "real_id": lonely.video_id, "dataset": lonely.dataset,
                               "method": lonely.method})
@@ -209,9 +212,9 @@ def build_training_pairs(videos: pd.DataFrame, faces: pd.DataFrame, previous: pd
     anchor = pairs.fake_id.where(pairs.fake_id != "", pairs.real_id)
     pairs["group"] = group_of.loc[anchor].to_numpy()
     pairs["split"] = pairs.group.map(split_of)
-    pairs["fake_digest"] = pairs.fake_id.map(digests).fillna("")
-    pairs["real_digest"] = pairs.real_id.map(digests).fillna("")
-    pairs = pairs[COLUMNS].sort_values(SORT_KEYS).reset_index(drop=True)
+    pairs["fake_digest"] = [digests.get(v, "") for v in pairs.fake_id]
+    pairs["real_digest"] = [digests.get(v, "") for v in pairs.real_id]
+    pairs = pairs[COLUMNS].astype(str).sort_values(SORT_KEYS).reset_index(drop=True)
     pairs.attrs["notes"] = notes
     return pairs
 

@@ -13,14 +13,18 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def pattern_frames(n: int, width: int = 64, height: int = 48, seed: int = 0):
-    """Frames whose content encodes their index (a moving bar plus noise), so tests can tell frames apart."""
+    """Frames whose content encodes their index (a moving bar and a grey level) over a smooth per-seed
+    background: smooth so H.264 keeps it, distinct per frame so tests can tell which frame they got."""
     rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    base = np.stack([127 + 100 * np.sin(xx / width * 3 + yy / height * 2 + p) for p in phase], -1)
+    base = base.astype(np.uint8)
     for i in range(n):
         frame = base.copy()
-        x = (i * 3) % width
-        frame[:, x:x + 4] = 255
-        frame[: height // 4, : width // 4] = (i * 7) % 256
+        x = (i * 5) % max(width - 6, 1)
+        frame[:, x:x + 6] = 255
+        frame[: height // 4, : width // 4] = (i * 23) % 256
         yield frame
 
 

@@ -47,6 +47,7 @@ def test_perfect_separation():
     assert m["accuracy"] == 1.0 and m["f1"] == 1.0
 
 
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_single_class_gives_nan_not_error():
     m = binary_metrics([1, 1, 1], [0.0, 0.6, 0.9], threshold=0.5)
     assert math.isnan(m["auc"]) and math.isnan(m["ap"]) and math.isnan(m["eer"])
@@ -74,6 +75,11 @@ def test_equal_error_rate_interpolated():
     eer, threshold = equal_error_rate([0, 0, 1], [0.2, 0.6, 0.4])
     assert eer == pytest.approx(0.5)
     assert threshold == pytest.approx(0.5)
+
+
+def test_equal_error_rate_on_the_first_roc_segment():
+    # tied scores: the ROC jumps from (0, 0) straight to (1, 1); EER 0.5 at the tied score, not at +inf
+    assert equal_error_rate([0, 1], [0.5, 0.5]) == pytest.approx((0.5, 0.5))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -109,10 +115,14 @@ def test_fit_threshold_one_class():
     assert fit_threshold([0, 0, 0], [0.7, 0.8, 0.9]) == 0.5
 
 
-def test_write_plots(tmp_path):
+def _separable_scores():
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1], 50)
-    s = np.clip(rng.normal(0.3 + 0.4 * y, 0.15), 0, 1)
+    return y, np.clip(rng.normal(0.3 + 0.4 * y, 0.15), 0, 1)
+
+
+def test_write_plots(tmp_path):
+    y, s = _separable_scores()
     paths = write_plots(y, s, threshold=0.5, out_dir=tmp_path / "plots")
     assert sorted(p.name for p in paths) == ["confusion.png", "hist.png", "pr.png", "roc.png"]
     for path in paths:
@@ -123,3 +133,14 @@ def test_write_plots(tmp_path):
         # something drawn: many distinct colours, not a white canvas
         assert image[..., :3].std() > 0.05
         assert len(np.unique(image[..., :3].reshape(-1, 3), axis=0)) > 20
+
+
+def test_confusion_plot_counts_at_the_threshold(tmp_path):
+    # both thresholds print as 0.500, but the fake scored exactly 0.5 changes cell between them
+    y, s = _separable_scores()
+    s[-1] = 0.5
+    below = write_plots(y, s, threshold=0.4999, out_dir=tmp_path / "below")
+    above = write_plots(y, s, threshold=0.5001, out_dir=tmp_path / "above")
+    by_name = {a.name: (imread(a), imread(b)) for a, b in zip(below, above)}
+    assert np.array_equal(*by_name["roc.png"])
+    assert not np.array_equal(*by_name["confusion.png"])

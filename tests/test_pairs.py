@@ -55,7 +55,8 @@ def filler(n, prefix="g", fakes=True, dataset="demo"):
     for i in range(n):
         rows.append(video(f"{prefix}{i}", "real", group=f"{prefix}:{i}", dataset=dataset))
         if fakes:
-            rows.append(video(f"{prefix}{i}_x", "fake", source_id=f"{prefix}{i}", group=f"{prefix}:{i}", dataset=dataset))
+            rows.append(video(f"{prefix}{i}_x", "fake", source_id=f"{prefix}{i}", group=f"{prefix}:{i}",
+                              dataset=dataset))
     return rows
 
 
@@ -95,12 +96,13 @@ def test_ffpp_mutual_pairs_merge_into_one_group_with_both_reals():
 
 
 def test_dfdc_fakes_with_missing_originals_are_listed_and_grouped_by_original():
+    """Unlabelled fakes of one missing original share a group (named by its smallest video id)."""
     videos = videos_table([video("a.mp4", "fake", source_id="orig.mp4", split="train", dataset="dfdc"),
                            video("b.mp4", "fake", source_id="orig.mp4", dataset="dfdc"),
                            video("c.mp4", "fake", source_id="other.mp4", split="train", dataset="dfdc")])
     pairs = build(videos)
     assert pairs[["fake_id", "real_id", "group", "split"]].values.tolist() == [
-        ["a.mp4", "", "orig.mp4", "train"], ["b.mp4", "", "orig.mp4", "train"], ["c.mp4", "", "other.mp4", "train"]]
+        ["a.mp4", "", "a.mp4", "train"], ["b.mp4", "", "a.mp4", "train"], ["c.mp4", "", "c.mp4", "train"]]
     assert list(pairs.columns) == COLUMNS
 
 

@@ -1,0 +1,128 @@
+"""Per-frame feature extractors for the two streams.
+
+A backbone returns its last feature map un-pooled, because the ConvLSTM that follows needs the spatial grid.
+Weights only ever come from a local file: nothing here may touch the network (training machines are offline and a
+silent download would make runs irreproducible).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import timm
+import torch
+from efficientnet_pytorch import EfficientNet
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+EFFICIENTNET_PYTORCH = tuple(f"efficientnet-b{i}" for i in range(8))
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Backbone(nn.Module):
+    """Wraps a network so every family answers the same way: (N,3,H,W) -> (N,out_channels,h,w).
+
+    ``head_keys`` name the classifier tensors a published checkpoint carries and this backbone does not have;
+    ``mean``/``std`` are the input normalisation the weights were trained with.
+    """
+
+    def __init__(self, name: str, net: nn.Module, out_channels: int, head_keys: tuple[str, ...],
+                 mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.name = name
+        self.net = net
+        self.out_channels = out_channels
+        self.head_keys = head_keys
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+
+class EfficientNetPytorchBackbone(Backbone):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x)
+
+
+class TimmBackbone(Backbone):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net.forward_features(x)
+        if y.ndim == 3:
+            return self._tokens_to_grid(y, x.shape[-2], x.shape[-1])
+        if getattr(self.net, "output_fmt", "NCHW") == "NHWC":
+            # A permuted NHWC tensor is already an NCHW tensor in channels_last layout: no copy needed.
+            return y.permute(0, 3, 1, 2)
+        return y
+
+    def _tokens_to_grid(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        patches = tokens[:, getattr(self.net, "num_prefix_tokens", 0):]
+        n = patches.shape[1]
+        rows = max(1, round(math.sqrt(n * height / width)))
+        cols = n // rows
+        if rows * cols != n:
+            raise ValueError(f"backbone {self.name}: {n} patch tokens do not form a grid for a {height}x{width} input")
+        return patches.reshape(patches.shape[0], rows, cols, patches.shape[2]).permute(0, 3, 1, 2)
+
+
+def _efficientnet_pytorch(name: str) -> Backbone:
+    # image_size=None selects dynamic "same" padding, which is correct at any input size; the static default
+    # pads for the architecture's native resolution (380 px for B4), not for the 224/112 px crops used here.
+    net = EfficientNet.from_name(name, include_top=False, image_size=None)
+    return EfficientNetPytorchBackbone(name, net, net._conv_head.out_channels, ("_fc",), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _timm(name: str) -> Backbone:
+    net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
+    cfg = net.pretrained_cfg
+    classifier = cfg.get("classifier") or ()
+    head_keys = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    return TimmBackbone(name, net, net.num_features, head_keys,
+                        cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: pretrained weight file not found")
+    try:
+        # timm's reader: .safetensors, or torch.load(weights_only=True); unwraps 'state_dict'/'model' and 'module.'.
+        return timm.models.load_state_dict(str(path))
+    except Exception as e:  # any unreadable file (pickle, zip, safetensors header) gets the same one-line report
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{path}: cannot read weights ({reason})") from None
+
+
+def load_weights(backbone: Backbone, path: str | Path) -> None:
+    """Loads a local checkpoint strictly, ignoring only its classifier.
+
+    Strict on purpose: timm's own file loading (``pretrained_cfg_overlay=dict(file=...)``) turns strict off when the
+    classifier is dropped, so a checkpoint of the wrong architecture would leave the backbone silently random.
+    """
+    path = Path(path)
+    state = {k: v for k, v in _read_state_dict(path).items()
+             if not any(k == h or k.startswith(h + ".") for h in backbone.head_keys)}
+    expected = backbone.net.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong_shape:
+        first = (missing or unexpected or wrong_shape)[0]
+        raise ValueError(f"{path}: weights do not fit backbone {backbone.name} ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, {len(wrong_shape)} wrong-shape tensors, e.g. '{first}')")
+    backbone.net.load_state_dict(state, strict=True)
+
+
+def build_backbone(name: str, *, pretrained: str | Path | None) -> Backbone:
+    """``efficientnet-bN`` names use efficientnet-pytorch, any other name a timm model; ``pretrained`` is a local
+    weight file or None for random init."""
+    if name in EFFICIENTNET_PYTORCH:
+        backbone = _efficientnet_pytorch(name)
+    elif timm.is_model(name):
+        backbone = _timm(name)
+    else:
+        raise ValueError(f"unknown backbone '{name}': neither efficientnet-b0..b7 nor a timm model name")
+    if pretrained is None:
+        log.warning("backbone %s is randomly initialised (no pretrained weight file given)", name)
+    else:
+        load_weights(backbone, pretrained)
+    return backbone

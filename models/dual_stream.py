@@ -1,0 +1,114 @@
+"""The detector: a high-resolution and a low-resolution stream over the same face clip, fused by attention.
+
+The HQ stream sees fine blending artefacts; the LQ stream sees coarse, compression-robust cues. Which one to trust
+differs per clip (a c40 video has few fine artefacts left), hence learned per-sample weights instead of a concat.
+"""
+from __future__ import annotations
+
+from itertools import chain
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from dfpipe.models.backbones import Backbone, build_backbone
+from dfpipe.models.convlstm import ConvLSTM
+
+
+class Stream(nn.Module):
+    """Backbone on every frame, ConvLSTM over time, global average pool: (B,T,3,H,W) in [0,1] -> (B, filters[-1])."""
+
+    def __init__(self, backbone: Backbone, filters: list[int], kernel_size: int, channels_last: bool):
+        super().__init__()
+        self.backbone = backbone
+        self.temporal = ConvLSTM(backbone.out_channels, filters, kernel_size)
+        # Normalising here (and nowhere in the data pipeline) ties it to the weights it belongs to.
+        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1), persistent=False)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        backbone.to(memory_format=self.memory_format)
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        batch, steps = clips.shape[:2]
+        frames = ((clips.flatten(0, 1) - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        features = self.backbone(frames).unflatten(0, (batch, steps))
+        return self.temporal(features).mean(dim=(2, 3))
+
+
+class AttentionFusion(nn.Module):
+    """Projects both streams to one size and returns their softmax-weighted sum plus the (B,2) weights."""
+
+    def __init__(self, hq_features: int, lq_features: int, dim: int):
+        super().__init__()
+        self.project = nn.ModuleList(nn.Sequential(nn.Linear(n, dim), nn.ReLU()) for n in (hq_features, lq_features))
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, hq: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        streams = torch.stack([self.project[0](hq), self.project[1](lq)], dim=1)
+        weights = self.score(streams).squeeze(-1).softmax(dim=1)
+        return (weights.unsqueeze(-1) * streams).sum(dim=1), weights
+
+
+def classifier_head(mlp: list[int], dropout: list[float]) -> nn.Sequential:
+    """mlp[0] -> mlp[1] -> ... -> 1, with dropout[i] after hidden layer i."""
+    if len(dropout) != len(mlp) - 1:
+        raise ValueError(f"model.dropout needs {len(mlp) - 1} values (one per hidden layer of model.mlp), got {dropout}")
+    layers: list[nn.Module] = []
+    for size_in, size_out, p in zip(mlp, mlp[1:], dropout):
+        layers += [nn.Linear(size_in, size_out), nn.ReLU(), nn.Dropout(p)]
+    return nn.Sequential(*layers, nn.Linear(mlp[-1], 1))
+
+
+def _check_clips(name: str, clips: torch.Tensor) -> None:
+    if clips.ndim != 5 or clips.shape[2] != 3 or not clips.is_floating_point():
+        raise ValueError(f"{name} clips must be float (B,T,3,H,W), got {clips.dtype} {tuple(clips.shape)}")
+
+
+class DualStreamNet(nn.Module):
+    def __init__(self, *, hq_backbone: str, lq_backbone: str, convlstm_filters: list[int], convlstm_kernel: int,
+                 mlp: list[int], dropout: list[float], pretrained_hq: str | None, pretrained_lq: str | None,
+                 channels_last: bool):
+        super().__init__()
+        self.hq = Stream(build_backbone(hq_backbone, pretrained=pretrained_hq), convlstm_filters, convlstm_kernel,
+                         channels_last)
+        self.lq = Stream(build_backbone(lq_backbone, pretrained=pretrained_lq), convlstm_filters, convlstm_kernel,
+                         channels_last)
+        self.fusion = AttentionFusion(convlstm_filters[-1], convlstm_filters[-1], mlp[0])
+        self.classifier = classifier_head(mlp, dropout)
+        self.backbones_frozen = False
+
+    @classmethod
+    def from_config(cls, model_cfg: Mapping) -> "DualStreamNet":
+        return cls(**model_cfg)
+
+    def forward(self, hq: torch.Tensor, lq: torch.Tensor, return_attention: bool = False):
+        """Clips in [0,1], (B,T,3,H,W) each -> logits (B,) [and stream weights (B,2): column 0 HQ, 1 LQ]."""
+        _check_clips("hq", hq)
+        _check_clips("lq", lq)
+        if hq.shape[0] != lq.shape[0]:
+            raise ValueError(f"hq and lq batch sizes differ ({hq.shape[0]} vs {lq.shape[0]})")
+        fused, weights = self.fusion(self.hq(hq), self.lq(lq))
+        logits = self.classifier(fused).squeeze(-1)
+        return (logits, weights) if return_attention else logits
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        return chain(self.hq.backbone.parameters(), self.lq.backbone.parameters())
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        backbone = {id(p) for p in self.backbone_parameters()}
+        return (p for p in self.parameters() if id(p) not in backbone)
+
+    def freeze_backbones(self, frozen: bool) -> None:
+        """Frozen backbones also keep their BatchNorm statistics: updating them from a few deepfake clips would
+        drift the pretrained features the head is being fitted to."""
+        self.backbones_frozen = frozen
+        for p in self.backbone_parameters():
+            p.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "DualStreamNet":
+        super().train(mode)
+        if self.backbones_frozen:
+            self.hq.backbone.eval()
+            self.lq.backbone.eval()
+        return self

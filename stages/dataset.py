@@ -1,0 +1,370 @@
+"""Clips of consecutive aligned face crops, the training and validation input of the dual-stream detector.
+
+A clip is ``clip_len`` consecutive sampled frames of ONE face track: the ConvLSTM learns temporal artefacts, so a clip
+must never jump across a frame where the tracker lost the face, nor from one person to another. Each clip carries the
+same frames twice, as the 224 px (HQ) and the 112 px (LQ) crop, and both streams get identical augmentation so that
+they keep describing the same pixels.
+
+Randomness (training clip starts, augmentation) comes from a generator seeded by (seed, epoch, item index) only, so an
+epoch is reproducible whatever the number of DataLoader workers. Call ``set_epoch`` on the dataset and the sampler
+before each epoch; workers must be re-created per epoch (the DataLoader default, ``persistent_workers=False``) for the
+dataset's epoch to reach them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset, Sampler, default_collate
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as F
+
+log = logging.getLogger(__name__)
+
+REQUIRED_COLUMNS = ("video_id", "frame_index", "status", "track_id", "hq_path", "lq_path")
+PAIR_KEYS = ("hq_real", "lq_real")
+
+# Augmentation ranges: mild on purpose, strong geometric or colour changes would hide the blending artefacts.
+ROTATION_DEG = 10.0
+TRANSLATE = 0.05                 # fraction of the crop side
+SCALE = (0.9, 1.1)
+JITTER = (0.2, 0.2, 0.2, 0.05)   # max change of brightness, contrast, saturation factors; max hue shift
+JPEG_QUALITY = (40, 90)
+BLUR_SIGMA = (0.1 / 224, 2.0 / 224)  # fraction of the crop width: 0.1-2 px on the HQ crop
+NOISE_STD = (0.01, 0.05)         # on the [0, 1] intensity scale
+CUTOUT_SIDE = (0.1, 0.4)         # fraction of the crop side
+
+
+class CropError(Exception):
+    pass
+
+
+def seeded_generator(*key: int) -> torch.Generator:
+    """A generator that depends on ``key`` only, so a worker process reproduces exactly the main process's draws."""
+    state = np.random.SeedSequence([int(k) for k in key]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of one track over adjacent sampled frames: the only span a clip may be taken from."""
+    video_id: str
+    track_id: int
+    label: int
+    frames: tuple[int, ...]
+    hq_paths: tuple[str, ...]
+    lq_paths: tuple[str, ...]
+
+
+def face_rows(faces: pd.DataFrame, labels: Mapping[str, int]) -> pd.DataFrame:
+    """The face rows of the labelled videos with each frame's position in its video's list of sampled frames.
+
+    Videos missing from ``labels`` belong to another split and are left out. Positions count no_face rows too, so a
+    frame where this track (or every face) was lost breaks the adjacency even though frame_index keeps its stride.
+    """
+    missing = [c for c in REQUIRED_COLUMNS if c not in faces.columns]
+    if missing:
+        raise ValueError(f"faces table: missing columns {', '.join(missing)}")
+    bad = {v: y for v, y in labels.items() if y not in (0, 1)}
+    if bad:
+        raise ValueError(f"labels: expected 0 (real) or 1 (fake), got {bad}")
+    rows = faces[faces["video_id"].isin(list(labels))].copy()
+    rows["position"] = rows.groupby("video_id")["frame_index"].rank(method="dense").astype(int)
+    rows = rows[rows["status"] == "face"].sort_values(["video_id", "track_id", "frame_index"])
+    if rows.duplicated(["video_id", "track_id", "frame_index"]).any():
+        raise ValueError("faces table: a track has two faces in the same frame")
+    if rows[["hq_path", "lq_path"]].isna().any(axis=None):
+        raise ValueError("faces table: face rows without hq_path or lq_path")
+    return rows
+
+
+def track_segments(rows: pd.DataFrame, labels: Mapping[str, int]) -> list[Segment]:
+    """Split the face rows (from ``face_rows``) into runs of one track over adjacent sampled frames."""
+    same_track = (rows["video_id"] == rows["video_id"].shift()) & (rows["track_id"] == rows["track_id"].shift())
+    new_run = ~same_track | (rows["position"].diff() != 1)
+    segments = []
+    for _, run in rows.groupby(new_run.cumsum(), sort=False):
+        video_id = run["video_id"].iloc[0]
+        segments.append(Segment(video_id, int(run["track_id"].iloc[0]), int(labels[video_id]),
+                                tuple(run["frame_index"].astype(int).tolist()), tuple(run["hq_path"]),
+                                tuple(run["lq_path"])))
+    return segments
+
+
+def clip_positions(length: int, start: int, clip_len: int) -> np.ndarray:
+    """Indices into a segment for the clip starting at ``start``.
+
+    A segment shorter than the clip repeats its edge frames on both sides, keeping the real motion in the middle.
+    """
+    lead = max(0, (clip_len - length) // 2)
+    return np.clip(np.arange(clip_len) + start - lead, 0, length - 1)
+
+
+def evenly_spaced_starts(length: int, clip_len: int, count: int) -> list[int]:
+    """Fixed validation starts covering the whole segment; a segment too short for ``count`` distinct clips gets fewer."""
+    return np.unique(np.linspace(0, max(0, length - clip_len), count).round().astype(int)).tolist()
+
+
+def read_crops(root: Path, paths: Sequence[str]) -> torch.Tensor:
+    """uint8 (T, 3, H, W); a padded clip names the same file several times and it is decoded once."""
+    decoded = {}
+    for rel in dict.fromkeys(paths):
+        path = root / rel
+        try:
+            data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        except OSError as e:
+            raise CropError(f"{path}: cannot read crop ({e.strerror})") from None
+        try:
+            decoded[rel] = decode_image(data, mode=ImageReadMode.RGB)
+        except (RuntimeError, ValueError):
+            raise CropError(f"{path}: crop is not a decodable image") from None
+    return torch.stack([decoded[rel] for rel in paths])
+
+
+def _uniform(gen: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * torch.rand((), generator=gen, dtype=torch.float64).item()
+
+
+@dataclass(frozen=True)
+class ClipAugment:
+    """One draw of augmentation parameters, applied alike to every frame of a clip and to both streams.
+
+    Geometric parameters are stored relative to the crop size so the HQ and LQ crops stay pixel-aligned; a default
+    instance changes nothing (validation).
+    """
+    flip: bool = False
+    affine: tuple[float, float, float, float] | None = None   # angle (deg), dx, dy (fraction of side), scale
+    jitter: tuple[float, float, float, float] | None = None   # brightness, contrast, saturation factors, hue shift
+    jpeg: int | None = None                                    # quality
+    blur: float | None = None                                  # sigma as a fraction of the width
+    noise: float | None = None                                 # standard deviation on [0, 1]
+    cutout: tuple[float, float, float, float] | None = None   # top, left, height, width (fractions)
+
+    @classmethod
+    def sample(cls, augment: Mapping[str, float], gen: torch.Generator) -> ClipAugment:
+        """Draw each augmentation with its probability from ``augment`` (the yaml's ``dataset.augment``)."""
+        def chance(name: str) -> bool:
+            return torch.rand((), generator=gen).item() < augment[name]
+
+        def spread(width: float) -> float:
+            return _uniform(gen, -width, width)
+
+        params = {}
+        if chance("flip"):
+            params["flip"] = True
+        if chance("affine"):
+            params["affine"] = (spread(ROTATION_DEG), spread(TRANSLATE), spread(TRANSLATE), _uniform(gen, *SCALE))
+        if chance("color_jitter"):
+            b, c, s, h = JITTER
+            params["jitter"] = (1 + spread(b), 1 + spread(c), 1 + spread(s), spread(h))
+        if chance("jpeg"):
+            params["jpeg"] = int(torch.randint(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1, (), generator=gen))
+        if chance("blur"):
+            params["blur"] = _uniform(gen, *BLUR_SIGMA)
+        if chance("noise"):
+            params["noise"] = _uniform(gen, *NOISE_STD)
+        if chance("cutout"):
+            height, width = _uniform(gen, *CUTOUT_SIDE), _uniform(gen, *CUTOUT_SIDE)
+            params["cutout"] = (_uniform(gen, 0, 1 - height), _uniform(gen, 0, 1 - width), height, width)
+        return cls(**params)
+
+    def __call__(self, clip: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """uint8 (T, 3, H, W) -> float32 in [0, 1]. Noise is drawn per pixel from ``gen``; only its strength is shared."""
+        h, w = clip.shape[-2:]
+        if self.flip:
+            clip = F.horizontal_flip(clip)
+        if self.affine:
+            angle, dx, dy, scale = self.affine
+            clip = F.affine(clip, angle=angle, translate=[dx * w, dy * h], scale=scale, shear=[0.0, 0.0],
+                            interpolation=F.InterpolationMode.BILINEAR)
+        if self.jitter:
+            brightness, contrast, saturation, hue = self.jitter
+            clip = F.adjust_brightness(clip, brightness)
+            clip = F.adjust_contrast(clip, contrast)
+            clip = F.adjust_saturation(clip, saturation)
+            clip = F.adjust_hue(clip, hue)
+        if self.blur:
+            sigma = self.blur * w
+            kernel = 2 * math.ceil(3 * sigma) + 1
+            clip = F.gaussian_blur(clip, [kernel, kernel], [sigma, sigma])
+        if self.jpeg:
+            clip = F.jpeg(clip, self.jpeg)
+        out = F.to_dtype(clip, torch.float32, scale=True)
+        if self.noise:
+            out = (out + self.noise * torch.randn(out.shape, generator=gen)).clamp_(0, 1)
+        if self.cutout:
+            top, left, height, width = self.cutout
+            out = F.erase(out, round(top * h), round(left * w), max(1, round(height * h)), max(1, round(width * w)),
+                          v=torch.tensor(0.0))
+        return out
+
+
+class SequenceDataset(Dataset):
+    """Clips of ``clip_len`` consecutive crops of one track, with the video's label (1 fake, 0 real).
+
+    Training: one item per segment per epoch, starting at a random frame. Validation: ``val_clips_per_track`` evenly
+    spaced clips per segment, the same every epoch, no augmentation. Segments shorter than ``clip_len`` are dropped
+    (``short_tracks: skip``) or padded with their edge frames (``pad``).
+
+    With ``paired`` (training only) a fake item also carries ``hq_real``/``lq_real``: the crops of its source real
+    (``sources[fake_id]``, which must be in ``labels`` too) with the same track_id at the same frame indices,
+    augmented identically. Pair-aware alignment makes these pixel-aligned with the fake's crops. A fake whose source
+    lacks that track at any of the clip's frames, or has no source, yields an item without pair.
+
+    An unreadable crop (of either stream or of the pair) drops the whole clip: ``__getitem__`` logs a warning naming
+    the file and returns None, which ``collate_clips`` filters out; ``stats['failed_clips']`` counts them across
+    worker processes.
+    """
+
+    def __init__(self, root: str | Path, faces: pd.DataFrame, labels: Mapping[str, int], *, train: bool,
+                 clip_len: int, short_tracks: str, val_clips_per_track: int, augment: Mapping[str, float], seed: int,
+                 sources: Mapping[str, str] | None = None, paired: bool = False, **_):
+        if short_tracks not in ("skip", "pad"):
+            raise ValueError(f"dataset.short_tracks: '{short_tracks}' is neither skip nor pad")
+        if train and paired and sources is None:
+            raise ValueError("dataset.paired: needs the sources mapping (fake video -> real video)")
+        self.root = Path(root)
+        self.train = train
+        self.clip_len = clip_len
+        self.augment = dict(augment)
+        self.seed = seed
+        self.epoch = 0
+        rows = face_rows(faces, labels)
+        segments = track_segments(rows, labels)
+        self.short = sum(len(s.frames) < clip_len for s in segments)
+        self.short_tracks = short_tracks
+        self.segments = segments if short_tracks == "pad" else [s for s in segments if len(s.frames) >= clip_len]
+        if train:
+            self.clips = [(i, None) for i in range(len(self.segments))]
+        else:
+            self.clips = [(i, start) for i, s in enumerate(self.segments)
+                          for start in evenly_spaced_starts(len(s.frames), clip_len, val_clips_per_track)]
+        self.sources = dict(sources or {}) if train and paired else {}
+        source_rows = rows[rows["video_id"].isin(set(self.sources.values()))]
+        self.real_crops = {(v, int(t), int(f)): (hq, lq) for v, t, f, hq, lq in source_rows[
+            ["video_id", "track_id", "frame_index", "hq_path", "lq_path"]].itertuples(index=False)}
+        self._failed = multiprocessing.Value("i", 0)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def item_labels(self) -> list[int]:
+        """Label of every item, in index order (what ``BalancedSampler`` balances)."""
+        return [self.segments[i].label for i, _ in self.clips]
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counts for the training log."""
+        return {"segments": len(self.segments), "clips": len(self.clips),
+                "short_skipped": self.short if self.short_tracks == "skip" else 0,
+                "short_padded": self.short if self.short_tracks == "pad" else 0,
+                "failed_clips": self._failed.value}
+
+    def _pair_paths(self, segment: Segment, frames: Sequence[int]) -> dict[str, list[str]]:
+        real = self.sources.get(segment.video_id) if segment.label == 1 else None
+        keys = [(real, segment.track_id, f) for f in frames]
+        if real is None or not all(k in self.real_crops for k in keys):
+            return {}
+        return {"hq_real": [self.real_crops[k][0] for k in keys], "lq_real": [self.real_crops[k][1] for k in keys]}
+
+    def __getitem__(self, index: int) -> dict | None:
+        seg_index, start = self.clips[index]
+        segment = self.segments[seg_index]
+        gen = seeded_generator(self.seed, self.epoch, index)
+        if start is None:
+            start = int(torch.randint(max(1, len(segment.frames) - self.clip_len + 1), (), generator=gen))
+        positions = clip_positions(len(segment.frames), start, self.clip_len)
+        frames = [segment.frames[p] for p in positions]
+        streams = {"hq": [segment.hq_paths[p] for p in positions], "lq": [segment.lq_paths[p] for p in positions],
+                   **self._pair_paths(segment, frames)}
+        try:
+            clips = {name: read_crops(self.root, paths) for name, paths in streams.items()}
+        except CropError as e:
+            log.warning("skipping clip of %s track %d at frame %d: %s", segment.video_id, segment.track_id,
+                        frames[0], e)
+            with self._failed.get_lock():
+                self._failed.value += 1
+            return None
+        augment = ClipAugment.sample(self.augment, gen) if self.train else ClipAugment()
+        item = {name: augment(clip, gen) for name, clip in clips.items()}
+        item.update(label=torch.tensor(float(segment.label)), video_id=segment.video_id,
+                    track_id=segment.track_id, start=frames[0])
+        return item
+
+
+def collate_clips(batch: Sequence[dict | None]) -> dict | None:
+    """Batch the clips that could be read, or None if none could.
+
+    Paired crops are stacked only for the items that have them, and ``pair_index`` gives those items' rows in the
+    batch: filling the gaps with blank crops would teach the model that a black face is real.
+    """
+    items = [item for item in batch if item is not None]
+    if not items:
+        return None
+    out = default_collate([{k: v for k, v in item.items() if k not in PAIR_KEYS} for item in items])
+    paired = [i for i, item in enumerate(items) if PAIR_KEYS[0] in item]
+    if paired:
+        out["pair_index"] = torch.tensor(paired)
+        for key in PAIR_KEYS:
+            out[key] = torch.stack([items[i][key] for i in paired])
+    return out
+
+
+class BalancedSampler(Sampler[int]):
+    """Draws real and fake items equally often per epoch; with ``num_replicas`` > 1 it replaces DistributedSampler.
+
+    Each class is shuffled (the same way on every rank) and dealt out to the ranks, so ranks draw from disjoint items
+    whenever a class has at least ``num_replicas`` items; each rank then takes the same number of items of each class
+    from its share, cycling through fresh permutations of a share smaller than that number (oversampling the minority
+    class instead of truncating the majority's epoch).
+    """
+
+    def __init__(self, dataset: SequenceDataset, *, seed: int, num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"BalancedSampler: rank {rank} is outside 0..{num_replicas - 1}")
+        labels = np.asarray(dataset.item_labels)
+        self.classes = [np.flatnonzero(labels == label) for label in (0, 1)]
+        for name, members in zip(("real", "fake"), self.classes):
+            if len(members) == 0:
+                raise ValueError(f"BalancedSampler: the dataset has no {name} clips to balance")
+        self.per_class = math.ceil(len(labels) / (2 * num_replicas))
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return 2 * self.per_class
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _draw(self, share: np.ndarray, gen: torch.Generator) -> np.ndarray:
+        rounds = math.ceil(self.per_class / len(share))
+        return np.concatenate([share[torch.randperm(len(share), generator=gen).numpy()]
+                               for _ in range(rounds)])[:self.per_class]
+
+    def __iter__(self) -> Iterator[int]:
+        common = seeded_generator(self.seed, self.epoch)
+        own = seeded_generator(self.seed, self.epoch, self.rank)
+        drawn = []
+        for members in self.classes:
+            shuffled = members[torch.randperm(len(members), generator=common).numpy()]
+            if len(shuffled) >= self.num_replicas:
+                share = shuffled[self.rank::self.num_replicas]
+            else:
+                share = shuffled[[self.rank % len(shuffled)]]
+            drawn.append(self._draw(share, own))
+        order = np.concatenate(drawn)[torch.randperm(len(self), generator=own).numpy()]
+        return iter(order.tolist())

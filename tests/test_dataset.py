@@ -1,0 +1,230 @@
+"""SequenceDataset on a tiny workspace whose crops encode (frame index, track, real/fake) in their flat colour."""
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+from torchvision.io import write_jpeg
+from torchvision.transforms.v2 import functional as F
+
+from dfpipe.pipeline.config import load_config
+from dfpipe.stages.dataset import BalancedSampler, ClipAugment, SequenceDataset, collate_clips
+
+T = 4
+SAMPLED = list(range(0, 46, 3))          # 16 sampled frames per video; frame 48 is sampled but has no face
+LABELS = {"r": 0, "f": 1}
+SOURCES = {"f": "r"}
+TRACKS = {                                # (video, track) -> frames with a face
+    ("r", 0): SAMPLED,
+    ("r", 1): [0, 3, 6, 12, 15, 18, 21],  # gap at frame 9: segments of 3 (short) and 4
+    ("f", 0): SAMPLED,
+    ("f", 1): [30, 33],                   # short, and its source has no track 1 there: no pair
+}
+
+
+def colour(video: str, track: int, frame: int) -> tuple[int, int, int]:
+    return 20 + 5 * frame, 60 + 80 * track, 200 if LABELS[video] else 60
+
+
+def decode(clip: torch.Tensor) -> list[tuple[str, int, int]]:
+    """(video, track, frame) of every frame of a float (T, 3, H, W) clip, read back from its mean colour."""
+    means = (clip.mean(dim=(2, 3)) * 255).tolist()
+    return [("f" if b > 130 else "r", round((g - 60) / 80), round((r - 20) / 5)) for r, g, b in means]
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    rows = []
+    for video in LABELS:
+        with_face = set()
+        for (v, track), frames in TRACKS.items():
+            if v != video:
+                continue
+            for frame in frames:
+                paths = {}
+                for stream, size in (("hq", 224), ("lq", 112)):
+                    rel = f"crops/{video}/{track}/{frame:06d}_{stream}.jpg"
+                    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+                    image = torch.tensor(colour(video, track, frame), dtype=torch.uint8)[:, None, None]
+                    write_jpeg(image.expand(3, size, size).contiguous(), str(tmp_path / rel), quality=95)
+                    paths[f"{stream}_path"] = rel
+                rows.append(dict(video_id=video, frame_index=frame, status="face", track_id=track, prob=0.99, **paths))
+                with_face.add(frame)
+        for frame in sorted(set(SAMPLED + [48]) - with_face):
+            rows.append(dict(video_id=video, frame_index=frame, status="no_face", track_id=-1, prob=np.nan,
+                             hq_path=np.nan, lq_path=np.nan))
+    return tmp_path, pd.DataFrame(rows).sample(frac=1, random_state=0)
+
+
+def make(workspace, train, **overrides) -> SequenceDataset:
+    root, faces = workspace
+    kw = {**load_config().dataset, "clip_len": T, "seed": 0, **overrides}
+    return SequenceDataset(root, faces, LABELS, train=train, sources=SOURCES, **kw)
+
+
+def test_clips_are_consecutive_frames_of_one_track_segment(workspace):
+    ds = make(workspace, train=True)
+    assert len(ds) == 3 and ds.stats["short_skipped"] == 2
+    seen = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        for item in ds:
+            assert item["hq"].shape == (T, 3, 224, 224) and item["lq"].shape == (T, 3, 112, 112)
+            assert item["hq"].dtype == torch.float32 and 0 <= item["hq"].min() and item["hq"].max() <= 1
+            frames = [item["start"] + 3 * k for k in range(T)]
+            expected = [(item["video_id"], item["track_id"], f) for f in frames]
+            assert decode(item["hq"]) == expected and decode(item["lq"]) == expected
+            assert item["label"] == LABELS[item["video_id"]]
+            seen.add((item["video_id"], item["track_id"], item["start"]))
+    assert ("r", 1, 12) in seen                                   # the only clip of the post-gap segment
+    assert not any(v == "r" and t == 1 and s != 12 for v, t, s in seen)
+
+
+def test_validation_clips_are_fixed_and_evenly_spaced(workspace):
+    ds = make(workspace, train=False, val_clips_per_track=4)
+    starts = [(item["video_id"], item["track_id"], item["start"]) for item in ds]
+    assert starts == [("f", 0, 0), ("f", 0, 12), ("f", 0, 24), ("f", 0, 36), ("r", 0, 0), ("r", 0, 12),
+                      ("r", 0, 24), ("r", 0, 36), ("r", 1, 12)]
+    first = [item["hq"] for item in ds]
+    ds.set_epoch(7)
+    assert all(torch.equal(a, item["hq"]) for a, item in zip(first, ds))
+
+
+def train_starts(ds, epochs) -> list[list[int]]:
+    out = []
+    for epoch in range(epochs):
+        ds.set_epoch(epoch)
+        out.append([ds[i]["start"] for i in range(len(ds))])
+    return out
+
+
+def test_train_starts_vary_across_epochs_and_repeat_with_the_seed(workspace):
+    starts = train_starts(make(workspace, train=True), 8)
+    assert len({s[0] for s in starts}) > 2                                  # 16-frame segment: 13 possible starts
+    assert train_starts(make(workspace, train=True), 8) == starts
+    assert train_starts(make(workspace, train=True, seed=1), 8) != starts
+
+
+def test_short_tracks_skip_or_pad(workspace):
+    skip = make(workspace, train=False, short_tracks="skip", val_clips_per_track=1)
+    pad = make(workspace, train=False, short_tracks="pad", val_clips_per_track=1)
+    assert (skip.stats["short_skipped"], skip.stats["short_padded"], len(skip)) == (2, 0, 3)
+    assert (pad.stats["short_skipped"], pad.stats["short_padded"], len(pad)) == (0, 2, 5)
+    clips = {(item["video_id"], item["track_id"], item["start"]): decode(item["hq"]) for item in pad}
+    assert [f for _, _, f in clips[("f", 1, 30)]] == [30, 30, 33, 33]
+    assert [f for _, _, f in clips[("r", 1, 0)]] == [0, 3, 6, 6]
+
+
+def smooth_clip(size: int) -> torch.Tensor:
+    """Four identical frames of an asymmetric smooth pattern (downscales cleanly, shows flips and shifts)."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, 224), torch.linspace(0, 1, 224), indexing="ij")
+    image = torch.stack([x, y * 0.8 + 0.1, (x * y) ** 0.5]) * 255
+    image = F.resize(image.round().to(torch.uint8), [size, size], antialias=True)
+    return image.expand(4, -1, -1, -1).contiguous()
+
+
+def test_augmentation_is_shared_by_frames_and_streams():
+    probabilities = {k: 1.0 for k in load_config().dataset.augment} | {"noise": 0.0}
+    augment = ClipAugment.sample(probabilities, torch.Generator().manual_seed(3))
+    assert augment.flip and augment.affine and augment.jitter and augment.jpeg and augment.blur and augment.cutout
+    hq_in, lq_in = smooth_clip(224), smooth_clip(112)
+    hq, lq = augment(hq_in, torch.Generator()), augment(lq_in, torch.Generator())
+    assert all(torch.equal(hq[0], frame) for frame in hq) and all(torch.equal(lq[0], frame) for frame in lq)
+    plain = F.to_dtype(hq_in, torch.float32, scale=True)
+    assert (hq - plain).abs().mean() > 0.05
+    assert (F.resize(hq, [112, 112], antialias=True) - lq).abs().mean() < 0.02
+    assert (F.resize(hq, [112, 112], antialias=True) - F.horizontal_flip(lq)).abs().mean() > 0.05
+
+
+def test_noise_strength_is_shared_and_nothing_is_drawn_when_off():
+    assert ClipAugment.sample({k: 0.0 for k in load_config().dataset.augment}, torch.Generator()) == ClipAugment()
+    augment = ClipAugment(noise=0.03)
+    gen = torch.Generator().manual_seed(0)
+    grey = torch.full((4, 3, 112, 112), 128, dtype=torch.uint8)
+    noise = augment(grey, gen) - 128 / 255
+    assert torch.allclose(noise.std(dim=(1, 2, 3)), torch.full((4,), 0.03), atol=0.002)
+    assert not torch.equal(noise[0], noise[1])
+
+
+def test_unreadable_crop_skips_the_clip_with_a_warning(workspace, caplog):
+    root, _ = workspace
+    missing = root / "crops/r/1/000015_hq.jpg"
+    missing.unlink()
+    corrupt = root / "crops/f/0/000045_lq.jpg"
+    corrupt.write_bytes(corrupt.read_bytes()[:200])
+    ds = make(workspace, train=False, val_clips_per_track=4)
+    with caplog.at_level(logging.WARNING, logger="dfpipe.stages.dataset"):
+        items = [ds[i] for i in range(len(ds))]
+    assert [i for i, item in enumerate(items) if item is None] == [3, 8]   # f/0 from 36 and r/1 from 12
+    assert str(missing) in caplog.text and str(corrupt) in caplog.text
+    assert ds.stats["failed_clips"] == 2
+    batch = collate_clips(items)
+    assert batch["hq"].shape == (7, T, 3, 224, 224) and batch["lq"].shape == (7, T, 3, 112, 112)
+    assert batch["hq"].amax(dim=(2, 3, 4)).min() > 0.1 and batch["lq"].amax(dim=(2, 3, 4)).min() > 0.1
+    assert ("r", 1) not in set(zip(batch["video_id"], batch["track_id"].tolist()))
+    assert collate_clips([None, None]) is None
+
+
+def test_dataloader_workers_reproduce_items_and_share_the_failure_count(workspace):
+    root, _ = workspace
+    (root / "crops/r/1/000015_lq.jpg").unlink()
+    ds = make(workspace, train=True)
+    ds.set_epoch(2)
+    direct = [None if item is None else (item["video_id"], item["start"]) for item in (ds[i] for i in range(len(ds)))]
+    loader = DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_clips)
+    batches = [b for b in loader if b is not None]
+    loaded = [(v, int(s)) for b in batches for v, s in zip(b["video_id"], b["start"])]
+    assert loaded == [d for d in direct if d is not None] and len(loaded) == 2
+    assert ds.stats["failed_clips"] == 2                                    # once directly, once in a worker
+
+
+def test_balanced_sampler_draws_both_labels_equally_on_disjoint_ranks():
+    labels = [0] * 30 + [1] * 6
+    dataset = SimpleNamespace(item_labels=labels)
+    ranks = [BalancedSampler(dataset, seed=0, num_replicas=2, rank=r) for r in range(2)]
+    draws = [list(s) for s in ranks]
+    assert [len(d) for d in draws] == [len(s) for s in ranks] == [18, 18]
+    for d in draws:
+        assert sum(labels[i] for i in d) == 9
+    assert not set(draws[0]) & set(draws[1])
+    assert set(draws[0] + draws[1]) >= set(range(30, 36))                   # every fake is drawn
+    assert list(ranks[0]) == draws[0]
+    ranks[0].set_epoch(1)
+    assert list(ranks[0]) != draws[0]
+
+
+def test_balanced_sampler_on_the_dataset(workspace):
+    ds = make(workspace, train=True, short_tracks="pad")
+    assert ds.item_labels.count(0) == 3 and ds.item_labels.count(1) == 2
+    drawn = [ds.item_labels[i] for i in BalancedSampler(ds, seed=0)]
+    assert len(drawn) == 6 and drawn.count(1) == 3
+    with pytest.raises(ValueError, match="no fake clips"):
+        BalancedSampler(SimpleNamespace(item_labels=[0, 0]), seed=0)
+
+
+def test_paired_fakes_carry_their_source_crops_at_the_same_frames(workspace):
+    ds = make(workspace, train=True, short_tracks="pad", paired=True)
+    items = {(item["video_id"], item["track_id"]): item for item in ds}
+    fake = items[("f", 0)]
+    frames = [f for _, _, f in decode(fake["hq"])]
+    assert decode(fake["hq_real"]) == decode(fake["lq_real"]) == [("r", 0, f) for f in frames]
+    assert "hq_real" not in items[("f", 1)] and "hq_real" not in items[("r", 0)]
+    batch = collate_clips([items[("r", 0)], items[("f", 1)], fake])
+    assert batch["pair_index"].tolist() == [2] and batch["hq_real"].shape == (1, T, 3, 224, 224)
+    assert not any("hq_real" in item for item in make(workspace, train=False, paired=True))
+
+
+def test_bad_input_is_rejected(workspace):
+    root, faces = workspace
+    kw = {**load_config().dataset, "seed": 0}
+    with pytest.raises(ValueError, match="missing columns lq_path"):
+        SequenceDataset(root, faces.drop(columns="lq_path"), LABELS, train=True, **kw)
+    with pytest.raises(ValueError, match="short_tracks"):
+        SequenceDataset(root, faces, LABELS, train=True, **(kw | {"short_tracks": "trim"}))
+    with pytest.raises(ValueError, match="sources"):
+        SequenceDataset(root, faces, LABELS, train=True, **(kw | {"paired": True}))

@@ -1,0 +1,219 @@
+"""Detection, tracking and alignment on the astronaut composited into synthetic frames (real MTCNN, CPU)."""
+from __future__ import annotations
+
+from itertools import islice
+from typing import NamedTuple
+
+import av
+import cv2
+import numpy as np
+import pytest
+from skimage import data
+
+from dfpipe.pipeline.config import load_config
+from dfpipe.stages.faces import (Detection, FaceDetector, FaceTracker, align_face, faces_in_frames, select_tracks,
+                                 template_points)
+
+
+class Frame(NamedTuple):
+    index: int
+    timestamp: float
+    image: np.ndarray
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    # A larger minimum face prunes the MTCNN image pyramid: the synthetic faces are ~50 px, the tests 3x faster.
+    return load_config(overrides=[{"align": {"device": "cpu", "min_face_size": 30, "batch_size": 4}}]).align
+
+
+@pytest.fixture(scope="module")
+def detector(cfg):
+    return FaceDetector(**cfg)
+
+
+@pytest.fixture(scope="module")
+def head():
+    """The astronaut's head and shoulders at half size: a ~45 px wide face."""
+    return cv2.resize(data.astronaut()[20:220, 130:320], None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+
+
+def composite(head, corners, size=(240, 320)):
+    frame = np.full((*size, 3), 128, np.uint8)
+    for y, x in corners:
+        frame[y:y + head.shape[0], x:x + head.shape[1]] = head
+    return frame
+
+
+def stream(images):
+    return [Frame(i, i / 10, image) for i, image in enumerate(images)]
+
+
+def fake_detection(x, y=40.0, side=50.0):
+    box = np.array([x, y, x + side, y + side])
+    eyes_nose_mouth = np.array([[0.3, 0.4], [0.7, 0.4], [0.5, 0.6], [0.35, 0.8], [0.65, 0.8]])
+    return Detection(box=box, prob=1.0, landmarks=box[:2] + eyes_nose_mouth * side, scale=1.0)
+
+
+def test_crops_have_exact_sizes_and_put_the_eyes_on_the_template(cfg, detector, head):
+    frame = composite(head, [(60, 110)])
+    (face,) = detector.detect([frame])[0]
+    hq, lq, matrix = align_face(frame, face.landmarks, **cfg)
+    assert (hq.shape, hq.dtype, lq.shape, lq.dtype) == ((224, 224, 3), np.uint8, (112, 112, 3), np.uint8)
+    assert matrix.shape == (2, 3)
+    # The transform sends the detected eyes to the template (least squares over 5 points: a few px slack).
+    eyes = cv2.transform(face.landmarks[None, :2], matrix)[0]
+    assert np.abs(eyes - template_points(224, cfg.margin)[:2]).max() < 4
+    # An independent detection on the crop itself finds the eyes there too.
+    (redetected,) = detector.detect([hq])[0]
+    assert np.abs(redetected.landmarks[:2] - template_points(224, cfg.margin)[:2]).max() < 8
+    # LQ shows the same region as HQ: a direct 112 px warp with the same template matches it.
+    direct, _, _ = align_face(frame, face.landmarks, margin=cfg.margin, hq_size=112, lq_size=112)
+    assert np.abs(lq.astype(int) - direct.astype(int)).mean() < 6
+    assert np.abs(lq.astype(int) - hq[::2, ::2].astype(int)).mean() < 6
+
+
+def test_margin_widens_the_crop(cfg, detector, head):
+    frame = composite(head, [(60, 110)])
+    (face,) = detector.detect([frame])[0]
+    tight = template_points(224, 1.0)
+    wide = template_points(224, 2.0)
+    eye_distance = lambda pts: np.linalg.norm(pts[1] - pts[0])
+    assert eye_distance(tight) == pytest.approx(2 * eye_distance(wide))
+    hq_wide, _, _ = align_face(frame, face.landmarks, margin=2.0, hq_size=224, lq_size=112)
+    # At margin 2 the crop reaches past the pasted patch into the grey canvas.
+    assert (hq_wide[:10, :10] == 128).all()
+
+
+def test_downscaled_detection_maps_back_to_full_resolution(cfg):
+    frame = np.full((720, 1280, 3), 128, np.uint8)
+    frame[100:612, 300:812] = data.astronaut()
+    found = {}
+    for side in (640, 1280):
+        detector = FaceDetector(**{**cfg, "detect_max_side": side, "min_face_size": 40})
+        (face,) = detector.detect([frame])[0]
+        found[side] = face
+    assert found[640].scale == 0.5 and found[1280].scale == 1.0
+    assert np.abs(found[640].box - found[1280].box).max() < 6
+    assert np.abs(found[640].landmarks - found[1280].landmarks).max() < 6
+    # The astronaut's face sits at (481, 160)-(568, 275) in this frame, not at half those coordinates.
+    assert 470 < found[640].box[0] < 495 and 150 < found[640].box[1] < 170
+
+
+def test_two_moving_faces_keep_their_tracks_and_reruns_are_identical(cfg, detector, head):
+    images = [composite(head, [(30 + 3 * i, 10 + 4 * i), (90 - 3 * i, 210 - 4 * i)]) for i in range(8)]
+    runs = [list(faces_in_frames(stream(images), detector, **cfg)) for _ in range(2)]
+    for frame_faces in runs[0]:
+        by_track = {face.track_id: face.box for face in frame_faces.faces}
+        assert sorted(by_track) == [0, 1]
+        assert by_track[0][0] < 160 < by_track[1][0]  # track 0 always the left face
+    first, second = ([(f.track_id, f.hq.tobytes()) for ff in run for f in ff.faces] for run in runs)
+    assert first == second
+
+
+def test_smoothing_averages_landmarks_over_a_centred_window(cfg, detector, head):
+    images = [composite(head, [(40 + 5 * i, 60 + 7 * i)]) for i in range(5)]
+    smooth = list(faces_in_frames(stream(images), detector, **{**cfg, "smooth_window": 3}))
+    raw = np.array([ff.faces[0].raw_landmarks for ff in smooth])
+    used = np.array([ff.faces[0].landmarks for ff in smooth])
+    np.testing.assert_allclose(used[2], raw[1:4].mean(axis=0))
+    np.testing.assert_allclose(used[0], raw[:2].mean(axis=0))   # the window is cut at the stream's ends
+    np.testing.assert_allclose(used[4], raw[3:].mean(axis=0))
+    off = list(faces_in_frames(stream(images), detector, **{**cfg, "smooth_window": 1}))
+    assert all(np.array_equal(ff.faces[0].landmarks, ff.faces[0].raw_landmarks) for ff in off)
+    np.testing.assert_allclose([ff.faces[0].raw_landmarks for ff in off], raw)
+
+
+def test_frame_without_face_gets_an_empty_list_and_the_track_survives_the_gap(cfg, detector, head):
+    images = [composite(head, [(60, 100 + 3 * i)]) for i in range(4)]
+    images[2] = composite(head, [])
+    result = list(faces_in_frames(stream(images), detector, **cfg))
+    assert [ff.index for ff in result] == [0, 1, 2, 3]
+    assert result[2].faces == []
+    assert [[f.track_id for f in ff.faces] for ff in result] == [[0], [0], [], [0]]
+
+
+def test_tracker_continues_across_max_gap_and_not_beyond(cfg):
+    tracker = FaceTracker(**cfg)
+    seen = [tracker.update([fake_detection(10 + 2 * i)]) for i in range(3)]
+    seen += [tracker.update([]) for _ in range(cfg.track_max_gap)]
+    seen.append(tracker.update([fake_detection(20)]))
+    seen += [tracker.update([]) for _ in range(cfg.track_max_gap + 1)]
+    seen.append(tracker.update([fake_detection(22)]))
+    assert [ids for ids in seen if ids] == [[0], [0], [0], [0], [1]]
+
+
+def test_tracker_numbers_new_tracks_left_to_right(cfg):
+    tracker = FaceTracker(**cfg)
+    assert tracker.update([fake_detection(200), fake_detection(10)]) == [1, 0]
+    assert tracker.update([fake_detection(14), fake_detection(600), fake_detection(196)]) == [0, 2, 1]
+
+
+class StubDetector:
+    """Finds one face per frame at a position that drifts with the frame index; counts nothing itself."""
+
+    def detect(self, frames):
+        return [[fake_detection(10 + float(f[0, 0, 0]))] for f in frames]
+
+
+def test_stream_buffers_at_most_a_batch_plus_the_window(cfg):
+    pulled = 0
+
+    def frames():
+        nonlocal pulled
+        for i in range(100):
+            pulled += 1
+            yield Frame(i, i / 10, np.full((120, 160, 3), i, np.uint8))
+
+    faces = faces_in_frames(frames(), StubDetector(), **{**cfg, "smooth_window": 5, "batch_size": 8})
+    indices, held = [], []
+    for frame_faces in faces:
+        indices.append(frame_faces.index)
+        held.append(pulled - len(indices))
+    assert indices == list(range(100))
+    assert held[0] == 7  # the first crop leaves after one detector batch, not after the whole video
+    assert max(held) <= 8 + 5
+    assert faces.track_lengths == {0: 100}
+    assert faces.track_sizes == {0: pytest.approx(2500.0)}
+
+
+def test_select_tracks_drops_short_tracks_then_keeps_the_largest():
+    lengths = {0: 10, 1: 2, 2: 10, 3: 7}
+    sizes = {0: 900.0, 1: 5000.0, 2: 2500.0, 3: 1600.0}
+    assert select_tracks(lengths, sizes, min_track_len=3, max_faces=None) == {0, 2, 3}
+    assert select_tracks(lengths, sizes, min_track_len=3, max_faces=2) == {2, 3}
+
+
+def test_bad_input_is_rejected(cfg, detector):
+    with pytest.raises(ValueError, match="one size"):
+        detector.detect([np.zeros((48, 64, 3), np.uint8), np.zeros((64, 48, 3), np.uint8)])
+    with pytest.raises(ValueError, match="smooth_window"):
+        faces_in_frames([], detector, **{**cfg, "smooth_window": 0})
+    with pytest.raises(ValueError, match="degenerate"):
+        align_face(np.zeros((48, 64, 3), np.uint8), np.zeros((5, 2)), **cfg)
+
+
+def sampled_frames(path, count, stride):
+    with av.open(str(path)) as container:
+        decoded = (f for i, f in enumerate(container.decode(video=0)) if i % stride == 0)
+        return [Frame(i, float(f.time), f.to_ndarray(format="rgb24")) for i, f in enumerate(islice(decoded, count))]
+
+
+def test_multiface_video_gives_four_long_tracks(shared_data):
+    cfg = load_config(overrides=[{"align": {"device": "cpu"}}]).align
+    faces = faces_in_frames(sampled_frames(shared_data / "multiface" / "facenet_pytorch_example.mp4", 10, 3),
+                            FaceDetector(**cfg), **cfg)
+    result = list(faces)
+    assert len(result) == 10
+    assert all(face.hq.shape == (224, 224, 3) for ff in result for face in ff.faces)
+    assert len(select_tracks(faces.track_lengths, faces.track_sizes, min_track_len=5, max_faces=None)) >= 4
+
+
+def test_wild_clip_gives_one_main_track(shared_data):
+    cfg = load_config(overrides=[{"align": {"device": "cpu"}}]).align
+    faces = faces_in_frames(sampled_frames(shared_data / "wild_pairs" / "real" / "RealObama.mp4", 12, 3),
+                            FaceDetector(**cfg), **cfg)
+    result = list(faces)
+    assert select_tracks(faces.track_lengths, faces.track_sizes, **cfg) == {0}
+    assert faces.track_lengths[0] >= 11
+    assert sum(len(ff.faces) for ff in result) == sum(faces.track_lengths.values())

@@ -1,0 +1,248 @@
+"""The detector network: backbones, ConvLSTM, dual-stream fusion. Tiny timm test models unless a name is the point."""
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import timm
+import torch
+from efficientnet_pytorch import EfficientNet
+from safetensors.torch import save_file
+
+from dfpipe.models.backbones import build_backbone
+from dfpipe.models.convlstm import ConvLSTM, ConvLSTMCell
+from dfpipe.models.dual_stream import DualStreamNet
+from dfpipe.pipeline.config import load_config
+
+TINY = "test_efficientnet"
+
+
+def tiny_model_cfg(**overrides) -> dict:
+    cfg = dict(load_config().model, hq_backbone=TINY, lq_backbone=TINY, convlstm_filters=[8, 4], mlp=[16, 8, 4])
+    cfg.update(overrides)
+    return cfg
+
+
+def clips(batch: int = 2, steps: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, steps, 3, 64, 64, generator=g), torch.rand(batch, steps, 3, 32, 32, generator=g)
+
+
+def assert_same_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    own = module.state_dict()
+    assert own, "module has no weights"
+    for key, value in own.items():
+        assert torch.equal(value, state[key]), key
+
+
+# ---- backbones ------------------------------------------------------------------------------------------------
+
+def test_timm_backbone_returns_unpooled_last_feature_map():
+    backbone = build_backbone(TINY, pretrained=None).eval()
+    out = backbone(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, backbone.out_channels, 2, 2)
+
+
+def test_efficientnet_pytorch_backbone_returns_last_feature_map():
+    backbone = build_backbone("efficientnet-b0", pretrained=None).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        out = backbone(x)
+        assert out.shape == (1, 1280, 2, 2) and backbone.out_channels == 1280
+        assert torch.equal(out, backbone.net.extract_features(x))
+
+
+def test_random_init_logs_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="dfpipe.models.backbones"):
+        build_backbone(TINY, pretrained=None)
+    assert any("randomly initialised" in r.getMessage() and TINY in r.getMessage() for r in caplog.records)
+
+
+def test_timm_weights_from_local_safetensors_are_loaded(tmp_path):
+    source = timm.create_model(TINY, pretrained=False)  # with its 1000-class classifier, like a published file
+    path = tmp_path / "tiny.safetensors"
+    save_file(source.state_dict(), str(path))
+    backbone = build_backbone(TINY, pretrained=path)
+    assert_same_weights(backbone.net, source.state_dict())
+
+
+def test_efficientnet_pytorch_weights_from_local_pth_are_loaded(tmp_path):
+    source = EfficientNet.from_name("efficientnet-b0")  # includes _fc, as lukemelas' released files do
+    path = tmp_path / "b0.pth"
+    torch.save(source.state_dict(), path)
+    backbone = build_backbone("efficientnet-b0", pretrained=path)
+    assert_same_weights(backbone.net, source.state_dict())
+
+
+def test_missing_weight_file_is_a_one_line_error(tmp_path):
+    path = tmp_path / "absent.pth"
+    with pytest.raises(FileNotFoundError) as err:
+        build_backbone(TINY, pretrained=path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_weights_of_another_architecture_are_rejected(tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(timm.create_model(TINY, pretrained=False).state_dict(), path)
+    with pytest.raises(ValueError, match="do not fit backbone efficientnet-b0") as err:
+        build_backbone("efficientnet-b0", pretrained=path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unreadable_weight_file_is_a_one_line_error(tmp_path):
+    path = tmp_path / "junk.pth"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read weights") as err:
+        build_backbone(TINY, pretrained=path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_backbone_name_is_rejected():
+    with pytest.raises(ValueError, match="unknown backbone 'efficientnet-b9'"):
+        build_backbone("efficientnet-b9", pretrained=None)
+
+
+def test_convnext_returns_nchw():
+    backbone = build_backbone("convnext_atto", pretrained=None).eval()
+    assert backbone(torch.rand(1, 3, 64, 64)).shape == (1, 320, 2, 2)
+
+
+def test_swin_nhwc_output_is_turned_into_nchw():
+    backbone = build_backbone("swin_tiny_patch4_window7_224", pretrained=None).eval()
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        out = backbone(x)
+        nhwc = backbone.net.forward_features(x)
+    assert nhwc.shape == (1, 7, 7, 768)
+    assert out.shape == (1, 768, 7, 7) and backbone.out_channels == 768
+    assert torch.equal(out[0, :, 2, 5], nhwc[0, 2, 5])
+
+
+def test_vit_tokens_are_reshaped_to_a_grid_without_the_class_token():
+    backbone = build_backbone("test_vit", pretrained=None).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        out = backbone(x)
+        tokens = backbone.net.forward_features(x)
+    assert tokens.shape == (1, 17, 64) and out.shape == (1, 64, 4, 4)
+    assert torch.equal(out[0, :, 1, 3], tokens[0, 1 + 1 * 4 + 3])
+
+
+# ---- ConvLSTM -------------------------------------------------------------------------------------------------
+
+def test_convlstm_cell_matches_hand_computation():
+    # 1x1 kernel, one channel each: every pixel is an independent scalar LSTM we can compute with math.
+    weights = {"i": (0.5, -0.3, 0.1), "f": (0.2, 0.4, -0.1), "o": (-0.6, 0.3, 0.2), "g": (0.9, -0.7, 0.05)}
+    net = ConvLSTM(1, [1], 1)
+    cell = net.cells[0]
+    with torch.no_grad():
+        for row, gate in enumerate("ifog"):
+            wx, wh, b = weights[gate]
+            cell.conv.weight[row, :, 0, 0] = torch.tensor([wx, wh])
+            cell.conv.bias[row] = b
+
+    def sigmoid(v):
+        return 1 / (1 + math.exp(-v))
+
+    def expected(xs):
+        h = c = 0.0
+        for x in xs:
+            pre = {k: wx * x + wh * h + b for k, (wx, wh, b) in weights.items()}
+            c = sigmoid(pre["f"]) * c + sigmoid(pre["i"]) * math.tanh(pre["g"])
+            h = sigmoid(pre["o"]) * math.tanh(c)
+        return h
+
+    sequences = [(1.0, -2.0, 0.5), (0.0, 3.0, -1.0)]  # one per pixel
+    x = torch.tensor(sequences).T.reshape(1, 3, 1, 1, 2)
+    with torch.no_grad():
+        out = net(x)
+    assert out.shape == (1, 1, 1, 2)
+    for pixel, xs in enumerate(sequences):
+        assert out[0, 0, 0, pixel].item() == pytest.approx(expected(xs), abs=1e-6)
+
+
+def test_convlstm_stack_shapes_and_state_carry_over_time():
+    net = ConvLSTM(5, [6, 3], 3)
+    x = torch.rand(2, 4, 5, 7, 7)
+    out = net(x)
+    assert out.shape == (2, 3, 7, 7)
+    assert not torch.allclose(out, net(x.flip(1)))  # order of frames matters: state is carried
+
+
+def test_convlstm_cell_rejects_even_kernel():
+    with pytest.raises(ValueError, match="odd"):
+        ConvLSTMCell(4, 4, 2)
+
+
+# ---- dual stream ----------------------------------------------------------------------------------------------
+
+def test_forward_shapes_and_attention_weights_sum_to_one():
+    model = DualStreamNet.from_config(tiny_model_cfg()).eval()
+    hq, lq = clips(batch=3)
+    with torch.no_grad():
+        logits, weights = model(hq, lq, return_attention=True)
+        assert torch.equal(model(hq, lq), logits)
+    assert logits.shape == (3,) and weights.shape == (3, 2)
+    assert torch.allclose(weights.sum(dim=1), torch.ones(3))
+    assert (weights > 0).all()
+
+
+def test_gradients_reach_both_backbones_and_convlstms():
+    model = DualStreamNet.from_config(tiny_model_cfg()).train()
+    model(*clips()).sum().backward()
+    for part in (model.hq.backbone, model.lq.backbone, model.hq.temporal, model.lq.temporal, model.fusion):
+        grads = [p.grad for p in part.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), type(part).__name__
+    for stream in (model.hq, model.lq):
+        for cell in stream.temporal.cells:
+            assert cell.conv.weight.grad.abs().sum() > 0
+
+
+def test_backbone_and_head_parameters_partition_the_model():
+    model = DualStreamNet.from_config(tiny_model_cfg())
+    backbone = {id(p) for p in model.backbone_parameters()}
+    head = {id(p) for p in model.head_parameters()}
+    assert backbone and head and not backbone & head
+    assert backbone | head == {id(p) for p in model.parameters()}
+    assert {id(p) for p in model.hq.backbone.parameters()} <= backbone
+
+
+def test_frozen_backbones_get_no_gradient_and_keep_batchnorm_statistics():
+    model = DualStreamNet.from_config(tiny_model_cfg())
+    model.freeze_backbones(True)
+    model.train()
+    stats = {k: v.clone() for k, v in model.hq.backbone.state_dict().items() if "running_mean" in k}
+    model(*clips()).sum().backward()
+    assert all(p.grad is None for p in model.backbone_parameters())
+    assert any(p.grad is not None for p in model.head_parameters())
+    assert all(torch.equal(v, model.hq.backbone.state_dict()[k]) for k, v in stats.items())
+    model.freeze_backbones(False)
+    assert model.hq.backbone.training and all(p.requires_grad for p in model.backbone_parameters())
+
+
+def test_bf16_autocast_channels_last_is_close_to_fp32():
+    reference = DualStreamNet.from_config(tiny_model_cfg(channels_last=False, dropout=[0.0, 0.0]))
+    fast = DualStreamNet.from_config(tiny_model_cfg(channels_last=True, dropout=[0.0, 0.0]))
+    fast.load_state_dict(reference.state_dict())
+    assert fast.hq.backbone.net.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    hq, lq = clips(batch=4)
+    with torch.no_grad():
+        want = reference.hq(hq), reference.lq(lq), reference(hq, lq)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fast.hq(hq), fast.lq(lq), fast(hq, lq)
+    for w, g in zip(want, got):
+        assert g.dtype == torch.bfloat16 and torch.isfinite(g).all()
+        assert (g.float() - w).abs().max() <= 0.03 * w.abs().max() + 1e-3
+
+
+def test_bad_clip_shape_is_rejected():
+    model = DualStreamNet.from_config(tiny_model_cfg())
+    hq, lq = clips()
+    with pytest.raises(ValueError, match=r"hq clips must be float \(B,T,3,H,W\)"):
+        model(hq[:, 0], lq)
+
+
+def test_dropout_count_must_match_mlp():
+    with pytest.raises(ValueError, match="model.dropout needs 2 values"):
+        DualStreamNet.from_config(tiny_model_cfg(dropout=[0.5]))
