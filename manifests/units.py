@@ -49,6 +49,7 @@ class Unit:
     id: str
     digest: str          # what the outputs depend on besides the parameters (input sha256, upstream digests)
     payload: Any = None  # whatever the work function needs (a path, upstream rows)
+    shard_key: str = ""  # units with one key go to the same shard (a fake with the source it is cropped by)
 
 
 @dataclass
@@ -79,6 +80,11 @@ class RunSummary:
     ran: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
     skipped_failed: int = 0
+
+    def merge(self, other: "RunSummary") -> "RunSummary":
+        return RunSummary(self.stage, self.total + other.total, self.skipped + other.skipped,
+                          self.ran + other.ran, self.failed + other.failed,
+                          self.skipped_failed + other.skipped_failed)
 
     def line(self) -> str:
         text = (f"{self.stage}: {self.total} units, {self.skipped} already done, {self.ran} processed, "
@@ -245,8 +251,12 @@ def _do_unit(work: Callable[[Unit, Path], UnitOutput], spec: StageSpec, unit: Un
 
 def run_stage(ws: Workspace, spec: StageSpec, params: dict, units: list[Unit],
               work: Callable[[Unit, Path], UnitOutput], *, shard: Shard = Shard(), workers: int = 0,
-              timeout: float | None = None, retry_failed: bool = False, progress: bool = True) -> RunSummary:
-    """Do every unit of this shard that is not done; record each one as it finishes."""
+              timeout: float | None = None, retry_failed: bool = False, progress: bool = True,
+              only: Callable[[Unit], bool] | None = None) -> RunSummary:
+    """Do every unit of this shard that is not done; record each one as it finishes.
+
+    ``units`` is the whole stage (units missing from it are dropped from the manifests); ``only`` picks the
+    ones this call may work on, for stages whose units depend on each other and run in phases."""
     ws.init()
     unit_col = spec.row_columns[0]
     sharded = shard.count > 1
@@ -258,7 +268,7 @@ def run_stage(ws: Workspace, spec: StageSpec, params: dict, units: list[Unit],
             records = load_state(ws, spec, merge=False)
             tmp_root = ws.tmp_dir(spec.name, shard)
             shutil.rmtree(tmp_root, ignore_errors=True)  # leftovers of a killed run of this same writer
-            mine = [u for u in units if shard.owns(u.id)]
+            mine = [u for u in units if shard.owns(u.shard_key or u.id) and (only is None or only(u))]
             summary.total = len(mine)
             todo = []
             for u in mine:

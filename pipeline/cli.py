@@ -130,10 +130,47 @@ def extract(input_path, work, dataset, stride, max_frames, jpeg_quality, decoder
     sys.exit(EXIT_FAILED_UNITS if summary.failed else 0)
 
 
+@main.command()
+@work_option
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--batch-size", type=int, default=None, help="Frames per detector call.")
+@click.option("--detect-max-side", type=int, default=None,
+              help="Frames are shrunk to at most this many pixels on their long side for detection.")
+@click.option("--min-face-size", type=int, default=None, help="Smallest face, in detection pixels.")
+@click.option("--margin", type=float, default=None, help="Crop size relative to the tight face.")
+@click.option("--max-faces", type=int, default=None, help="Keep only the N largest face tracks per video.")
+@click.option("--min-track-len", type=int, default=None, help="Drop tracks shorter than this (sampled frames).")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=None)
+@click.option("--pair-aware/--no-pair-aware", default=None,
+              help="Crop fakes with their source video's tracks when the frames match [default: on].")
+@shard_option
+@click.option("--retry-failed", is_flag=True, help="Retry videos that failed in an earlier run.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@config_options
+@command
+def align(work, device, batch_size, detect_max_side, min_face_size, margin, max_faces, min_track_len,
+          jpeg_quality, pair_aware, shard, retry_failed, quiet, config_file, overrides):
+    """Detect, track and align faces in the extracted frames: HQ 224 and LQ 112 crops under DIR/faces/."""
+    from ..manifests.workspace import Shard, Workspace
+    from ..stages.align import run_align
+    cfg = make_config(config_file, overrides, **{
+        "align.device": device, "align.batch_size": batch_size, "align.detect_max_side": detect_max_side,
+        "align.min_face_size": min_face_size, "align.margin": margin, "align.max_faces": max_faces,
+        "align.min_track_len": min_track_len, "align.jpeg_quality": jpeg_quality, "align.pair_aware": pair_aware})
+    ws = Workspace(work)
+    if not ws.manifest("frames.csv").exists():
+        raise click.ClickException(f"{ws.root}: no extracted frames; run `dfpipe extract INPUT --work {work}`")
+    summary = run_align(ws, cfg, shard=Shard.parse(shard), retry_failed=retry_failed, progress=not quiet)
+    click.echo(summary.line())
+    print_failures(summary)
+    sys.exit(EXIT_FAILED_UNITS if summary.failed else 0)
+
+
 def _stages():
     """(name, spec, units-for-status) of every stage with a workspace manifest, in pipeline order."""
+    from ..stages import align as al
     from ..stages import extract as ex
-    return [("extract", ex.SPEC, ex.status_units)]
+    return [("extract", ex.SPEC, ex.status_units), ("align", al.SPEC, al.status_units)]
 
 
 @main.command()

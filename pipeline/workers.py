@@ -92,3 +92,43 @@ def run_parallel(fn: Callable[[Any], Any], items: Iterable[Any], *, workers: int
             proc.kill()
             proc.join()
             conn.close()
+
+
+def prefetch(items: Iterable[Any], size: int) -> Iterator[Any]:
+    """Produce items in a background thread (JPEG decoding and video decoding release the GIL), so reading
+    the next frames overlaps with detection or the model on the current ones. Order is preserved."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=max(1, size))
+    done = object()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((True, item))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put((False, e))
+            return
+        q.put((True, done))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)

@@ -176,7 +176,10 @@ class ClipAugment:
         return cls(**params)
 
     def __call__(self, clip: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """uint8 (T, 3, H, W) -> float32 in [0, 1]. Noise is drawn per pixel from ``gen``; only its strength is shared."""
+        """uint8 (T, 3, H, W) -> float32 in [0, 1]. Noise is drawn per pixel from ``gen``; only its strength is shared.
+
+        Colour and blur work in float: torchvision's uint8 hue path is about twice as slow, and hue dominates the cost.
+        """
         h, w = clip.shape[-2:]
         if self.flip:
             clip = F.horizontal_flip(clip)
@@ -184,19 +187,19 @@ class ClipAugment:
             angle, dx, dy, scale = self.affine
             clip = F.affine(clip, angle=angle, translate=[dx * w, dy * h], scale=scale, shear=[0.0, 0.0],
                             interpolation=F.InterpolationMode.BILINEAR)
+        out = F.to_dtype(clip, torch.float32, scale=True)
         if self.jitter:
             brightness, contrast, saturation, hue = self.jitter
-            clip = F.adjust_brightness(clip, brightness)
-            clip = F.adjust_contrast(clip, contrast)
-            clip = F.adjust_saturation(clip, saturation)
-            clip = F.adjust_hue(clip, hue)
+            out = F.adjust_brightness(out, brightness)
+            out = F.adjust_contrast(out, contrast)
+            out = F.adjust_saturation(out, saturation)
+            out = F.adjust_hue(out, hue)
         if self.blur:
             sigma = self.blur * w
             kernel = 2 * math.ceil(3 * sigma) + 1
-            clip = F.gaussian_blur(clip, [kernel, kernel], [sigma, sigma])
+            out = F.gaussian_blur(out, [kernel, kernel], [sigma, sigma])
         if self.jpeg:
-            clip = F.jpeg(clip, self.jpeg)
-        out = F.to_dtype(clip, torch.float32, scale=True)
+            out = F.to_dtype(F.jpeg(F.to_dtype(out, torch.uint8, scale=True), self.jpeg), torch.float32, scale=True)
         if self.noise:
             out = (out + self.noise * torch.randn(out.shape, generator=gen)).clamp_(0, 1)
         if self.cutout:

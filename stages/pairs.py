@@ -11,9 +11,10 @@ A group's split, in order of precedence:
   2. the official split of its videos (if they disagree, the most restrictive one, test > val > train, wins
      and a note says so: training on a video of an official test group would leak, the other way round
      only costs training data);
-  3. a seeded hash of (seed, group) compared with the fractions, stratified by label, so a new group's
-     split does not depend on which other new groups arrived with it. Only when a label stratum of >= 2
-     groups would otherwise leave a wanted split empty (small datasets) is the nearest new group moved in.
+  3. a seeded hash of (seed, group) compared with the fractions, so a new group's split does not depend on
+     which other new groups arrived with it. Groups without an official split are stratified by label (a
+     group with any fake is 'fake'); only when a stratum of >= 2 groups would otherwise leave a wanted
+     split empty (small datasets) is the new group whose hash lies nearest that split moved into it.
 
 Notes are returned in ``pairs.attrs["notes"]`` (a list of one-line strings) for the caller to log.
 """

@@ -123,6 +123,10 @@ def test_official_splits_are_used_and_conflicts_take_the_most_restrictive():
     pairs = build(videos, val_fraction=0.5, test_fraction=0.4)
     assert split_of_group(pairs) == {"a": "train", "b": "val", "c": "test", "d": "val"}
     assert pairs.attrs["notes"] == ["group 'd' has official splits ['train', 'val']: using val"]
+    # A previous manifest outranks the official split (stability), and says so.
+    again = build(videos, previous=pairs.assign(split=pairs.split.where(pairs.group != "a", "test")))
+    assert split_of_group(again) == {"a": "test", "b": "val", "c": "test", "d": "val"}
+    assert again.attrs["notes"] == ["group 'a' keeps previous split test over official ['train']"]
 
 
 def test_seeded_split_is_deterministic_and_depends_on_seed():

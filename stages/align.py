@@ -1,0 +1,179 @@
+"""`dfpipe align`: extracted frames -> face tracks -> 224x224 HQ and 112x112 LQ aligned crops per face.
+
+Detection, tracking and alignment live in `faces.py` (shared with score-video); this module maps them onto the
+workspace: which videos to do, pair-aware cropping of fakes, and the faces manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..manifests.table import read_table
+from ..manifests.units import StageSpec, Unit, UnitError, UnitOutput, load_state, run_stage
+from ..manifests.workspace import Shard, Workspace
+from ..pipeline.workers import prefetch
+from . import extract
+from .faces import FaceDetector, FaceStream, align_face, select_tracks
+from .video import Frame
+
+FACE_COLUMNS = ["video_id", "frame_index", "timestamp", "status", "track_id", "x1", "y1", "x2", "y2", "prob",
+                "landmarks", "scale", "mode", "hq_path", "lq_path", "hq_sha256", "lq_sha256"]
+
+SPEC = StageSpec(
+    name="align", version=1, area="faces", rows_table="faces.csv", row_columns=FACE_COLUMNS,
+    file_columns=[("hq_path", "hq_sha256"), ("lq_path", "lq_sha256")],
+    info_columns=["mode", "frames", "frames_with_face", "tracks"],
+)
+
+# settings that cannot change a crop (where it runs, how many frames go to the detector at once)
+NOT_IN_FINGERPRINT = ("device", "batch_size")
+
+
+def params_of(cfg) -> dict:
+    return {k: v for k, v in cfg.align.items() if k not in NOT_IN_FINGERPRINT}
+
+
+def _frames_digest(rows: list[dict]) -> str:
+    return hashlib.sha256("".join(f"{r['frame_index']}:{r['sha256']};" for r in rows).encode()).hexdigest()
+
+
+def plan_units(ws: Workspace, pair_aware: bool) -> list[Unit]:
+    """One unit per extracted video. A fake whose source was extracted with the same frame size and the same
+    sampled frames is cropped with its source's tracks (payload 'source'), so its digest covers both."""
+    videos = {v["video_id"]: v for v in read_table(ws.manifest("videos.csv"), extract.VIDEO_COLUMNS)
+              .to_dict("records")}
+    done = {vid: rec for vid, rec in load_state(ws, extract.SPEC).items() if rec.status == "done"}
+    units = []
+    for vid, rec in sorted(done.items()):
+        rows = sorted(rec.rows, key=lambda r: int(r["frame_index"]))
+        digest, source = _frames_digest(rows), None
+        src = videos.get(vid, {}).get("source_id", "")
+        if pair_aware and videos.get(vid, {}).get("label") == "fake" and src in done:
+            src_rows = sorted(done[src].rows, key=lambda r: int(r["frame_index"]))
+            same_size = all(videos[vid][k] == videos[src][k] for k in ("width", "height"))
+            same_frames = [r["frame_index"] for r in rows] == [r["frame_index"] for r in src_rows]
+            if same_size and same_frames:
+                source, digest = src, digest + _frames_digest(src_rows)
+        payload = {"frames": [(int(r["frame_index"]), float(r["timestamp"]), r["path"]) for r in rows],
+                   "source": source, "source_id": src}
+        units.append(Unit(vid, digest, payload, shard_key=source or vid))
+    return units
+
+
+def _read_frames(ws: Workspace, frames: list[tuple[int, float, str]]):
+    for index, timestamp, rel in frames:
+        image = cv2.imread(str(ws.root / rel), cv2.IMREAD_COLOR)
+        if image is None:
+            raise UnitError(f"{ws.root / rel}: frame cannot be read (run `dfpipe verify`, then extract again)")
+        yield Frame(index, timestamp, cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+
+
+def _fmt(values) -> str:
+    return " ".join(f"{v:.2f}" for v in np.asarray(values, dtype=float).ravel())
+
+
+def _face_row(index, timestamp, track, box, prob, landmarks, scale, mode, hq_name, lq_name) -> dict:
+    x1, y1, x2, y2 = (f"{v:.1f}" for v in box)
+    return {"frame_index": index, "timestamp": f"{timestamp:.6f}", "status": "face", "track_id": track,
+            "x1": x1, "y1": y1, "x2": x2, "y2": y2, "prob": f"{prob:.4f}", "landmarks": _fmt(landmarks),
+            "scale": f"{scale:.4f}", "mode": mode, "hq_path": hq_name, "lq_path": lq_name}
+
+
+def _write_crops(out_dir: Path, track: int, index: int, hq: np.ndarray, lq: np.ndarray, quality: int):
+    names = (f"{track:02d}/{index:06d}_hq.jpg", f"{track:02d}/{index:06d}_lq.jpg")
+    (out_dir / f"{track:02d}").mkdir(exist_ok=True)
+    for name, crop in zip(names, (hq, lq)):
+        cv2.imwrite(str(out_dir / name), crop[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    return names
+
+
+def _finish(unit: Unit, rows: list[dict], mode: str) -> UnitOutput:
+    """Frames whose faces were all dropped become no_face rows; a video without any face is a failure."""
+    by_frame: dict[int, list[dict]] = {}
+    for r in rows:
+        by_frame.setdefault(r["frame_index"], []).append(r)
+    out = []
+    for index, timestamp, _ in unit.payload["frames"]:
+        faces = [r for r in by_frame.get(index, []) if r["status"] == "face"]
+        out += faces or [{"frame_index": index, "timestamp": f"{timestamp:.6f}", "status": "no_face",
+                          "track_id": -1, "mode": mode}]
+    with_face = len({r["frame_index"] for r in out if r["status"] == "face"})
+    if not with_face:
+        raise UnitError(f"{unit.id}: no face found in {len(unit.payload['frames'])} sampled frames")
+    tracks = len({r["track_id"] for r in out if r["status"] == "face"})
+    return UnitOutput(out, {"mode": mode, "frames": len(unit.payload["frames"]), "frames_with_face": with_face,
+                            "tracks": tracks})
+
+
+def align_detect(ws: Workspace, unit: Unit, out_dir: Path, detector: FaceDetector, align_cfg: dict,
+                 mode: str = "detect") -> UnitOutput:
+    stream = FaceStream(prefetch(_read_frames(ws, unit.payload["frames"]), 2 * align_cfg["batch_size"]),
+                        detector, **align_cfg)
+    rows = []
+    for ff in stream:
+        for face in ff.faces:
+            names = _write_crops(out_dir, face.track_id, ff.index, face.hq, face.lq, align_cfg["jpeg_quality"])
+            rows.append(_face_row(ff.index, ff.timestamp, face.track_id, face.box, face.prob, face.landmarks,
+                                  face.scale, mode, *names))
+    keep = select_tracks(stream.track_lengths, stream.track_sizes, **align_cfg)
+    for r in rows:
+        if r["track_id"] not in keep:
+            for col in ("hq_path", "lq_path"):
+                (out_dir / r[col]).unlink()
+            r["status"] = "dropped"
+    return _finish(unit, rows, mode)
+
+
+def align_pair(ws: Workspace, unit: Unit, out_dir: Path, source_rows: list[dict], align_cfg: dict) -> UnitOutput:
+    """Crop a fake with its source's landmarks, frame by frame: real and fake crops are pixel-aligned."""
+    faces_at: dict[int, list[dict]] = {}
+    for r in source_rows:
+        if r["status"] == "face":
+            faces_at.setdefault(int(r["frame_index"]), []).append(r)
+    rows = []
+    for frame in _read_frames(ws, unit.payload["frames"]):
+        for r in faces_at.get(frame.index, []):
+            landmarks = np.array(r["landmarks"].split(), dtype=float).reshape(5, 2)
+            hq, lq, _ = align_face(frame.image, landmarks, **align_cfg)
+            track = int(r["track_id"])
+            names = _write_crops(out_dir, track, frame.index, hq, lq, align_cfg["jpeg_quality"])
+            box = [float(r[k]) for k in ("x1", "y1", "x2", "y2")]
+            rows.append(_face_row(frame.index, frame.timestamp, track, box, float(r["prob"]), landmarks,
+                                  float(r["scale"]), "pair", *names))
+    return _finish(unit, rows, "pair")
+
+
+def run_align(ws: Workspace, cfg, *, shard: Shard = Shard(), retry_failed: bool = False, progress: bool = True):
+    """Sources and unpaired videos first; then fakes cropped with their source's freshly recorded tracks."""
+    align_cfg = dict(cfg.align)
+    params = params_of(cfg)
+    units = plan_units(ws, cfg.align.pair_aware)
+    detector = None
+
+    def work(unit: Unit, out_dir: Path) -> UnitOutput:
+        nonlocal detector
+        source = unit.payload["source"]
+        if source:
+            rec = records.get(source)
+            if rec is not None and rec.status == "done":
+                return align_pair(ws, unit, out_dir, rec.rows, align_cfg)
+        if detector is None:
+            detector = FaceDetector(**align_cfg)
+        return align_detect(ws, unit, out_dir, detector, align_cfg,
+                            mode="detect (source has no face)" if source else "detect")
+
+    summaries = []
+    for phase in (lambda u: not u.payload["source"], lambda u: bool(u.payload["source"])):
+        records = load_state(ws, SPEC, merge=False)
+        summaries.append(run_stage(ws, SPEC, params, units, work, shard=shard, workers=0, only=phase,
+                                   retry_failed=retry_failed, progress=progress))
+    return summaries[0].merge(summaries[1])
+
+
+def status_units(ws: Workspace) -> list[Unit]:
+    from ..manifests.units import load_params
+    params = load_params(ws, SPEC) or {}
+    return plan_units(ws, params.get("pair_aware", True))
