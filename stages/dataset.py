@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -253,7 +252,7 @@ class SequenceDataset(Dataset):
         source_rows = rows[rows["video_id"].isin(set(self.sources.values()))]
         self.real_crops = {(v, int(t), int(f)): (hq, lq) for v, t, f, hq, lq in source_rows[
             ["video_id", "track_id", "frame_index", "hq_path", "lq_path"]].itertuples(index=False)}
-        self._failed = multiprocessing.Value("i", 0)
+        self._failed = torch.zeros((), dtype=torch.int64).share_memory_()  # counted across worker processes
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -272,7 +271,7 @@ class SequenceDataset(Dataset):
         return {"segments": len(self.segments), "clips": len(self.clips),
                 "short_skipped": self.short if self.short_tracks == "skip" else 0,
                 "short_padded": self.short if self.short_tracks == "pad" else 0,
-                "failed_clips": self._failed.value}
+                "failed_clips": int(self._failed)}
 
     def _pair_paths(self, segment: Segment, frames: Sequence[int]) -> dict[str, list[str]]:
         real = self.sources.get(segment.video_id) if segment.label == 1 else None
@@ -296,8 +295,7 @@ class SequenceDataset(Dataset):
         except CropError as e:
             log.warning("skipping clip of %s track %d at frame %d: %s", segment.video_id, segment.track_id,
                         frames[0], e)
-            with self._failed.get_lock():
-                self._failed.value += 1
+            self._failed += 1
             return None
         augment = ClipAugment.sample(self.augment, gen) if self.train else ClipAugment()
         item = {name: augment(clip, gen) for name, clip in clips.items()}

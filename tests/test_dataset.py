@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -37,8 +38,9 @@ def decode(clip: torch.Tensor) -> list[tuple[str, int, int]]:
     return [("f" if b > 130 else "r", round((g - 60) / 80), round((r - 20) / 5)) for r, g, b in means]
 
 
-@pytest.fixture
-def workspace(tmp_path):
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("workspace")
     rows = []
     for video in LABELS:
         with_face = set()
@@ -49,16 +51,24 @@ def workspace(tmp_path):
                 paths = {}
                 for stream, size in (("hq", 224), ("lq", 112)):
                     rel = f"crops/{video}/{track}/{frame:06d}_{stream}.jpg"
-                    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+                    (root / rel).parent.mkdir(parents=True, exist_ok=True)
                     image = torch.tensor(colour(video, track, frame), dtype=torch.uint8)[:, None, None]
-                    write_jpeg(image.expand(3, size, size).contiguous(), str(tmp_path / rel), quality=95)
+                    write_jpeg(image.expand(3, size, size).contiguous(), str(root / rel), quality=95)
                     paths[f"{stream}_path"] = rel
                 rows.append(dict(video_id=video, frame_index=frame, status="face", track_id=track, prob=0.99, **paths))
                 with_face.add(frame)
         for frame in sorted(set(SAMPLED + [48]) - with_face):
             rows.append(dict(video_id=video, frame_index=frame, status="no_face", track_id=-1, prob=np.nan,
                              hq_path=np.nan, lq_path=np.nan))
-    return tmp_path, pd.DataFrame(rows).sample(frac=1, random_state=0)
+    return root, pd.DataFrame(rows).sample(frac=1, random_state=0)
+
+
+@pytest.fixture
+def workspace(pristine, tmp_path):
+    """A private copy, so tests may break crops."""
+    root, faces = pristine
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    return tmp_path, faces.copy()
 
 
 def augment_only(*names: str) -> dict[str, float]:
@@ -76,7 +86,7 @@ def test_clips_are_consecutive_frames_of_one_track_segment(workspace):
     ds = make(workspace, train=True)
     assert len(ds) == 3 and ds.stats["short_skipped"] == 2
     seen = set()
-    for epoch in range(6):
+    for epoch in range(4):
         ds.set_epoch(epoch)
         for item in ds:
             assert item["hq"].shape == (T, 3, 224, 224) and item["lq"].shape == (T, 3, 112, 112)
@@ -109,10 +119,10 @@ def train_starts(ds, epochs) -> list[list[int]]:
 
 
 def test_train_starts_vary_across_epochs_and_repeat_with_the_seed(workspace):
-    starts = train_starts(make(workspace, train=True), 8)
+    starts = train_starts(make(workspace, train=True), 5)
     assert len({s[0] for s in starts}) > 2                                  # 16-frame segment: 13 possible starts
-    assert train_starts(make(workspace, train=True), 8) == starts
-    assert train_starts(make(workspace, train=True, seed=1), 8) != starts
+    assert train_starts(make(workspace, train=True), 5) == starts
+    assert train_starts(make(workspace, train=True, seed=1), 5) != starts
 
 
 def test_short_tracks_skip_or_pad(workspace):
@@ -149,8 +159,9 @@ def test_augmentation_is_shared_by_frames_and_streams():
 def test_dataset_augments_both_streams_and_the_pair_alike(workspace):
     ds = make(workspace, train=True, paired=True, augment=augment_only("affine", "cutout", "flip"))
     item = next(item for item in ds if "hq_real" in item)
-    blank = item["hq"].amax(dim=1) < 0.05                      # cutout and the affine border, per frame
-    assert blank.any() and torch.equal(blank, item["hq_real"].amax(dim=1) < 0.05)
+    blank = item["hq"].amax(dim=1) == 0                        # cutout and the affine border, per frame
+    assert blank.float().mean() > 0.05
+    assert (blank != (item["hq_real"].amax(dim=1) == 0)).float().mean() < 1e-4  # a few border pixels round apart
     assert torch.equal(blank, blank[:1].expand_as(blank))
     assert (F.resize(item["hq"], [112, 112], antialias=True) - item["lq"]).abs().mean() < 0.02
 

@@ -1,0 +1,591 @@
+"""`dfpipe train`: aligned face crops of a workspace -> a calibrated dual-stream detector in RUN_DIR.
+
+``run_train`` reads top to bottom like nanoGPT's train.py: pairs and splits, data, model and optimiser, the epoch
+loop (train, validate, log, checkpoint, early stop), then calibration of the best checkpoint. The helpers above it
+each do one step. It runs alone or under ``torchrun`` (DDP, one process per GPU or CPU rank); only rank 0 writes.
+
+Everything a resumed run needs is in ``last.pt``: weights, optimiser, scheduler, grad scaler, every rank's RNG
+states, the early-stopping state and the metrics history. Data order and augmentation depend only on (seed, epoch,
+item), so in deterministic mode a run killed after epoch k and resumed writes the same metrics.csv as one that
+never stopped. Checkpoints hold only tensors and plain Python values, so they load with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import random
+import subprocess
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.ops import sigmoid_focal_loss
+from tqdm import tqdm
+
+from ..manifests.table import atomic_write_bytes, read_table, write_table
+from ..manifests.workspace import Workspace
+from ..models.dual_stream import DualStreamNet
+from ..pipeline import __version__
+from . import pairs as pairs_mod
+from .aggregate import choose_rule
+from .dataset import BalancedSampler, SequenceDataset, collate_clips
+from .evaluate import binary_metrics, fit_temperature, fit_threshold
+from .faces import resolve_device
+
+log = logging.getLogger(__name__)
+
+VIDEO_COLUMNS = ["video_id", "label", "source_id", "group", "split", "dataset", "method"]
+FACE_COLUMNS = ["video_id", "frame_index", "status", "track_id", "hq_path", "lq_path", "hq_sha256", "lq_sha256"]
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_accuracy", "val_auc", "val_ap",
+                  "val_precision", "val_recall", "val_f1", "val_eer", "lr_backbone", "lr_head"]
+LABELS = {"real": 0, "fake": 1}
+
+
+class TrainError(ValueError):
+    """A problem with the workspace, the run folder or the config, reported as one line."""
+
+
+# ---------------------------------------------------------------- distributed
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `dfpipe train` is a world of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    resolved = resolve_device(device)
+    if world > 1:
+        if resolved.type == "cuda":
+            resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(resolved)
+        dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return Dist(rank, world, resolved)
+
+
+def gather(obj, ctx: Dist) -> list:
+    """Every rank's ``obj``, in rank order (picklable objects of any size: shards of the val set are uneven)."""
+    if ctx.world == 1:
+        return [obj]
+    out = [None] * ctx.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def from_main(obj, ctx: Dist):
+    """Rank 0's ``obj`` on every rank, so decisions taken from files are taken once."""
+    if ctx.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---------------------------------------------------------------- data
+
+def _require(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise TrainError(f"{path}: not found ({what})")
+    return path
+
+
+def read_faces(path: Path) -> pd.DataFrame:
+    """faces.csv with integer frame_index/track_id: the dataset orders frames numerically ('12' < '3' as text)."""
+    faces = read_table(_require(path, "run dfpipe align first"), FACE_COLUMNS)
+    try:
+        return faces.assign(frame_index=faces.frame_index.astype(np.int64),
+                            track_id=faces.track_id.where(faces.status == "face", "-1").astype(np.int64))
+    except ValueError:
+        raise TrainError(f"{path}: frame_index and track_id must be integers") from None
+
+
+def update_pairs(ws: Workspace, videos: pd.DataFrame, faces: pd.DataFrame, pairs_cfg) -> pd.DataFrame:
+    """Rebuilds training_pairs.csv; the previous one is passed in so old groups never change split."""
+    path = ws.root / pairs_mod.PAIRS
+    previous = read_table(path, pairs_mod.COLUMNS) if path.exists() else None
+    pairs = pairs_mod.build_training_pairs(videos, faces, previous, **pairs_cfg)
+    write_table(path, pairs, pairs_mod.COLUMNS)
+    for note in pairs.attrs["notes"]:
+        tqdm.write(f"note: {note}")
+    return pairs
+
+
+def split_labels(pairs: pd.DataFrame, videos: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """split -> {video_id: 0 real | 1 fake}."""
+    label_of = dict(zip(videos.video_id, videos.label.map(LABELS)))
+    return {split: {v: int(label_of[v]) for v in sorted(ids)} for split, ids in pairs_mod.split_videos(pairs).items()}
+
+
+def make_loaders(root: Path, faces: pd.DataFrame, labels: dict[str, dict[str, int]], sources: dict[str, str],
+                 cfg, ctx: Dist) -> tuple[DataLoader, DataLoader]:
+    """Train: balanced (or shuffled) and sharded by rank. Val: each rank scores every world-th clip, in order.
+
+    The train loader's workers are not persistent: ``SequenceDataset.set_epoch`` must reach fresh worker copies each
+    epoch. Each loader draws worker seeds from its own generator, so the global RNG (dropout) advances the same way
+    whether or not the run was resumed.
+    """
+    t = cfg.train
+    train_ds = SequenceDataset(root, faces, labels["train"], train=True, seed=t.seed, sources=sources,
+                               **cfg.dataset)
+    val_ds = SequenceDataset(root, faces, labels["val"], train=False, seed=t.seed, **cfg.dataset)
+    if len(train_ds) == 0 or len(val_ds) == 0:
+        empty = "train" if len(train_ds) == 0 else "val"
+        raise TrainError(f"{root / pairs_mod.PAIRS}: the {empty} split has no track of at least dataset.clip_len="
+                         f"{cfg.dataset.clip_len} frames (more videos, pairs.val_fraction or a shorter clip_len)")
+    if cfg.dataset.balanced:
+        sampler = BalancedSampler(train_ds, seed=t.seed, num_replicas=ctx.world, rank=ctx.rank)
+    else:
+        sampler = DistributedSampler(train_ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=t.seed)
+    common = dict(batch_size=t.batch_size, num_workers=t.workers, collate_fn=collate_clips,
+                  pin_memory=ctx.device.type == "cuda")
+    train = DataLoader(train_ds, sampler=sampler, generator=torch.Generator().manual_seed(t.seed), **common)
+    val = DataLoader(val_ds, sampler=range(ctx.rank, len(val_ds), ctx.world), persistent_workers=t.workers > 0,
+                     generator=torch.Generator().manual_seed(t.seed), **common)
+    return train, val
+
+
+def batch_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """hq, lq, labels on the device; paired source-real crops (dataset.paired) join the batch as extra reals."""
+    hq, lq, y = batch["hq"], batch["lq"], batch["label"]
+    if "pair_index" in batch:
+        hq = torch.cat([hq, batch["hq_real"]])
+        lq = torch.cat([lq, batch["lq_real"]])
+        y = torch.cat([y, torch.zeros(len(batch["pair_index"]))])
+    return (hq.to(device, non_blocking=True), lq.to(device, non_blocking=True), y.to(device, non_blocking=True))
+
+
+# ---------------------------------------------------------------- optimisation
+
+def make_optimizer(model: DualStreamNet, *, lr_backbone: float, lr_head: float, weight_decay: float,
+                   **_) -> torch.optim.AdamW:
+    """Pretrained backbones need a smaller step than the freshly initialised ConvLSTM and head."""
+    groups = [{"params": list(model.backbone_parameters()), "lr": lr_backbone},
+              {"params": list(model.head_parameters()), "lr": lr_head}]
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def make_scheduler(optimizer, updates_per_epoch: int, *, scheduler: str, epochs: int, plateau_factor: float,
+                   plateau_patience: int, warmup_epochs: int, **_):
+    """(scheduler, stepped after every optimiser update?). plateau steps once per epoch on the val loss."""
+    total = epochs * updates_per_epoch
+    if scheduler == "plateau":
+        return ReduceLROnPlateau(optimizer, factor=plateau_factor, patience=plateau_patience), False
+    if scheduler == "cosine":
+        warmup = warmup_epochs * updates_per_epoch
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return LambdaLR(optimizer, factor), True
+    if scheduler == "onecycle":
+        return OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total), True
+    raise TrainError(f"train.scheduler: '{scheduler}' is none of plateau, cosine, onecycle")
+
+
+def make_criterion(*, loss: str, label_smoothing: float, focal_gamma: float, **_):
+    """The training loss on (logits, float labels). Validation always uses plain BCE, so runs trained with
+    different losses are selected and compared on the same number (the log loss of the DFDC metric)."""
+    if loss == "bce":
+        return F.binary_cross_entropy_with_logits
+    if loss == "smooth":
+        return lambda z, y: F.binary_cross_entropy_with_logits(z, y * (1 - label_smoothing) + label_smoothing / 2)
+    if loss == "focal":
+        # alpha=-1: no class weighting, the balanced sampler already evens out the classes.
+        return lambda z, y: sigmoid_focal_loss(z, y, alpha=-1, gamma=focal_gamma, reduction="mean")
+    raise TrainError(f"train.loss: '{loss}' is none of bce, focal, smooth")
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 on CPU needs no loss scaling; fp16 on CUDA is the fast path of most GPUs and needs a GradScaler."""
+    if amp == "off":
+        return None
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cpu" else torch.float16
+    raise TrainError(f"train.amp: '{amp}' is neither auto nor off")
+
+
+@contextmanager
+def deterministic_mode(enabled: bool):
+    """Deterministic kernels for the run only: the setting is process-global and must not leak to the caller."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # required by deterministic cuBLAS
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.benchmark = not enabled
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.benchmark = previous[1]
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def rng_state() -> dict:
+    """torch, CUDA, numpy and python RNG states as tensors and plain lists (weights_only-loadable)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "python": [version, list(internal), gauss_next]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by ``run_train``, on the CPU; loading never executes pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, foreign pickle, ...: all the same to the user
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise TrainError(f"{path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
+        raise TrainError(f"{path}: not a dfpipe checkpoint (no model weights or model_config)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, device: str | torch.device) -> DualStreamNet:
+    """The trained network in eval mode. Backbones are built without their pretrained files (the checkpoint's
+    weights replace them, and the files need not exist where the model is used), so the random-init warning that
+    building them would log is silenced."""
+    backbones_log = logging.getLogger("dfpipe.models.backbones")
+    level = backbones_log.level
+    backbones_log.setLevel(logging.ERROR)
+    try:
+        model = DualStreamNet.from_config({**ckpt["model_config"], "pretrained_hq": None, "pretrained_lq": None})
+    finally:
+        backbones_log.setLevel(level)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def extract_stride(ws: Workspace) -> int:
+    path = _require(ws.manifest("extract.params.json"), "run dfpipe extract first")
+    try:
+        return int(json.loads(path.read_text())["stride"])
+    except (ValueError, KeyError, TypeError):
+        raise TrainError(f"{path}: no integer 'stride'") from None
+
+
+def align_params(ws: Workspace, cfg) -> dict:
+    """How the training crops were made, for score-video to crop the same way: the workspace's align.params.json
+    (written by `dfpipe align`) over the config, which also supplies the keys that do not change a crop."""
+    path = ws.manifest("align.params.json")
+    return {**cfg.align.to_dict(), **(json.loads(path.read_text()) if path.is_file() else {})}
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def write_run_files(run_dir: Path, cfg, digest: str, ctx: Dist, resume: bool) -> None:
+    """config.yaml (the resolved config) and run.json (provenance); a resume appends its start time."""
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    path = run_dir / "run.json"
+    info = json.loads(path.read_text()) if resume and path.is_file() else {"started": now, "resumed": []}
+    if resume:
+        info["resumed"].append(now)
+    info.update(dfpipe_version=__version__, git_commit=git_commit(), pairs_digest=digest, world_size=ctx.world,
+                device=str(ctx.device))
+    atomic_write_bytes(path, (json.dumps(info, indent=1) + "\n").encode())
+    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+
+
+# ---------------------------------------------------------------- one epoch
+
+def train_one_epoch(net, loader, optimizer, scheduler, scaler, criterion, *, ctx: Dist, dtype, steps: int,
+                    accumulate: int, grad_clip: float, desc: str) -> dict:
+    """One pass of ``steps`` batches; the optimiser steps every ``accumulate`` batches (and at the end).
+
+    Returns the summed loss, correct count and clip count over all ranks. ``scheduler`` is stepped per update,
+    or None for the per-epoch plateau schedule.
+    """
+    net.train()
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    has_grad = False
+    bar = tqdm(islice(loader, steps), total=steps, desc=desc, unit="batch", leave=False, disable=not ctx.main)
+    for i, batch in enumerate(bar):
+        update = (i + 1) % accumulate == 0 or i + 1 == steps
+        if batch is not None:  # None: no clip of the batch could be read (the dataset logged which)
+            hq, lq, y = batch_inputs(batch, ctx.device)
+            # Under DDP, gradients are all-reduced only on the batch that completes an update.
+            sync = nullcontext() if update or ctx.world == 1 else net.no_sync()
+            with sync:
+                with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None):
+                    logits = net(hq, lq).float()
+                loss = criterion(logits, y)
+                scaler.scale(loss / accumulate).backward()
+            has_grad = True
+            totals += torch.tensor([loss.item() * len(y), ((logits > 0) == (y > 0.5)).sum().item(), len(y)],
+                                   dtype=torch.float64, device=ctx.device)
+            bar.set_postfix(loss=f"{totals[0].item() / totals[2].item():.4f}")
+        if update and has_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            has_grad = False
+        if update and scheduler is not None:
+            scheduler.step()
+    if ctx.world > 1:
+        dist.all_reduce(totals)
+    loss_sum, correct, count = totals.tolist()
+    return {"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1), "clips": int(count)}
+
+
+@torch.no_grad()
+def predict(model: DualStreamNet, loader: DataLoader, *, ctx: Dist, dtype) -> pd.DataFrame:
+    """Logit of every val clip of every rank, one row per clip, in a fixed order (video, track, start)."""
+    model.eval()
+    rows = []
+    for batch in tqdm(loader, desc="val", unit="batch", leave=False, disable=not ctx.main):
+        if batch is None:
+            continue
+        hq, lq, y = batch_inputs(batch, ctx.device)
+        with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(hq, lq).float()
+        rows.append(pd.DataFrame({"video_id": batch["video_id"], "track_id": batch["track_id"].tolist(),
+                                  "start": batch["start"].tolist(), "label": y.long().tolist(),
+                                  "logit": logits.cpu().double().numpy()}))
+    shards = [df for df in gather(pd.concat(rows) if rows else None, ctx) if df is not None]
+    if not shards:
+        raise TrainError("validation: no val clip could be read (see the warnings above)")
+    return pd.concat(shards).sort_values(["video_id", "track_id", "start"], kind="stable").reset_index(drop=True)
+
+
+def val_metrics(pred: pd.DataFrame) -> dict:
+    logits = torch.tensor(pred.logit.to_numpy())
+    labels = torch.tensor(pred.label.to_numpy(), dtype=torch.float64)
+    metrics = binary_metrics(pred.label, torch.sigmoid(logits).numpy(), threshold=0.5)
+    return {"loss": F.binary_cross_entropy_with_logits(logits, labels).item(), **metrics}
+
+
+def calibrate(pred: pd.DataFrame, score_cfg) -> dict:
+    """Temperature for honest probabilities, the balanced-accuracy threshold on them, and the clip -> video rule
+    that best fits the val videos: what score-video applies to turn clip logits into a decision."""
+    temperature = fit_temperature(pred.logit, pred.label)
+    pred = pred.assign(prob=torch.sigmoid(torch.tensor(pred.logit.to_numpy()) / temperature).numpy())
+    threshold = fit_threshold(pred.label, pred.prob)
+    videos = [{int(t): g.prob.tolist() for t, g in clips.groupby("track_id")} for _, clips in pred.groupby("video_id")]
+    labels = pred.groupby("video_id").label.first().tolist()
+    rule = choose_rule(videos, labels, **score_cfg)
+    return {"temperature": temperature, "threshold": threshold, "aggregate": rule}
+
+
+def wrap(model: DualStreamNet, ctx: Dist):
+    """DDP registers the parameters that require grad when it is built, so it is rebuilt when the backbones are
+    frozen or unfrozen."""
+    if ctx.world == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+def tensorboard(run_dir: Path, ctx: Dist):
+    """A SummaryWriter when the optional tensorboard package is installed (rank 0 only), else None."""
+    if not ctx.main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+# ---------------------------------------------------------------- the run
+
+def run_train(ws_root: str | Path, run_dir: str | Path, cfg, *, resume: bool) -> dict:
+    """Train, checkpoint and calibrate; returns the best epoch, its val metrics and the calibration."""
+    ctx = init_distributed(cfg.train.device)
+    try:
+        with deterministic_mode(cfg.train.deterministic):
+            return _run(Workspace(ws_root), Path(run_dir), cfg, resume, ctx)
+    finally:
+        if ctx.world > 1:
+            dist.destroy_process_group()
+
+
+def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Dist) -> dict:
+    t = cfg.train
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if t.epochs < 1:
+        raise TrainError(f"train.epochs must be at least 1, got {t.epochs}")
+    if resume and not last_path.is_file():
+        raise TrainError(f"{last_path}: nothing to resume (no last.pt in the run folder)")
+    if not resume and last_path.exists():
+        raise TrainError(f"{run_dir}: already holds a run (last.pt); pass --resume or choose another --run folder")
+    random.seed(t.seed)
+    np.random.seed(t.seed)
+    torch.manual_seed(t.seed + ctx.rank)
+
+    # 1. pairs, splits and labels (rank 0 decides and writes; everyone gets its table)
+    stride = extract_stride(ws)
+    videos = read_table(_require(ws.manifest("videos.csv"), "run dfpipe extract first"), VIDEO_COLUMNS)
+    faces = read_faces(ws.manifest("faces.csv"))
+    pairs = from_main(update_pairs(ws, videos, faces, cfg.pairs) if ctx.main else None, ctx)
+    digest = pairs_mod.pairs_digest(pairs)
+    labels = split_labels(pairs, videos)
+    sources = {f: r for f, r in zip(pairs.fake_id, pairs.real_id) if f in labels["train"] and r in labels["train"]}
+
+    # 2. data
+    train_loader, val_loader = make_loaders(ws.root, faces, labels, sources, cfg, ctx)
+    steps = min(len(train_loader), t.steps_per_epoch or len(train_loader))
+    updates_per_epoch = math.ceil(steps / t.accumulate)
+
+    # 3. model, optimiser, schedule, loss, mixed precision
+    torch.manual_seed(t.seed)  # the same initial weights on every rank
+    model = DualStreamNet.from_config(cfg.model).to(ctx.device)
+    optimizer = make_optimizer(model, **t)
+    scheduler, per_update = make_scheduler(optimizer, updates_per_epoch, **t)
+    criterion = make_criterion(**t)
+    dtype = amp_dtype(t.amp, ctx.device)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=dtype == torch.float16)
+    torch.manual_seed(t.seed + ctx.rank)  # different dropout per rank
+    early = {"best_loss": math.inf, "best_epoch": -1, "bad_epochs": 0}
+    history: list[dict] = []
+    start_epoch = 0
+    if resume:
+        ckpt = load_checkpoint(last_path)
+        if ckpt["pairs_digest"] != digest:
+            raise TrainError(f"{last_path}: the training pairs changed since this run started; start a new run")
+        if per_update and ckpt["config"]["train"]["epochs"] != t.epochs:
+            raise TrainError(f"{last_path}: the {t.scheduler} schedule was planned for "
+                             f"{ckpt['config']['train']['epochs']} epochs; resume with the same train.epochs")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        early, history, start_epoch = ckpt["early_stop"], ckpt["history"], ckpt["epoch"]
+        if len(ckpt["rng"]) == ctx.world:
+            set_rng_state(ckpt["rng"][ctx.rank])
+        else:
+            log.warning("%s: saved by %d ranks, resumed on %d: RNG streams restart", last_path, len(ckpt["rng"]),
+                        ctx.world)
+    if ctx.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_files(run_dir, cfg, digest, ctx, resume)
+        tqdm.write(f"train: {train_loader.dataset.stats['clips']} train clips, {len(val_loader.dataset)} val clips, "
+                   f"{steps} batches/epoch x {ctx.world} rank(s) on {ctx.device}, epochs {start_epoch + 1}-{t.epochs}")
+    meta = {"config": cfg.to_dict(), "model_config": cfg.model.to_dict(), "extract": {"stride": stride},
+            "align": align_params(ws, cfg), "clip_len": cfg.dataset.clip_len, "calibration": None,
+            "dfpipe_version": __version__, "pairs_digest": digest}
+    writer = tensorboard(run_dir, ctx)
+
+    # 4. epochs: train, validate, log, checkpoint, stop early
+    net = None
+    for epoch in range(start_epoch, t.epochs):
+        if early["bad_epochs"] >= t.early_stop_patience:
+            break  # resumed a run that had already stopped
+        frozen = epoch < t.freeze_backbone_epochs
+        if net is None or frozen != model.backbones_frozen:
+            model.freeze_backbones(frozen)
+            net = wrap(model, ctx)
+        train_loader.sampler.set_epoch(epoch)
+        train_loader.dataset.set_epoch(epoch)
+        started = time.perf_counter()
+        train = train_one_epoch(net, train_loader, optimizer, scheduler if per_update else None, scaler, criterion,
+                                ctx=ctx, dtype=dtype, steps=steps, accumulate=t.accumulate, grad_clip=t.grad_clip,
+                                desc=f"epoch {epoch + 1}/{t.epochs}" + (" (frozen)" if frozen else ""))
+        seconds = time.perf_counter() - started
+        val = val_metrics(predict(model, val_loader, ctx=ctx, dtype=dtype))
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        if not per_update:
+            scheduler.step(val["loss"])
+        improved = val["loss"] < early["best_loss"]
+        if improved:
+            early.update(best_loss=val["loss"], best_epoch=epoch + 1, bad_epochs=0)
+        else:
+            early["bad_epochs"] += 1
+        history.append({"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"],
+                        **{f"val_{k}": val[k] for k in ("loss", "accuracy", "auc", "ap", "precision", "recall", "f1",
+                                                        "eer")},
+                        "lr_backbone": lrs[0], "lr_head": lrs[1]})
+        rngs = gather(rng_state(), ctx)
+        if ctx.main:
+            write_table(run_dir / "metrics.csv", history, METRIC_COLUMNS)
+            if writer is not None:
+                for key, value in history[-1].items():
+                    if key != "epoch":
+                        writer.add_scalar(key, value, epoch + 1)
+                writer.flush()
+            state = {**meta, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+                     "epoch": epoch + 1, "early_stop": dict(early), "history": history}
+            if improved:
+                save_checkpoint(best_path, state)
+            save_checkpoint(last_path, state)
+            tqdm.write(f"epoch {epoch + 1}/{t.epochs}  train loss {train['loss']:.4f} acc {train['acc']:.3f}  "
+                       f"val loss {val['loss']:.4f} acc {val['accuracy']:.3f} auc {val['auc']:.3f} "
+                       f"eer {val['eer']:.3f}  lr {lrs[0]:.2e}/{lrs[1]:.2e}  "
+                       f"{train['clips'] / seconds:.1f} clips/s{'  *best' if improved else ''}")
+        if early["bad_epochs"] >= t.early_stop_patience:
+            if ctx.main:
+                tqdm.write(f"early stop: val loss has not improved for {t.early_stop_patience} epochs")
+            break
+    if writer is not None:
+        writer.close()
+
+    # 5. calibrate the best epoch on the val clips
+    if ctx.world > 1:
+        dist.barrier()  # best.pt is complete before other ranks read it
+    if not best_path.is_file():
+        raise TrainError(f"{run_dir}: no epoch reached a finite val loss, so there is no best.pt to calibrate")
+    best = load_checkpoint(best_path)
+    model.load_state_dict(best["model"])
+    pred = predict(model, val_loader, ctx=ctx, dtype=dtype)
+    calibration = calibrate(pred, cfg.score)
+    if ctx.main:
+        save_checkpoint(best_path, {**best, "calibration": calibration})
+        tqdm.write(f"best epoch {early['best_epoch']} (val loss {early['best_loss']:.4f}); calibration: "
+                   f"temperature {calibration['temperature']:.3f}, threshold {calibration['threshold']:.3f}, "
+                   f"aggregate {calibration['aggregate']}")
+    return {"best_epoch": early["best_epoch"], "best_val_loss": early["best_loss"], "epochs_run": len(history),
+            "stopped_early": early["bad_epochs"] >= t.early_stop_patience, "calibration": calibration,
+            "val": history[early["best_epoch"] - 1], "best": str(best_path), "last": str(last_path)}

@@ -1,0 +1,249 @@
+"""Training on a tiny synthetic workspace whose fakes carry a bright blob on the face: learnable in a few epochs.
+
+Crops are 64/32 px instead of 224/112 (the network accepts any size) to keep each epoch to seconds on a shared CPU.
+One deterministic run (module fixture) serves the learning, metrics and checkpoint tests and is the reference the
+kill-and-resume run must reproduce exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from torchvision.io import write_jpeg
+from torchvision.transforms.v2 import functional as TF
+
+from dfpipe.manifests.table import read_table
+from dfpipe.pipeline.config import load_config
+from dfpipe.stages import pairs as pairs_mod
+from dfpipe.stages.aggregate import RULES
+from dfpipe.stages.train import (METRIC_COLUMNS, TrainError, load_checkpoint, make_criterion, make_scheduler,
+                                 model_from_checkpoint, run_train)
+
+TINY = "test_efficientnet"
+HQ, LQ = 64, 32
+STRIDE = 3
+FRAMES = range(0, 12 * STRIDE, STRIDE)                 # 12 sampled frames, one face track
+VAL = {"real_06", "real_07", "fake_06", "fake_07"}   # official split: 2 + 2 val videos, 6 + 6 train
+EPOCHS = 4
+TRAIN_OVERRIDES = dict(batch_size=4, workers=0, epochs=EPOCHS, lr_backbone=3e-3, lr_head=3e-3, deterministic=True)
+
+
+def face_frames(seed: int, fake: bool) -> list[torch.Tensor]:
+    """A smooth per-video 'face' drifting a pixel per frame; fakes get a bright blob that moves with it."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:HQ, 0:HQ] / HQ
+    phase, freq = rng.uniform(0, 2 * np.pi, 3), rng.uniform(2, 5, 3)
+    blob_y, blob_x = rng.uniform(0.3, 0.7, 2)
+    frames = []
+    for k in range(len(FRAMES)):
+        shift = k / HQ
+        image = np.stack([0.5 + 0.3 * np.sin(freq[c] * (xx + shift) + 2 * yy + phase[c]) for c in range(3)])
+        if fake:
+            blob = np.exp(-(((yy - blob_y) ** 2 + (xx + shift - blob_x) ** 2) / 0.01))
+            image = image + 0.6 * blob
+        frames.append(torch.tensor(np.clip(image, 0, 1) * 255, dtype=torch.uint8))
+    return frames
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ws")
+    (root / "manifests").mkdir()
+    videos, faces = [], []
+    for n in range(16):
+        label = "fake" if n >= 8 else "real"
+        video_id = f"{label}_{n % 8:02d}"
+        videos.append(dict(video_id=video_id, path=f"/videos/{video_id}.mp4", label=label, source_id="",
+                           group="", split="val" if video_id in VAL else "train", dataset="synthetic", method=""))
+        for frame, image in zip(FRAMES, face_frames(n, label == "fake")):
+            row = dict(video_id=video_id, frame_index=frame, timestamp=frame / 30, status="face", track_id=0)
+            for stream, crop in (("hq", image), ("lq", TF.resize(image, [LQ, LQ], antialias=True))):
+                rel = f"faces/{video_id}/0_{frame:06d}_{stream}.jpg"
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                write_jpeg(crop, str(root / rel), quality=95)
+                row.update({f"{stream}_path": rel, f"{stream}_sha256": f"{video_id}-{frame}-{stream}"})
+            faces.append(row)
+    pd.DataFrame(videos).to_csv(root / "manifests/videos.csv", index=False)
+    pd.DataFrame(faces).to_csv(root / "manifests/faces.csv", index=False)
+    (root / "manifests/extract.params.json").write_text(json.dumps({"stride": STRIDE}))
+    return root
+
+
+def tiny_cfg(**train):
+    return load_config(overrides=[{
+        "model": {"hq_backbone": TINY, "lq_backbone": TINY, "convlstm_filters": [16, 8], "mlp": [32, 16, 8],
+                  "dropout": [0.2, 0.2]},
+        "dataset": {"clip_len": 4, "augment": {"flip": 0.5, **dict.fromkeys(
+            ["affine", "color_jitter", "jpeg", "blur", "noise", "cutout"], 0.0)}},
+        "train": {**TRAIN_OVERRIDES, **train},
+    }])
+
+
+def metrics(run_dir) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "metrics.csv")
+
+
+@pytest.fixture(scope="module")
+def trained(workspace, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    summary = run_train(workspace, run_dir, tiny_cfg(), resume=False)
+    return run_dir, summary
+
+
+def test_overfits_the_training_clips_and_separates_the_val_videos(trained):
+    run_dir, summary = trained
+    table = metrics(run_dir)
+    assert table.train_acc.max() >= 0.99
+    assert table.val_auc.max() >= 0.95
+    assert table.train_loss.iloc[-1] < table.train_loss.iloc[0]
+    best = table.val_loss.idxmin()
+    assert summary["best_epoch"] == table.epoch[best] and summary["best_val_loss"] == pytest.approx(table.val_loss[best])
+
+
+def test_metrics_csv_has_one_row_per_epoch(trained):
+    run_dir, summary = trained
+    table = metrics(run_dir)
+    assert list(table.columns) == METRIC_COLUMNS
+    assert table.epoch.tolist() == list(range(1, EPOCHS + 1)) and summary["epochs_run"] == EPOCHS
+    assert table.lr_backbone.eq(3e-3).all() and table.lr_head.eq(3e-3).all()  # plateau: no reduction yet
+    assert table[[c for c in METRIC_COLUMNS if c.startswith("val_")]].notna().all(axis=None)
+
+
+def test_best_checkpoint_is_plain_data_with_calibration(trained, workspace):
+    run_dir, summary = trained
+    ckpt = torch.load(run_dir / "best.pt", weights_only=True)
+    assert ckpt["epoch"] == summary["best_epoch"]
+    assert ckpt["extract"] == {"stride": STRIDE} and ckpt["clip_len"] == 4
+    assert ckpt["model_config"]["hq_backbone"] == TINY and ckpt["align"]["hq_size"] == 224
+    pairs = read_table(workspace / pairs_mod.PAIRS, pairs_mod.COLUMNS)
+    assert ckpt["pairs_digest"] == pairs_mod.pairs_digest(pairs) and len(pairs) == 16
+    assert pairs_mod.split_videos(pairs)["val"] == VAL
+    calibration = ckpt["calibration"]
+    assert calibration == summary["calibration"]
+    assert 0.05 <= calibration["temperature"] <= 20 and 0 < calibration["threshold"] < 1
+    assert calibration["aggregate"] in RULES
+    assert load_checkpoint(run_dir / "last.pt")["calibration"] is None  # only best.pt is calibrated
+    assert json.loads((run_dir / "run.json").read_text())["pairs_digest"] == ckpt["pairs_digest"]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == EPOCHS
+
+
+def test_model_from_checkpoint_scores_fakes_above_the_threshold(trained, workspace):
+    run_dir, _ = trained
+    ckpt = load_checkpoint(run_dir / "best.pt")
+    model = model_from_checkpoint(ckpt, "cpu")
+    assert not model.training
+    calibration = ckpt["calibration"]
+    clips = {v: face_frames(int(v[-2:]) + (8 if v.startswith("fake") else 0), v.startswith("fake"))[:4]
+             for v in sorted(VAL)}
+    hq = torch.stack([torch.stack(frames) for frames in clips.values()]).float() / 255
+    lq = TF.resize(hq.flatten(0, 1), [LQ, LQ], antialias=True).unflatten(0, hq.shape[:2])
+    with torch.no_grad():
+        probs = torch.sigmoid(model(hq, lq) / calibration["temperature"])
+    is_fake = torch.tensor([v.startswith("fake") for v in clips])
+    assert ((probs >= calibration["threshold"]) == is_fake).all(), probs
+
+
+def test_killed_and_resumed_run_reproduces_the_uninterrupted_metrics(trained, workspace, tmp_path):
+    run_dir, _ = trained
+    run_train(workspace, tmp_path, tiny_cfg(epochs=2), resume=False)
+    assert len(metrics(tmp_path)) == 2
+    run_train(workspace, tmp_path, tiny_cfg(), resume=True)
+    assert (tmp_path / "metrics.csv").read_bytes() == (run_dir / "metrics.csv").read_bytes()
+    assert len(json.loads((tmp_path / "run.json").read_text())["resumed"]) == 1
+
+
+def test_a_run_folder_is_never_silently_overwritten_or_resumed_from_nothing(trained, workspace, tmp_path):
+    run_dir, _ = trained
+    with pytest.raises(TrainError, match="already holds a run"):
+        run_train(workspace, run_dir, tiny_cfg(), resume=False)
+    with pytest.raises(TrainError, match="nothing to resume"):
+        run_train(workspace, tmp_path, tiny_cfg(), resume=True)
+
+
+def test_early_stopping_ends_a_run_whose_val_loss_stalls(workspace, tmp_path):
+    # Frozen backbones (BatchNorm statistics too) and zero learning rates: the val loss can never improve.
+    cfg = tiny_cfg(epochs=10, early_stop_patience=2, lr_backbone=0.0, lr_head=0.0, freeze_backbone_epochs=10,
+                   steps_per_epoch=1, deterministic=False)
+    summary = run_train(workspace, tmp_path, cfg, resume=False)
+    table = metrics(tmp_path)
+    assert table.epoch.tolist() == [1, 2, 3]
+    assert table.val_loss.nunique() == 1
+    assert summary["stopped_early"] and summary["best_epoch"] == 1
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(TrainError, match="not a readable checkpoint") as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(TrainError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "absent.pt")
+
+
+def test_losses_on_known_logits():
+    z, y = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0])
+    t = load_config().train
+    bce = make_criterion(**{**t, "loss": "bce"})(z, y).item()
+    assert bce == pytest.approx(np.mean([math.log1p(math.exp(-2.0)), math.log1p(math.exp(-1.0))]))
+    smooth = make_criterion(**{**t, "loss": "smooth", "label_smoothing": 0.2})(z, y).item()
+    assert smooth == pytest.approx(np.mean([math.log1p(math.exp(-2.0)) + 0.1 * 2.0,
+                                            math.log1p(math.exp(-1.0)) + 0.1 * 1.0]))
+    focal = make_criterion(**{**t, "loss": "focal", "focal_gamma": 2.0})(z, y).item()
+    p = 1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(1.0))   # probability of the true class
+    assert focal == pytest.approx(np.mean([(1 - q) ** 2 * -math.log(q) for q in p]))
+
+
+def lr_curve(scheduler_name: str, epochs: int = 4, updates: int = 5) -> list[float]:
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    t = {**load_config().train, "scheduler": scheduler_name, "epochs": epochs, "warmup_epochs": 1}
+    scheduler, per_update = make_scheduler(optimizer, updates, **t)
+    assert per_update
+    lrs = []
+    for _ in range(epochs * updates):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_cosine_warms_up_for_warmup_epochs_then_decays_to_zero():
+    lrs = lr_curve("cosine")
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert all(a > b for a, b in zip(lrs[4:], lrs[5:])) and lrs[-1] < 0.01
+
+
+def test_onecycle_rises_to_the_configured_lr_then_falls():
+    lrs = lr_curve("onecycle")
+    peak = int(np.argmax(lrs))
+    assert lrs[peak] == pytest.approx(1.0, rel=1e-3) and 0 < peak < len(lrs) - 1
+    assert lrs[0] < 0.1 and lrs[-1] < 0.01
+
+
+def test_two_process_ddp_run_writes_one_checkpoint_set(workspace, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({**tiny_cfg(epochs=1, steps_per_epoch=1).to_dict()}))
+    driver = tmp_path / "driver.py"
+    driver.write_text("import sys\nfrom dfpipe.pipeline.config import load_config\n"
+                      "from dfpipe.stages.train import run_train\n"
+                      "run_train(sys.argv[1], sys.argv[2], load_config(sys.argv[3]), resume=False)\n")
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(driver), str(workspace), str(run_dir), str(config)],
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.csv",
+                                                         "run.json"]
+    assert len(metrics(run_dir)) == 1
+    assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
+    assert done.stdout.count("epoch 1/1") == 1  # rank 0 alone reports
+    assert load_checkpoint(run_dir / "best.pt")["calibration"]["aggregate"] in RULES
