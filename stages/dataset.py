@@ -87,7 +87,7 @@ def face_rows(faces: pd.DataFrame, labels: Mapping[str, int]) -> pd.DataFrame:
 def track_segments(rows: pd.DataFrame, labels: Mapping[str, int]) -> list[Segment]:
     """Split the face rows (from ``face_rows``) into runs of one track over adjacent sampled frames."""
     same_track = (rows["video_id"] == rows["video_id"].shift()) & (rows["track_id"] == rows["track_id"].shift())
-    new_run = ~same_track | (rows["position"].diff() != 1)
+    new_run = ~same_track
     segments = []
     for _, run in rows.groupby(new_run.cumsum(), sort=False):
         video_id = run["video_id"].iloc[0]
@@ -252,7 +252,7 @@ class SequenceDataset(Dataset):
         source_rows = rows[rows["video_id"].isin(set(self.sources.values()))]
         self.real_crops = {(v, int(t), int(f)): (hq, lq) for v, t, f, hq, lq in source_rows[
             ["video_id", "track_id", "frame_index", "hq_path", "lq_path"]].itertuples(index=False)}
-        self._failed = torch.zeros((), dtype=torch.int64).share_memory_()  # counted across worker processes
+        self._failed = torch.zeros((), dtype=torch.int64).share_memory_()  # seen by all workers; a log figure, so unlocked
 
     def __len__(self) -> int:
         return len(self.clips)
