@@ -77,14 +77,15 @@ def bench(path: Path, stride: int, runs: int) -> None:
             runs_of[decoder].append((wall, cpu, growth))
             print(f"  run {run + 1} {decoder:6s}: {count} frames in {wall:.2f} s wall, {cpu:.2f} s CPU, "
                   f"memory +{growth:.0f} MB")
-    best = {decoder: np.min(runs_of[decoder], axis=0) for decoder in decoders}
     all_frames_mb = len(range(0, info["frames"], stride)) * info["width"] * info["height"] * 3 / 2**20
-    for decoder, (wall, cpu, _) in best.items():
+    wall = {decoder: min(r[0] for r in runs_of[decoder]) for decoder in decoders}
+    cpu = {decoder: min(r[1] for r in runs_of[decoder]) for decoder in decoders}
+    for decoder in decoders:
         # Both decoders decode every frame; stride only saves the RGB conversion of the others.
-        print(f"{decoder:6s}: {info['frames'] / wall:6.1f} decoded frames/s wall, {info['frames'] / cpu:6.1f} per CPU-s, "
-              f"memory +{max(r[2] for r in runs_of[decoder]):.0f} MB at most (all kept frames: {all_frames_mb:.0f} MB)")
-    print(f"pyav / decord speed: {best['decord'][0] / best['pyav'][0]:.2f}x wall, "
-          f"{best['decord'][1] / best['pyav'][1]:.2f}x CPU")
+        print(f"{decoder:6s}: {info['frames'] / wall[decoder]:6.1f} decoded frames/s wall, "
+              f"{info['frames'] / cpu[decoder]:6.1f} per CPU-s, memory +{max(r[2] for r in runs_of[decoder]):.0f} MB "
+              f"at most (all kept frames: {all_frames_mb:.0f} MB)")
+    print(f"pyav / decord speed: {wall['decord'] / wall['pyav']:.2f}x wall, {cpu['decord'] / cpu['pyav']:.2f}x CPU")
 
 
 def main() -> None:

@@ -87,7 +87,7 @@ def face_rows(faces: pd.DataFrame, labels: Mapping[str, int]) -> pd.DataFrame:
 def track_segments(rows: pd.DataFrame, labels: Mapping[str, int]) -> list[Segment]:
     """Split the face rows (from ``face_rows``) into runs of one track over adjacent sampled frames."""
     same_track = (rows["video_id"] == rows["video_id"].shift()) & (rows["track_id"] == rows["track_id"].shift())
-    new_run = ~same_track
+    new_run = ~same_track | (rows["position"].diff() != 1)
     segments = []
     for _, run in rows.groupby(new_run.cumsum(), sort=False):
         video_id = run["video_id"].iloc[0]
@@ -107,7 +107,8 @@ def clip_positions(length: int, start: int, clip_len: int) -> np.ndarray:
 
 
 def evenly_spaced_starts(length: int, clip_len: int, count: int) -> list[int]:
-    """Fixed validation starts covering the whole segment; a segment too short for ``count`` distinct clips gets fewer."""
+    """Fixed validation starts covering the whole segment; a segment too short for ``count`` distinct clips gets
+    fewer."""
     return np.unique(np.linspace(0, max(0, length - clip_len), count).round().astype(int)).tolist()
 
 
@@ -240,8 +241,9 @@ class SequenceDataset(Dataset):
         self.epoch = 0
         rows = face_rows(faces, labels)
         segments = track_segments(rows, labels)
-        self.short = sum(len(s.frames) < clip_len for s in segments)
-        self.short_tracks = short_tracks
+        short = sum(len(s.frames) < clip_len for s in segments)
+        self.short_counts = {"short_skipped": short if short_tracks == "skip" else 0,
+                             "short_padded": short if short_tracks == "pad" else 0}
         self.segments = segments if short_tracks == "pad" else [s for s in segments if len(s.frames) >= clip_len]
         if train:
             self.clips = [(i, None) for i in range(len(self.segments))]
@@ -252,7 +254,8 @@ class SequenceDataset(Dataset):
         source_rows = rows[rows["video_id"].isin(set(self.sources.values()))]
         self.real_crops = {(v, int(t), int(f)): (hq, lq) for v, t, f, hq, lq in source_rows[
             ["video_id", "track_id", "frame_index", "hq_path", "lq_path"]].itertuples(index=False)}
-        self._failed = torch.zeros((), dtype=torch.int64).share_memory_()  # seen by all workers; a log figure, so unlocked
+        # Shared memory so DataLoader workers' failures reach the main process; a log figure, so left unlocked.
+        self._failed = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return len(self.clips)
@@ -268,9 +271,7 @@ class SequenceDataset(Dataset):
     @property
     def stats(self) -> dict[str, int]:
         """Counts for the training log."""
-        return {"segments": len(self.segments), "clips": len(self.clips),
-                "short_skipped": self.short if self.short_tracks == "skip" else 0,
-                "short_padded": self.short if self.short_tracks == "pad" else 0,
+        return {"segments": len(self.segments), "clips": len(self.clips), **self.short_counts,
                 "failed_clips": int(self._failed)}
 
     def _pair_paths(self, segment: Segment, frames: Sequence[int]) -> dict[str, list[str]]:

@@ -116,7 +116,7 @@ def render_real(rng: np.random.Generator, sprite: Sprite, motion: list[np.ndarra
     pad = 16
     background = random_background(rng, height + 2 * pad, width + 2 * pad)
     pan = rng.uniform(-1, 1, size=2) * pad / max(len(motion) - 1, 1)
-    tint = rng.uniform(0.8, 1.2, size=3).astype(np.float32)
+    tint = rng.uniform(0.88, 1.12, size=3).astype(np.float32)
     yy, xx = np.mgrid[0:sprite.alpha.shape[0], 0:sprite.alpha.shape[1]].astype(np.float32)
     light_dir = rng.uniform(0, 2 * np.pi)
     shading = 1 + rng.uniform(0, 0.35) * (np.cos(light_dir) * (xx / xx.max() - 0.5)
@@ -147,9 +147,9 @@ def blend_fake(rng: np.random.Generator, sprite: Sprite, motion: list[np.ndarray
     mask = cv2.GaussianBlur(mask, (0, 0), rng.uniform(0.05, 0.1) * face_w) * rng.uniform(0.75, 1.0)
     zoom = 1 + rng.choice([-1, 1]) * rng.uniform(0.04, 0.09)
     offset = rng.uniform(-0.04, 0.04, size=2) * face_w
-    gain = rng.uniform(0.85, 1.15, size=3).astype(np.float32)
+    gain = rng.uniform(0.9, 1.1, size=3).astype(np.float32)
     direction = rng.normal(size=3)
-    shift = (direction / np.linalg.norm(direction) * rng.uniform(18, 40)).astype(np.float32)
+    shift = (direction / np.linalg.norm(direction) * rng.uniform(15, 32)).astype(np.float32)
     blur = rng.uniform(0.8, 1.5) if rng.random() < 0.5 else 0.0
     height, width = real[0].shape[:2]
     fakes = []

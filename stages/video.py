@@ -101,9 +101,10 @@ def probe(path: str | Path) -> dict:
 class FrameReader:
     """Streams the sampled frames of one video, switching decoder mid-video when the first fails.
 
-    Holds at most one decoded frame (PyAV) or one DECORD_CHUNK (decord) at a time. After a pass,
-    `decoders_used` names the decoders that produced frames and `errors` says why a decoder
-    stopped early; fewer frames than `expected_frames` / stride marks a truncated video.
+    Frames are produced one at a time (decord: one DECORD_CHUNK at a time), so memory does not grow
+    with the length of the video. After a pass, `decoders_used` names the decoders that produced
+    frames and `errors` says why a decoder stopped early; a last index far below `expected_frames`
+    marks a truncated video.
     """
 
     def __init__(self, path: str | Path, *, stride: int, max_frames: int | None, decoder: str, **_):

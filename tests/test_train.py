@@ -47,8 +47,8 @@ def face_frames(seed: int, fake: bool) -> list[torch.Tensor]:
         shift = k / HQ
         image = np.stack([0.5 + 0.3 * np.sin(freq[c] * (xx + shift) + 2 * yy + phase[c]) for c in range(3)])
         if fake:
-            blob = np.exp(-(((yy - blob_y) ** 2 + (xx + shift - blob_x) ** 2) / 0.01))
-            image = image + 0.6 * blob
+            blob = np.exp(-(((yy - blob_y) ** 2 + (xx + shift - blob_x) ** 2) / 0.03))
+            image = image + 0.8 * blob
         frames.append(torch.tensor(np.clip(image, 0, 1) * 255, dtype=torch.uint8))
     return frames
 

@@ -1,0 +1,616 @@
+"""`dfpipe score-video`: videos -> one calibrated fake probability per video, with no frame or crop ever written.
+
+Each video streams through the same code as training data did (FrameReader with the checkpoint's stride, FaceStream
+with the checkpoint's align settings), so a face is cropped exactly as the model saw faces in training. Per face
+track, consecutive crops are cut into non-overlapping clips of the checkpoint's clip_len as they arrive, and clips
+wait in one queue shared by all videos: a batch is run when full, so the clips of many short videos fill one GPU
+batch, and only the current clips are ever held, so memory stays flat however long a video is.
+
+Output: one JSON line per video, appended and fsynced as soon as the video is finished, is the resumable record; the
+CSV is rewritten atomically from it at the end, sorted by path. A rerun with the same checkpoint file and scoring
+settings skips every video already recorded (errors are retried); any other setting rescores. Under ``--shard I/N``
+each shard owns the videos whose path hashes to it and writes ``<out>.shard-I-of-N.csv/.jsonl``; a later run without
+``--shard`` reads every shard's JSON lines as finished work, so it only merges them (and writes the metrics).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+from tqdm import tqdm
+
+from ..manifests.table import atomic_write_bytes, read_table, write_table
+from ..manifests.units import sha256_file
+from ..manifests.workspace import Shard, Workspace
+from ..pipeline.workers import one_line, prefetch
+from . import align as align_stage
+from . import pairs as pairs_mod
+from .aggregate import RULES, video_score
+from .dataset import clip_positions
+from .discover import CSV_LABELS, VIDEO_EXTENSIONS
+from .evaluate import binary_metrics, write_plots
+from .faces import FaceDetector, FaceStream, FrameFaces, resolve_device, select_tracks
+from .train import amp_dtype, load_checkpoint, model_from_checkpoint
+from .video import FrameReader, VideoError
+
+STATUSES = ("ok", "no_face", "undecodable", "empty", "error")
+CSV_COLUMNS = ["path", "score", "label", "threshold", "status", "reason", "frames_sampled", "frames_with_face",
+               "tracks", "clips", "track_scores", "suspicious_frames", "seconds", "model_digest", "true_label"]
+CHECKPOINT_KEYS = ("extract", "align", "clip_len", "calibration")
+RULE_KEYS = ("topk", "confident_high", "confident_low", "confident_fraction")
+LABEL_VALUES = {"real": 0, "fake": 1}
+
+
+class ScoreError(ValueError):
+    """A problem with the inputs, the checkpoint or the output path, reported as one line."""
+
+
+# ---------------------------------------------------------------- inputs
+
+@dataclass(frozen=True)
+class VideoInput:
+    path: str                  # absolute, the key of the video in every output
+    label: str | None = None   # 'real' | 'fake' | None (unknown)
+
+
+def _label(value: str, where: str) -> str | None:
+    text = str(value).strip().lower()
+    if not text:
+        return None
+    if text not in CSV_LABELS:
+        raise ScoreError(f"{where}: label {value!r} is not real, fake, 0 or 1")
+    return CSV_LABELS[text]
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ScoreError(f"{path}: cannot read as CSV ({str(e).splitlines()[0]})") from None
+    table.columns = [str(c).strip().lower() for c in table.columns]
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise ScoreError(f"{path}: missing column(s) {', '.join(missing)} (header must be path[,label])")
+    return table
+
+
+def _list_file(path: Path) -> list[VideoInput]:
+    """A CSV `path[,label]`; relative paths are relative to the CSV's folder, as in `dfpipe extract`."""
+    table = _read_csv(path, ("path",))
+    labels = table["label"] if "label" in table.columns else [""] * len(table)
+    return [VideoInput(os.path.abspath(path.parent / p.strip()), _label(lab, f"{path}: row {i + 1}"))
+            for i, (p, lab) in enumerate(zip(table["path"], labels))]
+
+
+def _expand(arg: str) -> list[VideoInput]:
+    """A folder means every video below it (hidden entries skipped); a named file is taken whatever its suffix."""
+    path = Path(arg)
+    if path.is_dir():
+        return [VideoInput(os.path.abspath(p)) for p in sorted(path.rglob("*"))
+                if p.suffix.lower() in VIDEO_EXTENSIONS and not p.is_dir()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+    if path.suffix.lower() == ".csv":
+        return _list_file(path)
+    if not path.exists() and not path.is_symlink():
+        raise ScoreError(f"{arg}: input does not exist")
+    return [VideoInput(os.path.abspath(path))]
+
+
+def read_labels(path: str | Path) -> dict[str, str]:
+    """`--labels`: a CSV `path,label` or a DFDC metadata.json. Keys are absolute paths (CSV) and file names (both):
+    a name that two CSV rows with different labels share is left out, so it can never label the wrong video."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        try:
+            entries = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ScoreError(f"{path}: cannot read labels ({one_line(e)})") from None
+        if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
+            raise ScoreError(f"{path}: expected DFDC metadata ({{\"x.mp4\": {{\"label\": \"FAKE\"}}, ...}})")
+        return {name: _label(entry.get("label", ""), f"{path}: {name}") for name, entry in entries.items()
+                if entry.get("label")}
+    table = _read_csv(path, ("path", "label"))
+    labels: dict[str, str] = {}
+    names: dict[str, set[str]] = {}
+    for i, (p, value) in enumerate(zip(table["path"], table["label"])):
+        label = _label(value, f"{path}: row {i + 1}")
+        if label is not None:
+            labels[os.path.abspath(path.parent / p.strip())] = label
+            names.setdefault(Path(p.strip()).name, set()).add(label)
+    return {**{n: next(iter(v)) for n, v in names.items() if len(v) == 1}, **labels}
+
+
+def _workspace_videos(work: str, split: str) -> list[VideoInput]:
+    """The videos of one split of a trained workspace, labelled, so a held-out split is scored like new videos."""
+    if split not in pairs_mod.SPLITS:
+        raise ScoreError(f"--split '{split}': expected one of {', '.join(pairs_mod.SPLITS)}")
+    ws = Workspace(work)
+    pairs_path = ws.root / pairs_mod.PAIRS
+    if not pairs_path.is_file():
+        raise ScoreError(f"{pairs_path}: not found (dfpipe train writes it)")
+    ids = pairs_mod.split_videos(read_table(pairs_path, pairs_mod.COLUMNS))[split]
+    videos = read_table(ws.manifest("videos.csv"), ["video_id", "path", "label"])
+    return [VideoInput(os.path.abspath(p), _label(lab, f"{ws.manifest('videos.csv')}: {v}"))
+            for v, p, lab in zip(videos.video_id, videos.path, videos.label) if v in ids]
+
+
+def list_inputs(inputs: list[str], *, labels: str | None, work: str | None, split: str | None) -> list[VideoInput]:
+    """Every video to score, once, sorted by path; a label from the input list beats the workspace's, which beats
+    `--labels`."""
+    if (work is None) != (split is None):
+        raise ScoreError("--work and --split go together (score one split of a workspace)")
+    found = [v for arg in inputs for v in _expand(arg)]
+    if work is not None:
+        found += _workspace_videos(work, split)
+    extra = read_labels(labels) if labels else {}
+    videos: dict[str, VideoInput] = {}
+    for v in found:
+        known = videos.get(v.path)
+        label = (known.label if known else None) or v.label or extra.get(v.path) or extra.get(Path(v.path).name)
+        videos[v.path] = VideoInput(v.path, label)
+    if not videos:
+        raise ScoreError(f"no video found in {', '.join(inputs) or work}")
+    return [videos[p] for p in sorted(videos)]
+
+
+# ---------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class Scoring:
+    """Everything a score depends on besides the checkpoint file; its digest decides whether a rerun may reuse rows."""
+    stride: int
+    max_frames: int | None
+    decoder: str
+    align: dict
+    clip_len: int
+    rule: str
+    rule_params: dict
+    temperature: float
+    threshold: float
+    tta_flip: bool
+    fallback_score: float | None
+    suspicious_frames: int
+    amp: str
+
+    def digest(self) -> str:
+        params = {**self.__dict__, "align": {k: v for k, v in self.align.items()
+                                             if k not in align_stage.NOT_IN_FINGERPRINT}}
+        return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def scoring_settings(ckpt: dict, cfg, checkpoint: str | Path) -> Scoring:
+    """The checkpoint's decode, crop and calibration settings, with the `score:` keys that override them."""
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise ScoreError(f"{checkpoint}: not a dfpipe training checkpoint (no {', '.join(missing)})")
+    s = cfg.score
+    calibration = ckpt["calibration"] or {}
+    rule = s.aggregate or calibration.get("aggregate")
+    threshold = s.threshold if s.threshold is not None else calibration.get("threshold")
+    if rule is None or threshold is None:
+        raise ScoreError(f"{checkpoint}: checkpoint is not calibrated (last.pt?): use best.pt, or give both "
+                         "--aggregate and --threshold")
+    if rule not in RULES:
+        raise ScoreError(f"score.aggregate: '{rule}' is none of {', '.join(RULES)}")
+    return Scoring(stride=int(ckpt["extract"]["stride"]), max_frames=cfg.extract.max_frames,
+                   decoder=cfg.extract.decoder,
+                   align={**ckpt["align"], "device": s.device, "batch_size": cfg.align.batch_size},
+                   clip_len=int(ckpt["clip_len"]), rule=rule, rule_params={k: s[k] for k in RULE_KEYS},
+                   # an uncalibrated checkpoint scores with the plain sigmoid of its logits
+                   temperature=float(calibration.get("temperature", 1.0)), threshold=float(threshold),
+                   tta_flip=bool(s.tta_flip), fallback_score=s.fallback_score,
+                   suspicious_frames=int(s.suspicious_frames), amp=cfg.train.amp)
+
+
+# ---------------------------------------------------------------- clips
+
+@dataclass
+class Clip:
+    track: int
+    frames: tuple[int, ...]   # sampled frame indices; a padded clip repeats its edge frames
+    prob: float | None = None
+
+
+@dataclass
+class _Run:
+    frames: list[int] = field(default_factory=list)
+    hq: list[np.ndarray] = field(default_factory=list)
+    lq: list[np.ndarray] = field(default_factory=list)
+
+
+class ClipCutter:
+    """Cuts one video's aligned faces into per-track clips of `clip_len` consecutive sampled frames.
+
+    A clip never spans a frame where its track was missing (the rule of the training dataset). Full clips leave as
+    soon as they are complete and do not overlap; a track that never fills one gives a single clip from its longest
+    run, padded with edge frames like the dataset's `short_tracks: pad`, at `finish`. Runs of tracks already dead
+    (unseen for more than track_max_gap frames) and shorter than min_track_len are dropped at once, so that a long
+    video full of spurious detections does not pile up crops that select_tracks would reject anyway.
+    """
+
+    def __init__(self, clip_len: int, *, track_max_gap: int, min_track_len: int, **_):
+        if clip_len < 1:
+            raise ValueError(f"clip_len must be at least 1, got {clip_len}")
+        self.clip_len = clip_len
+        self.track_max_gap = track_max_gap
+        self.min_track_len = min_track_len
+        self.face_frames: dict[int, list[int]] = {}  # sampled frames where each track has a face
+        self._runs: dict[int, _Run] = {}
+        self._short: dict[int, _Run] = {}
+        self._full: set[int] = set()
+        self._last_seen: dict[int, int] = {}
+
+    def add(self, position: int, frame: FrameFaces) -> list[tuple[Clip, np.ndarray, np.ndarray]]:
+        """`position` counts sampled frames (with or without faces); clips completed by this frame come back."""
+        done = []
+        for face in frame.faces:
+            track = face.track_id
+            self.face_frames.setdefault(track, []).append(frame.index)
+            self._last_seen[track] = position
+            run = self._runs.setdefault(track, _Run())
+            run.frames.append(frame.index)
+            run.hq.append(face.hq)
+            run.lq.append(face.lq)
+            if len(run.frames) == self.clip_len:
+                done.append(self._clip(track, run, np.arange(self.clip_len)))
+                self._full.add(track)
+                self._short.pop(track, None)
+                self._runs[track] = _Run()
+        for track in [t for t in self._runs if self._last_seen[t] != position]:
+            self._end(track)
+        for track in [t for t in self._short if position - self._last_seen[t] > self.track_max_gap
+                      and len(self.face_frames[track]) < self.min_track_len]:
+            del self._short[track]
+        return done
+
+    def finish(self) -> list[tuple[Clip, np.ndarray, np.ndarray]]:
+        for track in list(self._runs):
+            self._end(track)
+        return [self._clip(t, run, clip_positions(len(run.frames), 0, self.clip_len))
+                for t, run in sorted(self._short.items())]
+
+    def _end(self, track: int) -> None:
+        run = self._runs.pop(track)
+        if track not in self._full and len(run.frames) > len(self._short.get(track, _Run()).frames):
+            self._short[track] = run
+
+    @staticmethod
+    def _clip(track: int, run: _Run, positions: np.ndarray) -> tuple[Clip, np.ndarray, np.ndarray]:
+        return (Clip(track, tuple(run.frames[p] for p in positions)),
+                np.stack([run.hq[p] for p in positions]), np.stack([run.lq[p] for p in positions]))
+
+
+# ---------------------------------------------------------------- model
+
+class ClipModel:
+    """The network as a function of uint8 crop batches (B, T, H, W, 3) -> calibrated probabilities (B,).
+
+    Crops travel to the device as uint8 (4x less to copy than float) and are permuted, not copied, into (B,T,3,H,W):
+    each frame is then already channels_last in memory, the layout the model runs in. With `tta_flip` the
+    probability is the mean of the clip's and its mirror image's.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype | None,
+                 temperature: float, tta_flip: bool):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.temperature = temperature
+        self.tta_flip = tta_flip
+
+    def _tensor(self, crops: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(crops)
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        return x.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3).float().div_(255)
+
+    def _probs(self, hq: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            logits = self.model(hq, lq).float()
+        return torch.sigmoid(logits / self.temperature)
+
+    def __call__(self, hq: np.ndarray, lq: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            hq_t, lq_t = self._tensor(hq), self._tensor(lq)
+            probs = self._probs(hq_t, lq_t)
+            if self.tta_flip:
+                probs = (probs + self._probs(hq_t.flip(-1), lq_t.flip(-1))) / 2
+            return probs.double().cpu().numpy()
+
+
+class ClipQueue:
+    """Clips of any number of videos waiting for the model; a batch runs when full or at `flush`, so a batch may
+    span video boundaries. Each clip comes back with its `owner` (whatever the caller needs to route the result)."""
+
+    def __init__(self, predict: Callable[[np.ndarray, np.ndarray], np.ndarray], batch_size: int):
+        if batch_size < 1:
+            raise ValueError(f"score.batch_size must be at least 1, got {batch_size}")
+        self.predict = predict
+        self.batch_size = batch_size
+        self._items: list[tuple[Any, np.ndarray, np.ndarray]] = []
+
+    def put(self, owner: Any, hq: np.ndarray, lq: np.ndarray) -> list[tuple[Any, float]]:
+        self._items.append((owner, hq, lq))
+        return self.flush() if len(self._items) >= self.batch_size else []
+
+    def flush(self) -> list[tuple[Any, float]]:
+        if not self._items:
+            return []
+        owners, hq, lq = zip(*self._items)
+        self._items = []
+        return list(zip(owners, self.predict(np.stack(hq), np.stack(lq)).tolist()))
+
+
+# ---------------------------------------------------------------- videos
+
+@dataclass
+class _Job:
+    video: VideoInput
+    started: float
+    status: str = "ok"
+    reason: str = ""
+    frames_sampled: int = 0
+    clips: list[Clip] = field(default_factory=list)
+    face_frames: dict[int, list[int]] = field(default_factory=dict)
+    kept: set[int] = field(default_factory=set)
+    pending: int = 0
+    streamed: bool = False
+
+
+def _is_empty(path: str, reader: FrameReader | None) -> bool:
+    """0 bytes, or a container whose decoders finished without error and without a frame."""
+    if reader is None:
+        return os.path.isfile(path) and os.path.getsize(path) == 0
+    return not reader.errors
+
+
+def _video_clips(job: _Job, scoring: Scoring, detector: FaceDetector) -> Iterator[tuple[Clip, np.ndarray, np.ndarray]]:
+    """Decode (in a prefetch thread), detect, track, align and cut one video; failures become the job's status."""
+    reader = None
+    try:
+        reader = FrameReader(job.video.path, stride=scoring.stride, max_frames=scoring.max_frames,
+                             decoder=scoring.decoder)
+        stream = FaceStream(prefetch(reader, scoring.align["batch_size"]), detector, **scoring.align)
+        cutter = ClipCutter(scoring.clip_len, **scoring.align)
+        for position, frame in enumerate(stream):
+            job.frames_sampled += 1
+            yield from cutter.add(position, frame)
+        yield from cutter.finish()
+        job.face_frames = cutter.face_frames
+        job.kept = select_tracks(stream.track_lengths, stream.track_sizes, **scoring.align)
+        job.reason = "; ".join(reader.errors)  # a decoder that stopped early: scored on what was read
+    except VideoError as e:
+        job.status, job.reason = ("empty" if _is_empty(job.video.path, reader) else "undecodable"), e.reason
+    except Exception as e:  # noqa: BLE001 - one bad video must not stop the others
+        job.status, job.reason = "error", one_line(e)
+
+
+def _result(job: _Job, scoring: Scoring) -> dict:
+    """The video's output row; clips of tracks select_tracks rejected are dropped here."""
+    clips = [c for c in job.clips if c.track in job.kept]
+    status, reason = job.status, job.reason
+    if status == "ok" and not job.frames_sampled:
+        status, reason = "empty", "no frame decoded"
+    elif status == "ok" and not clips:
+        status = "no_face"
+        reason = (f"no face track of at least {scoring.align['min_track_len']} sampled frames" if job.face_frames
+                  else "no face found") + f" in {job.frames_sampled} sampled frames"
+    score, per_track = None, {}
+    if status == "ok":
+        score, per_track = video_score({t: [c.prob for c in clips if c.track == t] for t in sorted(job.kept)
+                                        if any(c.track == t for c in clips)}, scoring.rule, **scoring.rule_params)
+    elif scoring.fallback_score is not None:
+        score = float(scoring.fallback_score)
+    ranked = sorted(clips, key=lambda c: (-c.prob, c.frames[0]))
+    suspicious = list(dict.fromkeys(c.frames[0] for c in ranked))[:scoring.suspicious_frames]
+    with_face = set().union(*(job.face_frames.get(t, []) for t in per_track))
+    return {"path": job.video.path, "score": score,
+            "label": "" if score is None else ("fake" if score >= scoring.threshold else "real"),
+            "threshold": scoring.threshold, "status": status, "reason": reason,
+            "frames_sampled": job.frames_sampled, "frames_with_face": len(with_face), "tracks": len(per_track),
+            "clips": len(clips), "track_scores": {str(t): p for t, p in per_track.items()},
+            "suspicious_frames": suspicious, "seconds": round(time.perf_counter() - job.started, 3),
+            "clip_probs": [[c.track, c.prob, list(c.frames)] for c in clips]}
+
+
+def score_videos(videos: Iterable[VideoInput], scoring: Scoring, predict: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                 detector: FaceDetector, *, batch_size: int) -> Iterator[dict]:
+    """Result rows (see `_result`) in the order videos finish: a video is finished once it is decoded and all its
+    clips are back from the model, which for the last clips may be a batch filled by the next videos."""
+    queue = ClipQueue(predict, batch_size)
+    open_jobs: list[_Job] = []
+
+    def finished(results: list[tuple[Any, float]]) -> Iterator[dict]:
+        for (job, clip), prob in results:
+            clip.prob = prob
+            job.pending -= 1
+        for job in [j for j in open_jobs if j.streamed and not j.pending]:
+            open_jobs.remove(job)
+            yield _result(job, scoring)
+
+    for video in videos:
+        job = _Job(video, time.perf_counter())
+        open_jobs.append(job)
+        for clip, hq, lq in _video_clips(job, scoring, detector):
+            job.clips.append(clip)
+            job.pending += 1
+            yield from finished(queue.put((job, clip), hq, lq))
+        job.streamed = True
+        yield from finished([])
+    yield from finished(queue.flush())
+
+
+# ---------------------------------------------------------------- outputs
+
+def output_paths(out: str | Path, shard: Shard) -> tuple[Path, Path]:
+    """(csv, jsonl) of this run: `scores.csv` + `scores.jsonl`, or `scores.shard-0-of-2.csv` + `.jsonl`."""
+    out = Path(out)
+    if shard.count > 1:
+        out = out.with_name(f"{out.stem}.shard-{shard.name}{out.suffix}")
+    return out, out.with_suffix(".jsonl")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of one JSON-lines file; a torn last line (a crash mid-append) is ignored, the rerun redoes its video."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _file_key(path: str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _jsonl_bytes(rows: Iterable[dict]) -> bytes:
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
+
+
+def _reusable(row: dict, digest: str, model_digest: str) -> bool:
+    return (row.get("settings") == digest and row.get("model_digest") == model_digest
+            and row.get("status") != "error" and row.get("file") == _file_key(row["path"]))
+
+
+def load_finished(jsonl: Path, paths: set[str], digest: str, model_digest: str) -> tuple[dict[str, dict], int]:
+    """Rows an earlier run (or a shard) finished with these settings, and how many of `paths` had rows with others.
+
+    Our own JSON lines are compacted to the reusable rows (stale settings gone, a torn line gone) and receive the
+    reusable rows of sibling shard files, so after a merge run the plain `.jsonl` holds every video on its own.
+    """
+    siblings = sorted(p for p in jsonl.parent.glob(f"{jsonl.stem.split('.shard-')[0]}*.jsonl")
+                      if p != jsonl and ".shard-" in p.name)
+    own = _read_jsonl(jsonl) if jsonl.is_file() else []
+    other = [r for p in siblings for r in _read_jsonl(p) if r.get("path") in paths]
+    done: dict[str, dict] = {}
+    stale = set()
+    for row in other + own:
+        if _reusable(row, digest, model_digest):
+            done[row["path"]] = row
+        elif row.get("path") in paths:
+            stale.add(row["path"])
+    data = _jsonl_bytes(sorted(done.values(), key=lambda r: r["path"]))
+    if own and (not jsonl.is_file() or jsonl.read_bytes() != data) or (other and not own and done):
+        atomic_write_bytes(jsonl, data)
+    return done, len(stale - set(done))
+
+
+def _append(f, row: dict) -> None:
+    f.write(json.dumps(row, sort_keys=True) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _csv_row(row: dict, label: str | None) -> dict:
+    return {**row, "track_scores": json.dumps(row["track_scores"], sort_keys=True),
+            "suspicious_frames": json.dumps(row["suspicious_frames"]), "true_label": label or ""}
+
+
+def _finite(value):
+    """json cannot write NaN; a metric undefined for a single class is written as null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def evaluate(rows: list[dict], labels: dict[str, str], threshold: float) -> dict | None:
+    """Video-level metrics at the threshold over the labelled videos with a score, plus the frame-level AUC: every
+    sampled frame inside a scored clip gets its clip's probability (the highest, when two faces share the frame)
+    and its video's label. None when no video is labelled."""
+    labelled = [r for r in rows if labels.get(r["path"])]
+    if not labelled:
+        return None
+    scored = [r for r in labelled if r["score"] is not None]
+    y = [LABEL_VALUES[labels[r["path"]]] for r in scored]
+    frame_y, frame_p = [], []
+    for r in scored:
+        frame_prob: dict[int, float] = {}
+        for _, prob, frames in r["clip_probs"]:
+            for f in frames:
+                frame_prob[f] = max(prob, frame_prob.get(f, 0.0))
+        frame_y += [LABEL_VALUES[labels[r["path"]]]] * len(frame_prob)
+        frame_p += list(frame_prob.values())
+    return {"threshold": threshold, "labelled": len(labelled), "unscored": len(labelled) - len(scored),
+            "video": binary_metrics(y, [r["score"] for r in scored], threshold=threshold) if scored else None,
+            "frame": {"auc": float(roc_auc_score(frame_y, frame_p)) if len(set(frame_y)) == 2 else math.nan,
+                      "n": len(frame_y)}}
+
+
+@dataclass
+class ScoreSummary:
+    counts: Counter            # status -> videos of this call (this shard's)
+    scored: int                # videos scored by this run
+    reused: int                # videos taken from an earlier run's rows
+    rescored: int              # videos whose earlier rows had another checkpoint or other settings
+    metrics: dict | None       # see `evaluate`; None without labels
+    csv: Path
+    jsonl: Path
+
+    def line(self) -> str:
+        statuses = ", ".join(f"{self.counts[s]} {s}" for s in STATUSES if self.counts[s])
+        text = (f"score-video: {sum(self.counts.values())} videos ({self.scored} scored, {self.reused} already "
+                f"done): {statuses}")
+        if self.metrics and self.metrics["video"]:
+            text += f"; AUC {self.metrics['video']['auc']:.4f} (videos), {self.metrics['frame']['auc']:.4f} (frames)"
+        return f"{text} -> {self.csv}"
+
+
+# ---------------------------------------------------------------- the run
+
+def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str | None, work: str | None,
+              split: str | None, shard: Shard, progress: bool) -> ScoreSummary:
+    """Score every input video not already scored with these settings; write CSV, JSON lines and, with labels,
+    metrics.json and plots beside the CSV (not for a shard: the merging run writes them)."""
+    videos = [v for v in list_inputs(inputs, labels=labels, work=work, split=split) if shard.owns(v.path)]
+    ckpt = load_checkpoint(checkpoint)
+    scoring = scoring_settings(ckpt, cfg, checkpoint)
+    model_digest = sha256_file(Path(checkpoint))[:16]
+    csv_path, jsonl = output_paths(out, shard)
+    done, rescored = load_finished(jsonl, {v.path for v in videos}, scoring.digest(), model_digest)
+    todo = [v for v in videos if v.path not in done]
+    if rescored:
+        tqdm.write(f"score-video: {rescored} video(s) were scored with another checkpoint or other settings; "
+                   "rescoring them")
+    if todo:
+        device = resolve_device(cfg.score.device)
+        predict = ClipModel(model_from_checkpoint(ckpt, device), device=device, dtype=amp_dtype(scoring.amp, device),
+                            temperature=scoring.temperature, tta_flip=scoring.tta_flip)
+        detector = FaceDetector(**scoring.align)
+        extra = {"settings": scoring.digest(), "model_digest": model_digest}
+        with open(jsonl, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit="video", desc="score",
+                                                           disable=not progress) as bar:
+            for row in score_videos(todo, scoring, predict, detector, batch_size=cfg.score.batch_size):
+                row = {**row, **extra, "file": _file_key(row["path"])}
+                _append(f, row)
+                done[row["path"]] = row
+                bar.update()
+    rows = [done[v.path] for v in videos]
+    truth = {v.path: v.label for v in videos}
+    write_table(csv_path, [_csv_row(r, truth[r["path"]]) for r in rows], CSV_COLUMNS)
+    metrics = evaluate(rows, truth, scoring.threshold)
+    if metrics is not None and shard.count == 1:
+        atomic_write_bytes(csv_path.with_name("metrics.json"),
+                           (json.dumps(_finite(metrics), indent=1, sort_keys=True) + "\n").encode())
+        scored = [r for r in rows if truth[r["path"]] and r["score"] is not None]
+        if scored:
+            write_plots([LABEL_VALUES[truth[r["path"]]] for r in scored], [r["score"] for r in scored],
+                        threshold=scoring.threshold, out_dir=csv_path.with_name(f"{csv_path.stem}_plots"))
+    return ScoreSummary(Counter(r["status"] for r in rows), len(todo), len(videos) - len(todo), rescored, metrics,
+                        csv_path, jsonl)
