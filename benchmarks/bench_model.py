@@ -18,17 +18,16 @@ from dfpipe.pipeline.config import load_config
 BATCH, STEPS, REPEATS = 2, 10, 3
 
 
-def seconds_per_forward(model: DualStreamNet, hq: torch.Tensor, lq: torch.Tensor, autocast) -> tuple[float, float]:
-    """Median (wall, CPU) seconds of one forward."""
-    wall, cpu = [], []
+def bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def timed_forward(model: DualStreamNet, hq: torch.Tensor, lq: torch.Tensor, autocast) -> tuple[float, float]:
+    """(wall, CPU) seconds of one forward."""
     with torch.inference_mode(), autocast:
-        model(hq, lq)  # warm-up: oneDNN picks and caches kernels on the first call
-        for _ in range(REPEATS):
-            start_wall, start_cpu = time.perf_counter(), time.process_time()
-            model(hq, lq)
-            wall.append(time.perf_counter() - start_wall)
-            cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        model(hq, lq)
+        return time.perf_counter() - start_wall, time.process_time() - start_cpu
 
 
 def main() -> None:
@@ -40,8 +39,15 @@ def main() -> None:
     hq = torch.rand(BATCH, STEPS, 3, cfg.align.hq_size, cfg.align.hq_size)
     lq = torch.rand(BATCH, STEPS, 3, cfg.align.lq_size, cfg.align.lq_size)
 
-    fp32 = seconds_per_forward(reference, hq, lq, contextlib.nullcontext())
-    bf16 = seconds_per_forward(fast, hq, lq, torch.autocast("cpu", dtype=torch.bfloat16))
+    variants = {"fp32": (reference, contextlib.nullcontext), "bf16": (fast, bf16_autocast)}
+    runs = {name: [] for name in variants}
+    for repeat in range(REPEATS + 1):  # the first round is warm-up: oneDNN builds and caches its kernels
+        # Interleaved so that load from other processes drifts over both variants alike.
+        for name, (model, autocast) in variants.items():
+            result = timed_forward(model, hq, lq, autocast())
+            if repeat:
+                runs[name].append(result)
+    fp32, bf16 = ([statistics.median(column) for column in zip(*runs[name])] for name in variants)
     print(f"{cfg.model.hq_backbone}+{cfg.model.lq_backbone}, batch {BATCH}, T={STEPS}, "
           f"{torch.get_num_threads()} threads, median of {REPEATS}")
     print(f"fp32, default layout:         {fp32[0]:7.2f} s wall {fp32[1]:7.2f} s CPU per forward")

@@ -104,7 +104,7 @@ class DualStreamNet(nn.Module):
         self.backbones_frozen = frozen
         for p in self.backbone_parameters():
             p.requires_grad_(not frozen)
-        self.train(self.training)
+        self.train(self.training)  # re-applies the mode so the backbones' BatchNorm follows the new setting now
 
     def train(self, mode: bool = True) -> "DualStreamNet":
         super().train(mode)

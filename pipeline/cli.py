@@ -166,6 +166,39 @@ def align(work, device, batch_size, detect_max_side, min_face_size, margin, max_
     sys.exit(EXIT_FAILED_UNITS if summary.failed else 0)
 
 
+@main.command()
+@work_option
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
+              help="Run folder: config.yaml, metrics.csv, last.pt, best.pt.")
+@click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pt.")
+@click.option("--epochs", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--hq-backbone", default=None, help="efficientnet-b0..b7 or any timm model name.")
+@click.option("--lq-backbone", default=None)
+@click.option("--pretrained-hq", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Local weight file for the HQ backbone (nothing is ever downloaded).")
+@click.option("--pretrained-lq", type=click.Path(exists=True, dir_okay=False), default=None)
+@config_options
+@command
+def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbone, lq_backbone, pretrained_hq,
+          pretrained_lq, config_file, overrides):
+    """Build leak-free training pairs from the workspace and train the dual-stream detector.
+
+    Runs on CPU or CUDA, single process or `torchrun --nproc_per_node N -m dfpipe.pipeline.cli train ...`.
+    """
+    from ..stages.train import run_train
+    cfg = make_config(config_file, overrides, **{
+        "train.epochs": epochs, "train.batch_size": batch_size, "train.workers": workers, "train.device": device,
+        "model.hq_backbone": hq_backbone, "model.lq_backbone": lq_backbone, "model.pretrained_hq": pretrained_hq,
+        "model.pretrained_lq": pretrained_lq})
+    result = run_train(work, run_dir, cfg, resume=resume)
+    if result:
+        click.echo("train: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in result.items() if not isinstance(v, dict)))
+
+
 def _stages():
     """(name, spec, units-for-status) of every stage with a workspace manifest, in pipeline order."""
     from ..stages import align as al

@@ -20,9 +20,12 @@ from dfpipe.stages.video import write_video
 # sizes asked of the generator mean the same as sizes the aligner will measure.
 FACE_BOX = (181.0, 62.0, 268.0, 172.0)
 HEAD_CENTER = (227.0, 105.0)
-HEAD_AXES = (76.0, 92.0)      # an ellipse holding hair, face and chin, cut out as the moving "head"
+HEAD_AXES = (76.0, 92.0)      # an ellipse holding hair, face and chin: the most the moving "head" may take
 SPRITE_WINDOW = (141, 3, 313, 207)  # x0, y0, x1, y1: the head ellipse plus room for its soft edge
-HEAD_FEATHER = 3.0            # blur sigma of the head cut-out, so it has no hard seam against the background
+WALL_MAX_REDNESS = 30         # R - B of the studio wall is about 10, of skin and hair about 55
+WALL_MIN_BRIGHTNESS = 150     # the wall is about 195 grey; darker pixels are hair or collar
+HEAD_FEATHER = 1.5            # blur sigma of the cut-out, so it has no hard seam against the background
+PAN = 16                      # pixels the background may slide over a clip, like a drifting camera
 
 
 @dataclass(frozen=True)
@@ -32,20 +35,33 @@ class Sprite:
     face_box: tuple[float, float, float, float]
 
 
+def _head_matte(rgb: np.ndarray, ellipse: np.ndarray) -> np.ndarray:
+    """Key out the photo's bright, nearly grey studio wall (skin and hair are reddish or dark) inside the head
+    ellipse, so the head moves over new backgrounds without a halo of the old one; the largest outline, filled,
+    keeps the grey-white teeth and eyes that keying alone would cut."""
+    keep = ((rgb[..., 0] - rgb[..., 2]) > WALL_MAX_REDNESS) | (rgb.mean(axis=-1) < WALL_MIN_BRIGHTNESS)
+    keep = (keep & (ellipse > 0)).astype(np.uint8)
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    keep = cv2.morphologyEx(cv2.morphologyEx(keep, cv2.MORPH_OPEN, kernel), cv2.MORPH_CLOSE, kernel)
+    contours, _ = cv2.findContours(keep, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    matte = np.zeros(keep.shape, np.float32)
+    cv2.drawContours(matte, [max(contours, key=cv2.contourArea)], -1, 1.0, thickness=-1)
+    return cv2.GaussianBlur(matte, (0, 0), HEAD_FEATHER)
+
+
 def head_sprite() -> Sprite:
     """The astronaut's head as an RGBA cut-out; computed once per data set and shared by every clip."""
     x0, y0, x1, y1 = SPRITE_WINDOW
     rgb = astronaut()[y0:y1, x0:x1].astype(np.float32)
-    alpha = np.zeros(rgb.shape[:2], np.float32)
+    ellipse = np.zeros(rgb.shape[:2], np.uint8)
     centre = (round(HEAD_CENTER[0] - x0), round(HEAD_CENTER[1] - y0))
-    cv2.ellipse(alpha, centre, (round(HEAD_AXES[0]), round(HEAD_AXES[1])), 0, 0, 360, 1.0, -1)
-    alpha = cv2.GaussianBlur(alpha, (0, 0), HEAD_FEATHER)
+    cv2.ellipse(ellipse, centre, (round(HEAD_AXES[0]), round(HEAD_AXES[1])), 0, 0, 360, 1, -1)
     fx0, fy0, fx1, fy1 = FACE_BOX
-    return Sprite(rgb, alpha, (fx0 - x0, fy0 - y0, fx1 - x0, fy1 - y0))
+    return Sprite(rgb, _head_matte(rgb, ellipse), (fx0 - x0, fy0 - y0, fx1 - x0, fy1 - y0))
 
 
 def random_background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """A smooth gradient with colour blobs and low-frequency texture: varied per clip, yet free of face-like
+    """A gradient with colour blobs, low-frequency texture and grain: varied per clip, yet free of face-like
     structure that could give the detector a second face."""
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     direction = rng.uniform(0, 2 * np.pi)
@@ -60,6 +76,8 @@ def random_background(rng: np.random.Generator, height: int, width: int) -> np.n
         image += blob[..., None] * rng.uniform(-70, 70, size=3).astype(np.float32)
     grid = rng.normal(0, rng.uniform(5, 25), size=(rng.integers(4, 12), rng.integers(4, 12), 3))
     image += cv2.resize(grid.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
+    grain = rng.normal(0, rng.uniform(0, 12), size=(height, width, 1)).astype(np.float32)
+    image += cv2.GaussianBlur(grain, (0, 0), rng.uniform(0.7, 2.0))[..., None]
     return np.clip(image, 0, 255)
 
 
@@ -113,9 +131,8 @@ def _warp(image: np.ndarray, matrix: np.ndarray, width: int, height: int) -> np.
 def render_real(rng: np.random.Generator, sprite: Sprite, motion: list[np.ndarray], *, width: int,
                 height: int) -> list[np.ndarray]:
     """Composite the lit, tinted head over a slowly panning background, one uint8 RGB frame per transform."""
-    pad = 16
-    background = random_background(rng, height + 2 * pad, width + 2 * pad)
-    pan = rng.uniform(-1, 1, size=2) * pad / max(len(motion) - 1, 1)
+    background = random_background(rng, height + 2 * PAN, width + 2 * PAN)
+    pan = rng.uniform(-1, 1, size=2) * PAN / max(len(motion) - 1, 1)
     tint = rng.uniform(0.88, 1.12, size=3).astype(np.float32)
     yy, xx = np.mgrid[0:sprite.alpha.shape[0], 0:sprite.alpha.shape[1]].astype(np.float32)
     light_dir = rng.uniform(0, 2 * np.pi)
@@ -125,7 +142,7 @@ def render_real(rng: np.random.Generator, sprite: Sprite, motion: list[np.ndarra
     flicker = 1 + _wave(rng, np.arange(len(motion)) / len(motion), rng.uniform(0, 0.08), 1.0)
     frames = []
     for i, matrix in enumerate(motion):
-        shift = np.array([[1, 0, -pad + pan[0] * i], [0, 1, -pad + pan[1] * i], [0, 0, 1]])
+        shift = np.array([[1, 0, -PAN + pan[0] * i], [0, 1, -PAN + pan[1] * i], [0, 0, 1]])
         scene = _warp(background, shift, width, height)
         alpha = _warp(sprite.alpha, matrix, width, height)[..., None]
         frame = scene * (1 - alpha) + _warp(head, matrix, width, height) * alpha
@@ -173,10 +190,12 @@ def make_demo_dataset(out_dir: str | Path, *, n_real: int, n_fake: int, frames: 
     discovery adapter pairs them by stem) and return the paths, reals first. Each clip draws from its own
     ``(seed, k)`` stream, so a clip does not change when the set grows."""
     out_dir = Path(out_dir)
-    if n_fake > n_real:
-        raise ValueError(f"{out_dir}: n_fake={n_fake} exceeds n_real={n_real}; fake k is made from real k")
+    if n_fake < 0 or n_fake > n_real:
+        raise ValueError(f"{out_dir}: n_fake={n_fake} must be within 0..n_real={n_real} (fake k comes from real k)")
     if min(n_real, frames, width, height) < 1 or fps <= 0:
         raise ValueError(f"{out_dir}: n_real, frames, width, height and fps must be positive")
+    if width % 2 or height % 2:
+        raise ValueError(f"{out_dir}: width and height must be even for yuv420p H.264, got {width}x{height}")
     sprite = head_sprite()
     (out_dir / "real").mkdir(parents=True, exist_ok=True)
     if n_fake:
@@ -190,5 +209,6 @@ def make_demo_dataset(out_dir: str | Path, *, n_real: int, n_fake: int, frames: 
         write_video(reals[-1], real, fps=fps)
         if k < n_fake:
             fakes.append(out_dir / "fake" / f"fake_{k:03d}.mp4")
-            write_video(fakes[-1], blend_fake(np.random.default_rng([seed, k, 1]), sprite, motion, real), fps=fps)
+            fake = blend_fake(np.random.default_rng([seed, k, 1]), sprite, motion, real)
+            write_video(fakes[-1], fake, fps=fps)
     return reals + fakes

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ CSV_COLUMNS = ["path", "score", "label", "threshold", "status", "reason", "frame
 CHECKPOINT_KEYS = ("extract", "align", "clip_len", "calibration")
 RULE_KEYS = ("topk", "confident_high", "confident_low", "confident_fraction")
 LABEL_VALUES = {"real": 0, "fake": 1}
+# uint8 HQ and LQ crop batches (B, T, H, W, 3) -> probabilities (B,)
+Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 class ScoreError(ValueError):
@@ -203,6 +206,8 @@ def scoring_settings(ckpt: dict, cfg, checkpoint: str | Path) -> Scoring:
                          "--aggregate and --threshold")
     if rule not in RULES:
         raise ScoreError(f"score.aggregate: '{rule}' is none of {', '.join(RULES)}")
+    if s.fallback_score is not None and not 0 <= s.fallback_score <= 1:
+        raise ScoreError(f"score.fallback_score: {s.fallback_score} is not a probability in [0, 1]")
     return Scoring(stride=int(ckpt["extract"]["stride"]), max_frames=cfg.extract.max_frames,
                    decoder=cfg.extract.decoder,
                    align={**ckpt["align"], "device": s.device, "batch_size": cfg.align.batch_size},
@@ -333,7 +338,7 @@ class ClipQueue:
     """Clips of any number of videos waiting for the model; a batch runs when full or at `flush`, so a batch may
     span video boundaries. Each clip comes back with its `owner` (whatever the caller needs to route the result)."""
 
-    def __init__(self, predict: Callable[[np.ndarray, np.ndarray], np.ndarray], batch_size: int):
+    def __init__(self, predict: Predict, batch_size: int):
         if batch_size < 1:
             raise ValueError(f"score.batch_size must be at least 1, got {batch_size}")
         self.predict = predict
@@ -357,7 +362,7 @@ class ClipQueue:
 @dataclass
 class _Job:
     video: VideoInput
-    started: float
+    seconds: float = 0.0
     status: str = "ok"
     reason: str = ""
     frames_sampled: int = 0
@@ -420,35 +425,45 @@ def _result(job: _Job, scoring: Scoring) -> dict:
             "threshold": scoring.threshold, "status": status, "reason": reason,
             "frames_sampled": job.frames_sampled, "frames_with_face": len(with_face), "tracks": len(per_track),
             "clips": len(clips), "track_scores": {str(t): p for t, p in per_track.items()},
-            "suspicious_frames": suspicious, "seconds": round(time.perf_counter() - job.started, 3),
+            "suspicious_frames": suspicious, "seconds": round(job.seconds, 3),
             "clip_probs": [[c.track, c.prob, list(c.frames)] for c in clips]}
 
 
-def score_videos(videos: Iterable[VideoInput], scoring: Scoring, predict: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                 detector: FaceDetector, *, batch_size: int) -> Iterator[dict]:
+def score_videos(videos: Iterable[VideoInput], scoring: Scoring, predict: Predict, detector: FaceDetector, *,
+                 batch_size: int) -> Iterator[dict]:
     """Result rows (see `_result`) in the order videos finish: a video is finished once it is decoded and all its
-    clips are back from the model, which for the last clips may be a batch filled by the next videos."""
+    clips are back from the model, which for its last clips may be in a batch filled by the next videos. A video's
+    `seconds` are its own decoding and face work plus its clips' share of the batches they ran in."""
     queue = ClipQueue(predict, batch_size)
     open_jobs: list[_Job] = []
+    model_seconds = 0.0
 
-    def finished(results: list[tuple[Any, float]]) -> Iterator[dict]:
+    def run(call: Callable[[], list[tuple[Any, float]]]) -> Iterator[dict]:
+        nonlocal model_seconds
+        start = time.perf_counter()
+        results = call()
+        spent = time.perf_counter() - start
+        model_seconds += spent
         for (job, clip), prob in results:
             clip.prob = prob
             job.pending -= 1
+            job.seconds += spent / len(results)
         for job in [j for j in open_jobs if j.streamed and not j.pending]:
             open_jobs.remove(job)
             yield _result(job, scoring)
 
     for video in videos:
-        job = _Job(video, time.perf_counter())
+        job = _Job(video)
         open_jobs.append(job)
+        start, model_seconds = time.perf_counter(), 0.0
         for clip, hq, lq in _video_clips(job, scoring, detector):
             job.clips.append(clip)
             job.pending += 1
-            yield from finished(queue.put((job, clip), hq, lq))
+            yield from run(lambda: queue.put((job, clip), hq, lq))
+        job.seconds += time.perf_counter() - start - model_seconds
         job.streamed = True
-        yield from finished([])
-    yield from finished(queue.flush())
+        yield from run(list)
+    yield from run(queue.flush)
 
 
 # ---------------------------------------------------------------- outputs
@@ -466,9 +481,11 @@ def _read_jsonl(path: Path) -> list[dict]:
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(row, dict) and "path" in row:
+            rows.append(row)
     return rows
 
 
@@ -492,22 +509,24 @@ def _reusable(row: dict, digest: str, model_digest: str) -> bool:
 def load_finished(jsonl: Path, paths: set[str], digest: str, model_digest: str) -> tuple[dict[str, dict], int]:
     """Rows an earlier run (or a shard) finished with these settings, and how many of `paths` had rows with others.
 
-    Our own JSON lines are compacted to the reusable rows (stale settings gone, a torn line gone) and receive the
-    reusable rows of sibling shard files, so after a merge run the plain `.jsonl` holds every video on its own.
+    Our own JSON lines are compacted to the reusable rows (stale settings, errors and a torn line gone) and receive
+    the reusable rows of the sibling files (the shards' and the unsharded run's), so after a merge run the plain
+    `.jsonl` holds every video on its own.
     """
-    siblings = sorted(p for p in jsonl.parent.glob(f"{jsonl.stem.split('.shard-')[0]}*.jsonl")
-                      if p != jsonl and ".shard-" in p.name)
+    base = jsonl.name.split(".shard-")[0].removesuffix(".jsonl")
+    candidates = [*sorted(jsonl.parent.glob(f"{base}.shard-*-of-*.jsonl")), jsonl.with_name(f"{base}.jsonl")]
+    siblings = [p for p in candidates if p != jsonl and p.is_file()]
     own = _read_jsonl(jsonl) if jsonl.is_file() else []
-    other = [r for p in siblings for r in _read_jsonl(p) if r.get("path") in paths]
+    other = [r for p in siblings for r in _read_jsonl(p) if r["path"] in paths]
     done: dict[str, dict] = {}
     stale = set()
     for row in other + own:
         if _reusable(row, digest, model_digest):
             done[row["path"]] = row
-        elif row.get("path") in paths:
+        elif row["path"] in paths and (row.get("settings"), row.get("model_digest")) != (digest, model_digest):
             stale.add(row["path"])
     data = _jsonl_bytes(sorted(done.values(), key=lambda r: r["path"]))
-    if own and (not jsonl.is_file() or jsonl.read_bytes() != data) or (other and not own and done):
+    if (jsonl.read_bytes() != data) if jsonl.is_file() else bool(done):
         atomic_write_bytes(jsonl, data)
     return done, len(stale - set(done))
 
@@ -553,6 +572,23 @@ def evaluate(rows: list[dict], labels: dict[str, str], threshold: float) -> dict
                       "n": len(frame_y)}}
 
 
+def write_evaluation(rows: list[dict], labels: dict[str, str | None], metrics: dict | None, threshold: float,
+                     csv_path: Path) -> None:
+    """metrics.json and `<stem>_plots/` beside the CSV; without labels, those of an earlier call are removed, so
+    they can never be read as describing the new scores."""
+    metrics_path, plots = csv_path.with_name("metrics.json"), csv_path.with_name(f"{csv_path.stem}_plots")
+    scored = [r for r in rows if labels[r["path"]] and r["score"] is not None]
+    if metrics is None:
+        metrics_path.unlink(missing_ok=True)
+    else:
+        atomic_write_bytes(metrics_path, (json.dumps(_finite(metrics), indent=1, sort_keys=True) + "\n").encode())
+    if scored:
+        write_plots([LABEL_VALUES[labels[r["path"]]] for r in scored], [r["score"] for r in scored],
+                    threshold=threshold, out_dir=plots)
+    else:
+        shutil.rmtree(plots, ignore_errors=True)
+
+
 @dataclass
 class ScoreSummary:
     counts: Counter            # status -> videos of this call (this shard's)
@@ -583,6 +619,7 @@ def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str 
     scoring = scoring_settings(ckpt, cfg, checkpoint)
     model_digest = sha256_file(Path(checkpoint))[:16]
     csv_path, jsonl = output_paths(out, shard)
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
     done, rescored = load_finished(jsonl, {v.path for v in videos}, scoring.digest(), model_digest)
     todo = [v for v in videos if v.path not in done]
     if rescored:
@@ -605,12 +642,7 @@ def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str 
     truth = {v.path: v.label for v in videos}
     write_table(csv_path, [_csv_row(r, truth[r["path"]]) for r in rows], CSV_COLUMNS)
     metrics = evaluate(rows, truth, scoring.threshold)
-    if metrics is not None and shard.count == 1:
-        atomic_write_bytes(csv_path.with_name("metrics.json"),
-                           (json.dumps(_finite(metrics), indent=1, sort_keys=True) + "\n").encode())
-        scored = [r for r in rows if truth[r["path"]] and r["score"] is not None]
-        if scored:
-            write_plots([LABEL_VALUES[truth[r["path"]]] for r in scored], [r["score"] for r in scored],
-                        threshold=scoring.threshold, out_dir=csv_path.with_name(f"{csv_path.stem}_plots"))
+    if shard.count == 1:
+        write_evaluation(rows, truth, metrics, scoring.threshold, csv_path)
     return ScoreSummary(Counter(r["status"] for r in rows), len(todo), len(videos) - len(todo), rescored, metrics,
                         csv_path, jsonl)

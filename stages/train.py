@@ -63,7 +63,8 @@ class TrainError(ValueError):
 # ---------------------------------------------------------------- distributed
 
 @dataclass(frozen=True)
-class Dist:
+class Ranks:
+    """This process's place in the run: its rank among ``world`` processes, and the device it trains on."""
     rank: int
     world: int
     device: torch.device
@@ -73,7 +74,7 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device: str) -> Dist:
+def init_distributed(device: str) -> Ranks:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `dfpipe train` is a world of one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -83,10 +84,10 @@ def init_distributed(device: str) -> Dist:
             resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(resolved)
         dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return Dist(rank, world, resolved)
+    return Ranks(rank, world, resolved)
 
 
-def gather(obj, ctx: Dist) -> list:
+def gather(obj, ctx: Ranks) -> list:
     """Every rank's ``obj``, in rank order (picklable objects of any size: shards of the val set are uneven)."""
     if ctx.world == 1:
         return [obj]
@@ -95,7 +96,7 @@ def gather(obj, ctx: Dist) -> list:
     return out
 
 
-def from_main(obj, ctx: Dist):
+def from_main(obj, ctx: Ranks):
     """Rank 0's ``obj`` on every rank, so decisions taken from files are taken once."""
     if ctx.world == 1:
         return obj
@@ -140,7 +141,7 @@ def split_labels(pairs: pd.DataFrame, videos: pd.DataFrame) -> dict[str, dict[st
 
 
 def make_loaders(root: Path, faces: pd.DataFrame, labels: dict[str, dict[str, int]], sources: dict[str, str],
-                 cfg, ctx: Dist) -> tuple[DataLoader, DataLoader]:
+                 cfg, ctx: Ranks) -> tuple[DataLoader, DataLoader]:
     """Train: balanced (or shuffled) and sharded by rank. Val: each rank scores every world-th clip, in order.
 
     The train loader's workers are not persistent: ``SequenceDataset.set_epoch`` must reach fresh worker copies each
@@ -197,9 +198,10 @@ def make_scheduler(optimizer, updates_per_epoch: int, *, scheduler: str, epochs:
         warmup = warmup_epochs * updates_per_epoch
 
         def factor(step: int) -> float:
+            """Linear up to 1 at the last warmup update, then a half cosine that never reaches 0 (no wasted step)."""
             if step < warmup:
                 return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+            return 0.5 * (1 + math.cos(math.pi * (step + 1 - warmup) / (total + 1 - warmup)))
         return LambdaLR(optimizer, factor), True
     if scheduler == "onecycle":
         return OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total), True
@@ -325,7 +327,7 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def write_run_files(run_dir: Path, cfg, digest: str, ctx: Dist, resume: bool) -> None:
+def write_run_files(run_dir: Path, cfg, digest: str, ctx: Ranks, resume: bool) -> None:
     """config.yaml (the resolved config) and run.json (provenance); a resume appends its start time."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     path = run_dir / "run.json"
@@ -340,16 +342,17 @@ def write_run_files(run_dir: Path, cfg, digest: str, ctx: Dist, resume: bool) ->
 
 # ---------------------------------------------------------------- one epoch
 
-def train_one_epoch(net, loader, optimizer, scheduler, scaler, criterion, *, ctx: Dist, dtype, steps: int,
+def train_one_epoch(net, loader, optimizer, scheduler, scaler, criterion, *, ctx: Ranks, dtype, steps: int,
                     accumulate: int, grad_clip: float, desc: str) -> dict:
     """One pass of ``steps`` batches; the optimiser steps every ``accumulate`` batches (and at the end).
 
-    Returns the summed loss, correct count and clip count over all ranks. ``scheduler`` is stepped per update,
-    or None for the per-epoch plateau schedule.
+    Returns the mean loss and accuracy over all ranks' clips, their number, and the learning rates of the last
+    update. ``scheduler`` is stepped per update, or None for the per-epoch plateau schedule.
     """
     net.train()
-    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    loss_sum, correct, count = 0.0, 0, 0
     has_grad = False
+    lrs = [g["lr"] for g in optimizer.param_groups]
     bar = tqdm(islice(loader, steps), total=steps, desc=desc, unit="batch", leave=False, disable=not ctx.main)
     for i, batch in enumerate(bar):
         update = (i + 1) % accumulate == 0 or i + 1 == steps
@@ -363,10 +366,12 @@ def train_one_epoch(net, loader, optimizer, scheduler, scaler, criterion, *, ctx
                 loss = criterion(logits, y)
                 scaler.scale(loss / accumulate).backward()
             has_grad = True
-            totals += torch.tensor([loss.item() * len(y), ((logits > 0) == (y > 0.5)).sum().item(), len(y)],
-                                   dtype=torch.float64, device=ctx.device)
-            bar.set_postfix(loss=f"{totals[0].item() / totals[2].item():.4f}")
+            loss_sum += loss.item() * len(y)
+            correct += int(((logits > 0) == (y > 0.5)).sum())
+            count += len(y)
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}")
         if update and has_grad:
+            lrs = [g["lr"] for g in optimizer.param_groups]
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
             scaler.step(optimizer)
@@ -376,13 +381,14 @@ def train_one_epoch(net, loader, optimizer, scheduler, scaler, criterion, *, ctx
         if update and scheduler is not None:
             scheduler.step()
     if ctx.world > 1:
+        totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=ctx.device)
         dist.all_reduce(totals)
-    loss_sum, correct, count = totals.tolist()
-    return {"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1), "clips": int(count)}
+        loss_sum, correct, count = totals.tolist()
+    return {"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1), "clips": int(count), "lr": lrs}
 
 
 @torch.no_grad()
-def predict(model: DualStreamNet, loader: DataLoader, *, ctx: Dist, dtype) -> pd.DataFrame:
+def predict(model: DualStreamNet, loader: DataLoader, *, ctx: Ranks, dtype) -> pd.DataFrame:
     """Logit of every val clip of every rank, one row per clip, in a fixed order (video, track, start)."""
     model.eval()
     rows = []
@@ -420,7 +426,7 @@ def calibrate(pred: pd.DataFrame, score_cfg) -> dict:
     return {"temperature": temperature, "threshold": threshold, "aggregate": rule}
 
 
-def wrap(model: DualStreamNet, ctx: Dist):
+def wrap(model: DualStreamNet, ctx: Ranks):
     """DDP registers the parameters that require grad when it is built, so it is rebuilt when the backbones are
     frozen or unfrozen."""
     if ctx.world == 1:
@@ -428,7 +434,7 @@ def wrap(model: DualStreamNet, ctx: Dist):
     return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
-def tensorboard(run_dir: Path, ctx: Dist):
+def tensorboard(run_dir: Path, ctx: Ranks):
     """A SummaryWriter when the optional tensorboard package is installed (rank 0 only), else None."""
     if not ctx.main:
         return None
@@ -442,7 +448,8 @@ def tensorboard(run_dir: Path, ctx: Dist):
 # ---------------------------------------------------------------- the run
 
 def run_train(ws_root: str | Path, run_dir: str | Path, cfg, *, resume: bool) -> dict:
-    """Train, checkpoint and calibrate; returns the best epoch, its val metrics and the calibration."""
+    """Train, checkpoint and calibrate; returns the best epoch, its val metrics and the calibration (on rank 0;
+    the other ranks of a DDP run return an empty dict, so the caller prints one summary)."""
     ctx = init_distributed(cfg.train.device)
     try:
         with deterministic_mode(cfg.train.deterministic):
@@ -452,7 +459,7 @@ def run_train(ws_root: str | Path, run_dir: str | Path, cfg, *, resume: bool) ->
             dist.destroy_process_group()
 
 
-def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Dist) -> dict:
+def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks) -> dict:
     t = cfg.train
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if t.epochs < 1:
@@ -463,7 +470,6 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Dist) -> dict:
         raise TrainError(f"{run_dir}: already holds a run (last.pt); pass --resume or choose another --run folder")
     random.seed(t.seed)
     np.random.seed(t.seed)
-    torch.manual_seed(t.seed + ctx.rank)
 
     # 1. pairs, splits and labels (rank 0 decides and writes; everyone gets its table)
     stride = extract_stride(ws)
@@ -535,7 +541,7 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Dist) -> dict:
                                 desc=f"epoch {epoch + 1}/{t.epochs}" + (" (frozen)" if frozen else ""))
         seconds = time.perf_counter() - started
         val = val_metrics(predict(model, val_loader, ctx=ctx, dtype=dtype))
-        lrs = [g["lr"] for g in optimizer.param_groups]
+        lrs = train["lr"]
         if not per_update:
             scheduler.step(val["loss"])
         improved = val["loss"] < early["best_loss"]
@@ -586,6 +592,8 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Dist) -> dict:
         tqdm.write(f"best epoch {early['best_epoch']} (val loss {early['best_loss']:.4f}); calibration: "
                    f"temperature {calibration['temperature']:.3f}, threshold {calibration['threshold']:.3f}, "
                    f"aggregate {calibration['aggregate']}")
+    if not ctx.main:
+        return {}
     return {"best_epoch": early["best_epoch"], "best_val_loss": early["best_loss"], "epochs_run": len(history),
             "stopped_early": early["bad_epochs"] >= t.early_stop_patience, "calibration": calibration,
             "val": history[early["best_epoch"] - 1], "best": str(best_path), "last": str(last_path)}

@@ -1,0 +1,182 @@
+"""`score-video` against the staged path on a synthetic 1080p30 face clip, and its peak memory on a short and a long
+clip.
+
+Staged path: `dfpipe extract` + `dfpipe align` (frames and crops written as JPEG) + the model over the crops in the
+same non-overlapping clips. Goals: score-video is faster than the staged path, and its peak RSS does not grow with
+the video's length (the long clip is the short one looped, so only the length differs).
+Every measurement runs in a fresh process, so each peak RSS (ru_maxrss) is that measurement's alone.
+
+Usage: python benchmarks/bench_score.py [--seconds 10] [--long-seconds 300] [--model default|tiny] [--stride N]
+  default: the configured model (efficientnet-b4 + b0, random init), T = dataset.clip_len, stride = extract.stride
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+import torch
+
+from dfpipe.manifests.table import read_table
+from dfpipe.manifests.workspace import Shard
+from dfpipe.models.dual_stream import DualStreamNet
+from dfpipe.pipeline.config import load_config
+from dfpipe.stages import score
+from dfpipe.stages.dataset import face_rows, read_crops, track_segments
+from dfpipe.stages.demo import head_motion, head_sprite, random_background
+from dfpipe.stages.video import write_video
+
+CLI = [sys.executable, "-m", "dfpipe.pipeline.cli"]
+TINY = dict(hq_backbone="test_efficientnet", lq_backbone="test_efficientnet", convlstm_filters=[8, 8],
+            mlp=[16, 8, 4], dropout=[0.2, 0.2])
+SIZE, FPS = (1920, 1080), 30
+
+
+def face_clip(path: Path, seconds: int, seed: int = 0) -> Path:
+    """The demo set's moving astronaut head over a textured background, rendered one frame at a time."""
+    rng = np.random.default_rng(seed)
+    width, height = SIZE
+    sprite = head_sprite()
+    background = random_background(rng, height, width)
+    motion = head_motion(rng, sprite, frames=seconds * FPS, width=width, height=height, fps=FPS)
+
+    def frames():
+        for matrix in motion:
+            alpha = cv2.warpAffine(sprite.alpha, matrix[:2], SIZE)[..., None]
+            head = cv2.warpAffine(sprite.rgb, matrix[:2], SIZE)
+            yield np.clip(background * (1 - alpha) + head * alpha, 0, 255).astype(np.uint8)
+    write_video(path, frames(), fps=FPS, crf=23)
+    return path
+
+
+def loop_clip(src: Path, dst: Path, times: int) -> Path:
+    """`times` copies of src back to back, remuxed without re-encoding (seconds for a long clip, not minutes)."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        stream_in = inp.streams.video[0]
+        stream_out = out.add_stream_from_template(stream_in)
+        packets = [(p.pts, p.dts, bytes(p), p.is_keyframe) for p in inp.demux(stream_in) if p.size]
+        span = max(p[0] for p in packets) - min(p[0] for p in packets) + int(1 / (stream_in.time_base * FPS))
+        for k in range(times):
+            for pts, dts, data, key in packets:
+                packet = av.Packet(data)
+                packet.pts, packet.dts, packet.is_keyframe = pts + k * span, dts + k * span, key
+                packet.time_base, packet.stream = stream_in.time_base, stream_out
+                out.mux(packet)
+    return dst
+
+
+def make_checkpoint(path: Path, model_kind: str, stride: int) -> Path:
+    cfg = load_config()
+    model_cfg = {**cfg.model, **(TINY if model_kind == "tiny" else {})}
+    model = DualStreamNet.from_config(model_cfg)
+    torch.save({"model": model.state_dict(), "model_config": model_cfg, "config": cfg.to_dict(),
+                "extract": {"stride": stride}, "align": cfg.align.to_dict(), "clip_len": cfg.dataset.clip_len,
+                "calibration": {"temperature": 1.0, "threshold": 0.5, "aggregate": "mean"},
+                "dfpipe_version": "bench", "pairs_digest": ""}, path)
+    return path
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_score(checkpoint: str, video: str, out: str) -> dict:
+    summary = score.run_score([video], checkpoint, load_config(), out=out, labels=None, work=None, split=None,
+                              shard=Shard(), progress=False)
+    (row,) = read_table(summary.csv, score.CSV_COLUMNS).to_dict("records")
+    return {"video_seconds": float(row["seconds"]),
+            "clips": int(row["clips"]), "status": row["status"], "rss_mb": peak_rss_mb()}
+
+
+def child_staged_model(checkpoint: str, ws: str) -> dict:
+    """The model over the staged JPEG crops, cut into the same non-overlapping clips as score-video cuts."""
+    cfg = load_config()
+    ckpt = score.load_checkpoint(checkpoint)
+    settings = score.scoring_settings(ckpt, cfg, checkpoint)
+    device = score.resolve_device(cfg.score.device)
+    predict = score.ClipModel(score.model_from_checkpoint(ckpt, device), device=device,
+                              dtype=score.amp_dtype(cfg.train.amp, device), temperature=settings.temperature,
+                              tta_flip=False)
+    faces = read_table(Path(ws) / "manifests/faces.csv", ["video_id", "frame_index", "status", "track_id",
+                                                           "hq_path", "lq_path"])
+    faces = faces.assign(frame_index=faces.frame_index.astype(int), track_id=faces.track_id.astype(int))
+    labels = dict.fromkeys(faces.video_id, 0)
+    queue = score.ClipQueue(predict, cfg.score.batch_size)
+    clips, T = 0, settings.clip_len
+    for segment in track_segments(face_rows(faces, labels), labels):
+        for start in range(0, len(segment.frames) - T + 1, T):
+            hq, lq = (read_crops(Path(ws), paths[start:start + T]).permute(0, 2, 3, 1).numpy()
+                      for paths in (segment.hq_paths, segment.lq_paths))
+            queue.put(start, hq, lq)
+            clips += 1
+    queue.flush()
+    return {"clips": clips, "rss_mb": peak_rss_mb()}
+
+
+def in_child(*args: str) -> dict:
+    """The child's report plus its wall time as a process (start-up and imports included, like the CLI's)."""
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"child {args[0]} failed:\n{out.stderr[-3000:]}")
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "wall": time.perf_counter() - started}
+
+
+def timed_cli(*args) -> float:
+    started = time.perf_counter()
+    subprocess.run([*CLI, *map(str, args), "--quiet"], check=True, capture_output=True)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--long-seconds", type=int, default=300)
+    parser.add_argument("--model", choices=["default", "tiny"], default="default")
+    parser.add_argument("--stride", type=int, default=load_config().extract.stride)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        print(json.dumps(child_score(*rest) if kind == "score" else child_staged_model(*rest)))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        started = time.perf_counter()
+        short = face_clip(tmp / "short.mp4", args.seconds)
+        (tmp / "staged.csv").write_text("path,label\nshort.mp4,real\n")  # the staged path's input list
+        long = loop_clip(short, tmp / "long.mp4", max(1, args.long_seconds // args.seconds))
+        checkpoint = make_checkpoint(tmp / "model.pt", args.model, args.stride)
+        print(f"clips made in {time.perf_counter() - started:.0f} s: {args.seconds} s and "
+              f"{args.long_seconds // args.seconds * args.seconds} s of {SIZE[0]}x{SIZE[1]}@{FPS}; "
+              f"model {args.model}, stride {args.stride}, T={load_config().dataset.clip_len}, "
+              f"{torch.get_num_threads()} threads, cuda {torch.cuda.is_available()}", flush=True)
+
+        streaming = in_child("score", str(checkpoint), str(short), str(tmp / "scores" / "short.csv"))
+        print(f"score-video  {streaming['wall']:7.1f} s  ({streaming['video_seconds']:.1f} s in the video loop, "
+              f"{streaming['clips']} clips, {streaming['status']}), peak RSS {streaming['rss_mb']:.0f} MB", flush=True)
+        extract = timed_cli("extract", tmp / "staged.csv", "--work", tmp / "ws", "--stride", args.stride)
+        align = timed_cli("align", "--work", tmp / "ws")
+        model = in_child("staged", str(checkpoint), str(tmp / "ws"))
+        staged = extract + align + model["wall"]
+        print(f"staged       {staged:7.1f} s  (extract {extract:.1f} + align {align:.1f} + model "
+              f"{model['wall']:.1f}, {model['clips']} clips)")
+        print(f"staged / score-video: {staged / streaming['wall']:.2f}x (process wall times, start-up included)",
+              flush=True)
+
+        long_run = in_child("score", str(checkpoint), str(long), str(tmp / "scores" / "long.csv"))
+        print(f"score-video on the long clip: {long_run['wall']:.1f} s, {long_run['clips']} clips, peak RSS "
+              f"{long_run['rss_mb']:.0f} MB = {long_run['rss_mb'] / streaming['rss_mb']:.2f}x the short clip's")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""`score-video` on demo videos: streaming crops and probabilities equal the staged extract + align path, bad files
+get their status, resume, shards, metrics; clip cutting and batching on synthetic faces."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from conftest import make_clip
+from dfpipe.manifests.workspace import Shard, Workspace
+from dfpipe.models.dual_stream import DualStreamNet
+from dfpipe.pipeline.config import load_config
+from dfpipe.stages import score
+from dfpipe.stages.dataset import read_crops
+from dfpipe.stages.demo import make_demo_dataset
+from dfpipe.stages.faces import FrameFaces
+from dfpipe.stages.train import align_params, run_train
+from test_extract import dfpipe
+
+STRIDE, CLIP_LEN, BATCH = 2, 3, 3
+TINY = dict(hq_backbone="test_efficientnet", lq_backbone="test_efficientnet", convlstm_filters=[8, 8],
+            mlp=[16, 8, 4], dropout=[0.2, 0.2])
+DEMO = ["fake/fake_000", "fake/fake_001", "real/real_000", "real/real_001"]
+BAD = {"empty.mp4": "empty", "garbage.mp4": "undecodable", "noface.mp4": "no_face"}
+
+
+def config(**score_keys):
+    """fp32 on the CPU, so the streaming and the staged probabilities differ only by the JPEG round trip."""
+    return load_config(overrides=[{"train": {"amp": "off"}, "align": {"device": "cpu"},
+                                   "score": {"batch_size": BATCH, "device": "cpu", **score_keys}}])
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """4 demo face videos (15 frames, 8 sampled) staged by `dfpipe extract` + `align`; 3 bad files elsewhere."""
+    root = tmp_path_factory.mktemp("score")
+    make_demo_dataset(root / "data", n_real=2, n_fake=2, frames=15, width=256, height=256, fps=30, seed=0)
+    make_clip(root / "bad" / "noface.mp4", n=15, width=64, height=48)
+    (root / "bad" / "empty.mp4").write_bytes(b"")
+    (root / "bad" / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(4096))
+    dfpipe("extract", root / "data", "--work", root / "ws", "--stride", STRIDE, "--quiet")
+    # a larger minimum face prunes MTCNN's pyramid (the demo faces are ~100 px); the checkpoint carries it along
+    dfpipe("align", "--work", root / "ws", "--no-pair-aware", "--min-face-size", 40, "--quiet")
+    pd.DataFrame({"path": [f"data/{v}.mp4" for v in DEMO] + ["bad/noface.mp4"],
+                  "label": ["fake", "1", "real", "0", "real"]}).to_csv(root / "labels.csv", index=False)
+    return root
+
+
+def staged_clip(ws: Path, faces: pd.DataFrame, video: str, frames) -> tuple[torch.Tensor, torch.Tensor]:
+    """A clip as training reads it: the aligned JPEGs of `frames`, decoded to float (1, T, 3, H, W) in [0, 1]."""
+    rows = faces[(faces.video_id == video) & (faces.status == "face")].set_index("frame_index")
+    return tuple(read_crops(ws, [rows.loc[f, col] for f in frames]).float().div(255).unsqueeze(0)
+                 for col in ("hq_path", "lq_path"))
+
+
+def make_checkpoint(path: Path, model: DualStreamNet, cfg, align: dict, stride: int = STRIDE, **calibration) -> Path:
+    torch.save({"model": model.state_dict(), "model_config": {**cfg.model, **TINY}, "config": cfg.to_dict(),
+                "extract": {"stride": stride}, "align": align, "clip_len": CLIP_LEN,
+                "calibration": {"temperature": 1.0, "threshold": 0.5, "aggregate": "mean", **calibration},
+                "dfpipe_version": "test", "pairs_digest": "test"}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(root) -> Path:
+    """A random tiny net made input-sensitive. Random init squeezes the logits of similar faces into a range ~1e-4
+    wide; amplifying the backbones' last BatchNorm, recentring the output bias on the staged clips and a temperature
+    of their spread puts the demo clips all over (0, 1), so any pixel-convention slip shows in the probabilities."""
+    cfg = config()
+    torch.manual_seed(0)
+    model = DualStreamNet.from_config({**cfg.model, **TINY}).eval()
+    faces = pd.read_csv(root / "ws/manifests/faces.csv", keep_default_na=False)
+    clips = [staged_clip(root / "ws", faces, video, frames[i:i + CLIP_LEN]) for video in DEMO
+             for frames in [sorted(faces.frame_index[(faces.video_id == video) & (faces.status == "face")])]
+             for i in range(len(frames) - CLIP_LEN + 1)]
+    with torch.no_grad():
+        for stream in (model.hq, model.lq):
+            stream.backbone.net.bn2.weight.mul_(300)
+        logits = model(torch.cat([c[0] for c in clips]), torch.cat([c[1] for c in clips]))
+        model.classifier[-1].bias -= logits.mean()
+    return make_checkpoint(root / "tiny.pt", model, cfg, align_params(Workspace(root / "ws"), cfg),
+                           temperature=float(logits.std()) / 2)
+
+
+def record_model_calls(monkeypatch) -> list:
+    """Every batch the model scores: (hq, lq, probs)."""
+    calls = []
+    original = score.ClipModel.__call__
+
+    def recording(self, hq, lq):
+        probs = original(self, hq, lq)
+        calls.append((hq.copy(), lq.copy(), probs))
+        return probs
+    monkeypatch.setattr(score.ClipModel, "__call__", recording)
+    return calls
+
+
+@pytest.fixture
+def model_calls(monkeypatch) -> list:
+    return record_model_calls(monkeypatch)
+
+
+def run(checkpoint, inputs, out, cfg=None, **kw):
+    kw = {"labels": None, "work": None, "split": None, "shard": Shard(), **kw}
+    return score.run_score([str(p) for p in inputs], str(checkpoint), cfg or config(), out=str(out), progress=False,
+                           **kw)
+
+
+def jsonl(path: Path) -> dict[str, dict]:
+    return {r["path"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def scored(root, checkpoint):
+    """One labelled call over all 7 videos, with every model batch recorded."""
+    with pytest.MonkeyPatch.context() as mp:
+        calls = record_model_calls(mp)
+        summary = run(checkpoint, [root / "data", root / "bad"], root / "out/scores.csv",
+                      labels=str(root / "labels.csv"))
+    return summary, calls
+
+
+def prob_of(model, ckpt, hq: np.ndarray, lq: np.ndarray) -> float:
+    """The calibrated probability of one clip given as float (T, H, W, 3) arrays in 0..255."""
+    clip = (torch.from_numpy(np.ascontiguousarray(c) / 255).float().permute(0, 3, 1, 2)[None] for c in (hq, lq))
+    with torch.no_grad():
+        return torch.sigmoid(model(*clip) / ckpt["calibration"]["temperature"]).item()
+
+
+def test_streaming_clips_equal_the_staged_jpegs_and_their_probabilities(root, scored):
+    summary, calls = scored
+    rows = jsonl(summary.jsonl)
+    faces = pd.read_csv(root / "ws/manifests/faces.csv", keep_default_na=False)
+    hq, lq, probs = (np.concatenate(c) for c in zip(*calls))
+    clips = [(v, *clip) for v in DEMO for clip in rows[str(root / f"data/{v}.mp4")]["clip_probs"]]
+    assert len(clips) == len(hq) == 4 * 2  # 8 sampled frames per video: two non-overlapping clips of 3
+    ckpt = score.load_checkpoint(root / "tiny.pt")
+    model = score.model_from_checkpoint(ckpt, "cpu")
+    staged_probs = []
+    for (video, track, prob, frames), h, l, p in zip(clips, hq, lq, probs):
+        sampled = sorted(faces.frame_index[faces.video_id == video])
+        assert track == 0 and frames == sampled[sampled.index(frames[0]):][:CLIP_LEN]  # consecutive sampled frames
+        assert prob == p
+        jpeg_hq, jpeg_lq = (255 * c[0].permute(0, 2, 3, 1).numpy() for c in staged_clip(root / "ws", faces, video,
+                                                                                          frames))
+        # Equal up to two JPEG round trips (frames, then crops) and the sub-pixel landmark shifts the first one
+        # causes; and each crop is nearer to the staged crop of its own frame than to that of any other frame.
+        assert np.abs(h - jpeg_hq).mean() < 4 and np.abs(l - jpeg_lq).mean() < 4
+        all_staged = 255 * staged_clip(root / "ws", faces, video, sampled)[0][0].permute(0, 2, 3, 1).numpy()
+        for crop, frame in zip(h, frames):
+            assert sampled[np.abs(all_staged - crop).mean(axis=(1, 2, 3)).argmin()] == frame
+        staged_probs.append([prob_of(model, ckpt, jpeg_hq[..., channels], jpeg_lq[..., channels])
+                             for channels in ([0, 1, 2], [2, 1, 0])])
+    streaming = np.array([c[2] for c in clips])
+    staged, swapped = np.array(staged_probs).T
+    assert np.abs(streaming - staged).max() < 0.15 and np.ptp(streaming) > 0.5
+    assert np.abs(streaming - swapped).max() > 0.3  # the model is sensitive enough to catch a BGR slip
+
+
+def test_every_video_gets_a_status_and_only_face_videos_a_score(root, checkpoint, scored):
+    summary, _ = scored
+    table = pd.read_csv(summary.csv, keep_default_na=False)
+    assert list(table.columns) == score.CSV_COLUMNS and list(table.path) == sorted(table.path)
+    by_path = table.set_index("path")
+    for name, status in BAD.items():
+        row = by_path.loc[str(root / "bad" / name)]
+        assert (row.status, row.score, row.label) == (status, "", "") and row.reason
+    assert "no face found in 8 sampled frames" == by_path.loc[str(root / "bad/noface.mp4"), "reason"]
+    assert summary.counts == {"ok": 4, "empty": 1, "undecodable": 1, "no_face": 1} and summary.scored == 7
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]
+    for video in DEMO:
+        row = by_path.loc[str(root / f"data/{video}.mp4")]
+        clips = jsonl(summary.jsonl)[str(root / f"data/{video}.mp4")]["clip_probs"]
+        probs = [p for _, p, _ in clips]
+        assert row.status == "ok" and math.isclose(float(row.score), np.mean(probs))  # mean rule, one track
+        assert json.loads(row.track_scores) == {"0": float(row.score)}
+        assert row.label == ("fake" if float(row.score) >= 0.5 else "real") and row.true_label == video[:4]
+        assert (row.frames_sampled, row.frames_with_face, row.tracks, row.clips) == (8, 8, 1, 2)
+        assert json.loads(row.suspicious_frames) == [frames[0] for _, _, frames in sorted(clips, key=lambda c: -c[1])]
+        assert row.model_digest == digest and row.seconds > 0
+
+
+def test_batches_span_video_boundaries(scored):
+    _, calls = scored
+    assert [len(c[0]) for c in calls] == [BATCH, BATCH, 2]  # 8 clips of 4 videos in 3 full-as-possible batches
+
+
+def test_metrics_and_plots_match_sklearn(root, scored):
+    summary, _ = scored
+    metrics = json.loads((root / "out/metrics.json").read_text())
+    rows = jsonl(summary.jsonl)
+    y = [int(v.startswith("fake")) for v in DEMO]
+    s = [rows[str(root / f"data/{v}.mp4")]["score"] for v in DEMO]
+    assert metrics["labelled"] == 5 and metrics["unscored"] == 1 and metrics["video"]["n"] == 4
+    assert math.isclose(metrics["video"]["auc"], roc_auc_score(y, s))
+    frame_y = [label for v, label in zip(DEMO, y) for _, _, frames in rows[str(root / f"data/{v}.mp4")]["clip_probs"]
+               for _ in frames]
+    frame_p = [p for v in DEMO for _, p, frames in rows[str(root / f"data/{v}.mp4")]["clip_probs"] for _ in frames]
+    assert metrics["frame"]["n"] == 24 and math.isclose(metrics["frame"]["auc"], roc_auc_score(frame_y, frame_p))
+    assert f"AUC {metrics['video']['auc']:.4f} (videos)" in summary.line()
+    plots = sorted(p.name for p in (root / "out/scores_plots").iterdir())
+    assert plots == ["confusion.png", "hist.png", "pr.png", "roc.png"]
+    assert all((root / "out/scores_plots" / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
+
+
+def test_rerun_skips_finished_videos_and_changed_settings_rescore(root, checkpoint, scored, model_calls, tmp_path):
+    summary, _ = scored
+    shutil.copytree(root / "out", tmp_path / "out")
+    with open(tmp_path / "out/scores.jsonl", "a") as f:
+        f.write('{"path": "torn by a cra')  # a crash mid-append
+    before = (tmp_path / "out/scores.csv").read_bytes()
+    again = run(checkpoint, [root / "data", root / "bad"], tmp_path / "out/scores.csv",
+                labels=str(root / "labels.csv"))
+    assert model_calls == [] and (again.scored, again.reused, again.rescored) == (0, 7, 0)
+    assert (tmp_path / "out/scores.csv").read_bytes() == before
+    assert (tmp_path / "out/scores.jsonl").read_text().endswith("}\n")  # the torn line is gone
+    one = root / "data/real/real_000.mp4"
+    flipped = run(checkpoint, [one], tmp_path / "out/scores.csv", cfg=config(tta_flip=True))
+    assert (flipped.scored, flipped.rescored) == (1, 1) and len(model_calls) == 1
+    assert jsonl(tmp_path / "out/scores.jsonl")[str(one)]["score"] != jsonl(summary.jsonl)[str(one)]["score"]
+
+
+def test_fallback_score_fills_unscorable_videos(root, checkpoint):
+    summary = run(checkpoint, [root / "bad"], root / "fallback/scores.csv", cfg=config(fallback_score=0.75))
+    table = pd.read_csv(summary.csv, keep_default_na=False)
+    assert list(table.status) == ["empty", "undecodable", "no_face"]
+    assert list(table.score) == [0.75] * 3 and list(table.label) == ["fake"] * 3
+
+
+def test_shards_write_their_own_files_and_a_plain_run_merges_them(root, checkpoint, model_calls, tmp_path):
+    inputs = [root / "data/real/real_001.mp4", root / "data/fake/fake_001.mp4", root / "bad"]
+    out = tmp_path / "scores.csv"
+    shards = [run(checkpoint, inputs, out, shard=Shard(i, 2)) for i in range(2)]
+    assert [s.csv.name for s in shards] == ["scores.shard-0-of-2.csv", "scores.shard-1-of-2.csv"]
+    paths = [set(pd.read_csv(s.csv).path) for s in shards]
+    assert not paths[0] & paths[1] and len(paths[0] | paths[1]) == 5
+    calls = len(model_calls)
+    merged = run(checkpoint, inputs, out)
+    assert len(model_calls) == calls and (merged.scored, merged.reused) == (0, 5)
+    rows = jsonl(merged.jsonl)  # the plain JSON lines now hold every video on their own
+    assert set(rows) == paths[0] | paths[1]
+    assert rows == {**jsonl(shards[0].jsonl), **jsonl(shards[1].jsonl)}
+
+
+def test_checkpoint_from_train_scores_a_workspace_split(root, tmp_path):
+    ws = tmp_path / "ws"
+    shutil.copytree(root / "ws", ws)
+    cfg = load_config(overrides=[{"model": TINY, "dataset": {"clip_len": CLIP_LEN},
+                                  "train": {"epochs": 1, "batch_size": 2, "workers": 0, "amp": "off"},
+                                  "align": {"device": "cpu"}, "score": {"device": "cpu"}}])
+    run_train(ws, tmp_path / "run", cfg, resume=False)
+    summary = run(tmp_path / "run/best.pt", [], tmp_path / "scores.csv", cfg=cfg, work=str(ws), split="val")
+    table = pd.read_csv(summary.csv, keep_default_na=False)
+    videos = pd.read_csv(ws / "manifests/videos.csv").set_index("path")
+    assert len(table) >= 1 and (table.status == "ok").all() and table.score.between(0, 1).all()
+    assert list(table.true_label) == [videos.loc[p, "label"] for p in table.path]
+    assert (tmp_path / "metrics.json").is_file()
+
+
+# ---------------------------------------------------------------- inputs
+
+def test_inputs_from_folders_lists_labels_and_metadata(root, tmp_path):
+    (tmp_path / "list.csv").write_text(f"path,label\n{root}/bad/noface.mp4,real\n{root}/data/fake/fake_000.mp4,\n")
+    (tmp_path / "metadata.json").write_text(json.dumps({"fake_000.mp4": {"label": "FAKE"},
+                                                        "real_001.mp4": {"label": "REAL"}}))
+    videos = score.list_inputs([str(root / "data/real"), str(tmp_path / "list.csv")],
+                               labels=str(tmp_path / "metadata.json"), work=None, split=None)
+    assert [(Path(v.path).name, v.label) for v in videos] == [
+        ("noface.mp4", "real"), ("fake_000.mp4", "fake"), ("real_000.mp4", None), ("real_001.mp4", "real")]
+    with pytest.raises(score.ScoreError, match=r"^nope.mp4: input does not exist$"):
+        score.list_inputs(["nope.mp4"], labels=None, work=None, split=None)
+    (tmp_path / "bad.csv").write_text("path,label\nx.mp4,maybe\n")
+    with pytest.raises(score.ScoreError, match=r"bad.csv: row 1: label 'maybe' is not real, fake, 0 or 1"):
+        score.list_inputs([str(tmp_path / "bad.csv")], labels=None, work=None, split=None)
+
+
+def test_uncalibrated_checkpoint_needs_rule_and_threshold(root, checkpoint):
+    ckpt = {**score.load_checkpoint(checkpoint), "calibration": None}
+    with pytest.raises(score.ScoreError, match="not calibrated"):
+        score.scoring_settings(ckpt, config(), "last.pt")
+    settings = score.scoring_settings(ckpt, config(aggregate="max", threshold=0.3), "last.pt")
+    assert (settings.rule, settings.threshold, settings.temperature) == ("max", 0.3, 1.0)
+    assert settings.digest() != score.scoring_settings(ckpt, config(aggregate="max", threshold=0.4), "x").digest()
+
+
+# ---------------------------------------------------------------- clips and batches
+
+def face(track: int, value: int):
+    return SimpleNamespace(track_id=track, hq=np.full((4, 4, 3), value, np.uint8),
+                           lq=np.full((2, 2, 3), value, np.uint8))
+
+
+def cut(tracks_per_frame: list[list[int]], clip_len=3, track_max_gap=2, min_track_len=2):
+    """Feed frames (index = 10 x position) whose faces carry their frame index as pixel value."""
+    cutter = score.ClipCutter(clip_len, track_max_gap=track_max_gap, min_track_len=min_track_len)
+    clips = []
+    for position, tracks in enumerate(tracks_per_frame):
+        frame = FrameFaces(10 * position, position / 10, [face(t, position) for t in tracks])
+        clips += cutter.add(position, frame)
+    return clips + cutter.finish(), cutter
+
+
+def test_clips_are_consecutive_non_overlapping_and_never_cross_a_gap():
+    clips, cutter = cut([[0, 1], [0, 1], [0], [0, 1], [0], [0], [0, 1], [1]])
+    by_track = {t: [c.frames for c, _, _ in clips if c.track == t] for t in (0, 1)}
+    assert by_track[0] == [(0, 10, 20), (30, 40, 50)]  # frame 60 is a leftover, dropped
+    # track 1 never fills a clip: its longest run (60, 70 ties with 0, 10 and loses to the first) is padded
+    assert by_track[1] == [(0, 10, 10)]
+    for c, hq, lq in clips:
+        assert hq.shape == (3, 4, 4, 3) and lq.shape == (3, 2, 2, 3)
+        assert [int(h[0, 0, 0]) * 10 for h in hq] == list(c.frames)  # the crops are the frames' crops
+    assert cutter.face_frames[1] == [0, 10, 30, 60, 70]
+
+
+def test_padding_matches_the_dataset_and_dead_spurious_tracks_are_dropped():
+    clips, cutter = cut([[0, 5], [0], [0], [0], [0], [0, 6], [0, 6]], clip_len=5, track_max_gap=1, min_track_len=2)
+    assert [(c.track, c.frames) for c, _, _ in clips] == [(0, (0, 10, 20, 30, 40)), (6, (50, 50, 60, 60, 60))]
+    assert 5 not in cutter._short  # seen once, then dead: shorter than min_track_len, its crops were released
+
+
+def test_queue_runs_full_batches_across_owners_and_flushes_the_rest():
+    seen = []
+
+    def predict(hq, lq):
+        seen.append(len(hq))
+        return hq.reshape(len(hq), -1)[:, 0] / 10
+
+    queue = score.ClipQueue(predict, batch_size=2)
+    clip = lambda v: (np.full((1, 2, 2, 3), v, np.uint8), np.zeros((1, 1, 1, 3), np.uint8))  # noqa: E731
+    assert queue.put(("a", 0), *clip(1)) == []
+    assert queue.put(("b", 0), *clip(2)) == [(("a", 0), 0.1), (("b", 0), 0.2)]
+    assert queue.put(("b", 1), *clip(3)) == [] and queue.flush() == [(("b", 1), 0.3)] and queue.flush() == []
+    assert seen == [2, 1]
+
+
+def test_flip_tta_averages_the_clip_and_its_mirror(checkpoint):
+    model = score.model_from_checkpoint(score.load_checkpoint(checkpoint), "cpu")
+    rng = np.random.default_rng(0)
+    hq = rng.integers(0, 256, (2, CLIP_LEN, 224, 224, 3), dtype=np.uint8)
+    lq = rng.integers(0, 256, (2, CLIP_LEN, 112, 112, 3), dtype=np.uint8)
+    hq[1] = np.concatenate([hq[1, :, :, :112], hq[1, :, :, :112][:, :, ::-1]], axis=2)  # mirror-symmetric clip
+    lq[1] = np.concatenate([lq[1, :, :, :56], lq[1, :, :, :56][:, :, ::-1]], axis=2)
+    temperature = score.load_checkpoint(checkpoint)["calibration"]["temperature"]
+    plain, tta = (score.ClipModel(model, device=torch.device("cpu"), dtype=None, temperature=temperature, tta_flip=f)
+                  for f in (False, True))
+    mirrored = plain(hq[:, :, :, ::-1].copy(), lq[:, :, :, ::-1].copy())
+    both = tta(hq, lq)
+    np.testing.assert_allclose(both, (plain(hq, lq) + mirrored) / 2, rtol=1e-6)
+    assert abs(both[1] - plain(hq, lq)[1]) < 1e-6 and abs(both[0] - plain(hq, lq)[0]) > 1e-4
+
+
+# ---------------------------------------------------------------- real videos
+
+def test_shared_videos_all_get_a_status(shared_data, tmp_path):
+    """DFDC 1080p clips labelled by metadata.json and the wild pairs by a list: 4 sampled frames each."""
+    (tmp_path / "wild.csv").write_text("path,label\n" + "".join(
+        f"{p},{p.parent.name}\n" for p in sorted((shared_data / "wild_pairs").rglob("*.mp4"))))
+    cfg = load_config(overrides=[{"train": {"amp": "off"}, "extract": {"max_frames": 4},
+                                  "score": {"device": "cpu", "batch_size": 8}}])
+    torch.manual_seed(0)
+    model = DualStreamNet.from_config({**cfg.model, **TINY})
+    align = {**cfg.align.to_dict(), "min_track_len": 2}
+    ckpt = make_checkpoint(tmp_path / "tiny.pt", model, cfg, align, stride=15)
+    summary = score.run_score([str(shared_data / "dfdc_sample"), str(tmp_path / "wild.csv")], str(ckpt), cfg,
+                              out=str(tmp_path / "scores.csv"), labels=str(shared_data / "dfdc_sample/metadata.json"),
+                              work=None, split=None, shard=Shard(), progress=False)
+    table = pd.read_csv(summary.csv, keep_default_na=False)
+    assert len(table) == 14 and set(table.status) <= set(score.STATUSES)
+    assert (table.true_label != "").all()
+    ok = table[table.status == "ok"]
+    assert len(ok) >= 10 and ok.score.astype(float).between(0, 1).all()
+    assert (table[table.status != "ok"].score == "").all()
