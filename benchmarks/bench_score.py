@@ -7,6 +7,7 @@ the video's length (the long clip is the short one looped, so only the length di
 Every measurement runs in a fresh process, so each peak RSS (ru_maxrss) is that measurement's alone.
 
 Usage: python benchmarks/bench_score.py [--seconds 10] [--long-seconds 300] [--model default|tiny] [--stride N]
+                                        [--batch-size B]
   default: the configured model (efficientnet-b4 + b0, random init), T = dataset.clip_len, stride = extract.stride
 """
 from __future__ import annotations
@@ -88,17 +89,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child_score(checkpoint: str, video: str, out: str) -> dict:
-    summary = score.run_score([video], checkpoint, load_config(), out=out, labels=None, work=None, split=None,
+def config(batch_size: str):
+    return load_config(overrides=[{"score": {"batch_size": int(batch_size)}}])
+
+
+def child_score(checkpoint: str, video: str, out: str, batch_size: str) -> dict:
+    summary = score.run_score([video], checkpoint, config(batch_size), out=out, labels=None, work=None, split=None,
                               shard=Shard(), progress=False)
     (row,) = read_table(summary.csv, score.CSV_COLUMNS).to_dict("records")
     return {"video_seconds": float(row["seconds"]),
             "clips": int(row["clips"]), "status": row["status"], "rss_mb": peak_rss_mb()}
 
 
-def child_staged_model(checkpoint: str, ws: str) -> dict:
+def child_staged_model(checkpoint: str, ws: str, batch_size: str) -> dict:
     """The model over the staged JPEG crops, cut into the same non-overlapping clips as score-video cuts."""
-    cfg = load_config()
+    cfg = config(batch_size)
     ckpt = score.load_checkpoint(checkpoint)
     settings = score.scoring_settings(ckpt, cfg, checkpoint)
     device = score.resolve_device(cfg.score.device)
@@ -142,6 +147,9 @@ def main() -> None:
     parser.add_argument("--long-seconds", type=int, default=300)
     parser.add_argument("--model", choices=["default", "tiny"], default="default")
     parser.add_argument("--stride", type=int, default=load_config().extract.stride)
+    parser.add_argument("--batch-size", type=int, default=load_config().score.batch_size,
+                        help="clips per model call; peak RSS follows it (the model's activations), so compare "
+                             "lengths that both fill at least one batch")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -159,21 +167,23 @@ def main() -> None:
         print(f"clips made in {time.perf_counter() - started:.0f} s: {args.seconds} s and "
               f"{args.long_seconds // args.seconds * args.seconds} s of {SIZE[0]}x{SIZE[1]}@{FPS}; "
               f"model {args.model}, stride {args.stride}, T={load_config().dataset.clip_len}, "
-              f"{torch.get_num_threads()} threads, cuda {torch.cuda.is_available()}", flush=True)
+              f"batch {args.batch_size} clips, {torch.get_num_threads()} threads, cuda {torch.cuda.is_available()}",
+              flush=True)
 
-        streaming = in_child("score", str(checkpoint), str(short), str(tmp / "scores" / "short.csv"))
+        batch = str(args.batch_size)
+        streaming = in_child("score", str(checkpoint), str(short), str(tmp / "scores" / "short.csv"), batch)
         print(f"score-video  {streaming['wall']:7.1f} s  ({streaming['video_seconds']:.1f} s in the video loop, "
               f"{streaming['clips']} clips, {streaming['status']}), peak RSS {streaming['rss_mb']:.0f} MB", flush=True)
         extract = timed_cli("extract", tmp / "staged.csv", "--work", tmp / "ws", "--stride", args.stride)
         align = timed_cli("align", "--work", tmp / "ws")
-        model = in_child("staged", str(checkpoint), str(tmp / "ws"))
+        model = in_child("staged", str(checkpoint), str(tmp / "ws"), batch)
         staged = extract + align + model["wall"]
         print(f"staged       {staged:7.1f} s  (extract {extract:.1f} + align {align:.1f} + model "
               f"{model['wall']:.1f}, {model['clips']} clips)")
         print(f"staged / score-video: {staged / streaming['wall']:.2f}x (process wall times, start-up included)",
               flush=True)
 
-        long_run = in_child("score", str(checkpoint), str(long), str(tmp / "scores" / "long.csv"))
+        long_run = in_child("score", str(checkpoint), str(long), str(tmp / "scores" / "long.csv"), batch)
         print(f"score-video on the long clip: {long_run['wall']:.1f} s, {long_run['clips']} clips, peak RSS "
               f"{long_run['rss_mb']:.0f} MB = {long_run['rss_mb'] / streaming['rss_mb']:.2f}x the short clip's")
 

@@ -16,8 +16,16 @@ EXIT_BAD_INPUT = 2
 
 
 def _user_error(exc: BaseException) -> bool:
-    """dfpipe's own exceptions and OS errors are the user's to fix: one line, no traceback."""
-    return type(exc).__module__.startswith("dfpipe.") or isinstance(exc, OSError)
+    """The user's to fix (one line, no traceback): dfpipe's own exception types, OS errors, and the
+    ValueErrors that dfpipe code raises to reject a bad input. Anything else is a bug and keeps its traceback."""
+    if type(exc).__module__.startswith("dfpipe.") or isinstance(exc, OSError):
+        return True
+    if isinstance(exc, ValueError):
+        tb = exc.__traceback__
+        while tb.tb_next is not None:
+            tb = tb.tb_next
+        return tb.tb_frame.f_globals.get("__name__", "").startswith("dfpipe.")
+    return False
 
 
 def command(fn):

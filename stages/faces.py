@@ -106,23 +106,38 @@ class FaceDetector:
 
 
 class FaceTracker:
-    """Online IoU tracker; optimal rather than greedy assignment keeps two nearby faces on their own tracks."""
+    """Online tracker with optimal (not greedy) assignment, so two nearby faces keep their own tracks.
 
-    def __init__(self, *, track_iou, track_max_gap, **_):
+    Boxes that overlap (IoU >= track_iou) match first. A face that moved further than its own width between two
+    sampled frames (a walking person at stride 3 overlaps nothing) still continues its track when its centre
+    moved at most `track_max_shift` face sides and its size changed less than 1.5x; otherwise every sampled
+    frame would open a new one-frame track and `min_track_len` would drop that person altogether."""
+
+    def __init__(self, *, track_iou, track_max_gap, track_max_shift, **_):
         self.track_iou = track_iou
         self.track_max_gap = track_max_gap
+        self.track_max_shift = track_max_shift
         self._last_box: dict[int, np.ndarray] = {}
         self._missed: dict[int, int] = {}
         self._next_id = 0
+
+    def _scores(self, boxes: np.ndarray, last: np.ndarray) -> np.ndarray:
+        """> 1 for overlapping pairs (ranked by IoU), in (0, 1) for nearby ones (ranked by closeness), 0 else."""
+        iou = box_iou(torch.as_tensor(boxes), torch.as_tensor(last)).numpy()
+        centre = lambda b: (b[:, :2] + b[:, 2:]) / 2  # noqa: E731
+        side = lambda b: np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))  # noqa: E731
+        shift = np.linalg.norm(centre(boxes)[:, None] - centre(last)[None], axis=2) / side(last)[None]
+        ratio = side(boxes)[:, None] / side(last)[None]
+        near = (shift <= self.track_max_shift) & (ratio < 1.5) & (ratio > 1 / 1.5)
+        return np.where(iou >= self.track_iou, 1 + iou, np.where(near, 1 - shift / (self.track_max_shift + 1), 0))
 
     def update(self, detections: Sequence[Detection]) -> list[int]:
         live = list(self._last_box)
         ids: list[int | None] = [None] * len(detections)
         if live and detections:
-            iou = box_iou(torch.as_tensor(np.stack([d.box for d in detections])),
-                          torch.as_tensor(np.stack([self._last_box[t] for t in live]))).numpy()
-            for row, col in zip(*linear_sum_assignment(iou, maximize=True)):
-                if iou[row, col] >= self.track_iou:
+            score = self._scores(np.stack([d.box for d in detections]), np.stack([self._last_box[t] for t in live]))
+            for row, col in zip(*linear_sum_assignment(score, maximize=True)):
+                if score[row, col] > 0:
                     ids[row] = live[col]
         # New tracks are numbered left to right, so ids do not depend on the detector's output order.
         for i in sorted((i for i, t in enumerate(ids) if t is None), key=lambda i: tuple(detections[i].box[:2])):
@@ -173,7 +188,7 @@ class FaceStream:
     """Iterate for one FrameFaces per input frame; afterwards `track_lengths`/`track_sizes` feed `select_tracks`."""
 
     def __init__(self, frames: Iterable[Any], detector: FaceDetector, *, smooth_window, margin, hq_size, lq_size,
-                 batch_size, track_iou, track_max_gap, **_):
+                 batch_size, track_iou, track_max_gap, track_max_shift, **_):
         if not isinstance(smooth_window, int) or smooth_window < 1:
             raise ValueError(f"smooth_window must be a positive integer, got {smooth_window!r}")
         self._frames = frames
@@ -182,7 +197,8 @@ class FaceStream:
         self._ahead = smooth_window // 2
         self._crop = dict(margin=margin, hq_size=hq_size, lq_size=lq_size)
         self._batch_size = batch_size
-        self._tracker = FaceTracker(track_iou=track_iou, track_max_gap=track_max_gap)
+        self._tracker = FaceTracker(track_iou=track_iou, track_max_gap=track_max_gap,
+                                    track_max_shift=track_max_shift)
         self.track_lengths: dict[int, int] = {}
         self._area_sums: dict[int, float] = {}
 

@@ -30,8 +30,11 @@ DECORD_CHUNK = 8
 
 
 def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 30, crf: int = 18,
-                pix_fmt: str = "yuv420p", codec: str = "libx264") -> None:
-    """Encode RGB uint8 frames (H, W, 3) as H.264; used by the demo-data generator and the tests."""
+                pix_fmt: str = "yuv420p", codec: str = "libx264", preset: str = "medium", threads: int = 1) -> None:
+    """Encode RGB uint8 frames (H, W, 3) as H.264; used by the demo-data generator, tests and benchmarks.
+
+    x264's output depends on its thread count, so one thread (the default) makes the same frames give the same
+    bytes on every machine; benchmarks that only need speed pass threads=0 (one per core)."""
     with av.open(str(path), "w") as container:
         stream = None
         for frame in frames:
@@ -39,7 +42,7 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 30,
                 stream = container.add_stream(codec, rate=int(round(fps)) if float(fps).is_integer() else fps)
                 stream.width, stream.height = frame.shape[1], frame.shape[0]
                 stream.pix_fmt = pix_fmt
-                stream.options = {"crf": str(crf)}
+                stream.options = {"crf": str(crf), "preset": preset, "threads": str(threads)}
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
                 container.mux(packet)
         if stream is not None:

@@ -143,6 +143,14 @@ def test_tracker_continues_across_max_gap_and_not_beyond(cfg):
     assert [ids for ids in seen if ids] == [[0], [0], [0], [0], [1]]
 
 
+def test_fast_faces_without_overlap_keep_their_tracks(cfg):
+    """Two people crossing the frame a box width per sampled frame: no IoU at all, yet two tracks."""
+    tracker = FaceTracker(**cfg)
+    seen = [tracker.update([fake_detection(10 + 55 * i), fake_detection(600 - 55 * i, y=300)]) for i in range(5)]
+    assert seen == [[0, 1]] * 5
+    assert tracker.update([fake_detection(10 + 55 * 5 + 200)]) == [2]  # a jump of 4 sides is someone else
+
+
 def test_tracker_numbers_new_tracks_left_to_right(cfg):
     tracker = FaceTracker(**cfg)
     assert tracker.update([fake_detection(200), fake_detection(10)]) == [1, 0]

@@ -227,6 +227,8 @@ def test_rerun_skips_finished_videos_and_changed_settings_rescore(root, checkpoi
     flipped = run(checkpoint, [one], tmp_path / "out/scores.csv", cfg=config(tta_flip=True))
     assert (flipped.scored, flipped.rescored) == (1, 1) and len(model_calls) == 1
     assert jsonl(tmp_path / "out/scores.jsonl")[str(one)]["score"] != jsonl(summary.jsonl)[str(one)]["score"]
+    # unlabelled now: the earlier call's metrics and plots must not stay beside the new scores
+    assert not (tmp_path / "out/metrics.json").exists() and not (tmp_path / "out/scores_plots").exists()
 
 
 def test_fallback_score_fills_unscorable_videos(root, checkpoint):
