@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import multiprocessing as mp
 import multiprocessing.connection
-import os
 import signal
 import sys
 import time

@@ -1,6 +1,11 @@
 """Shared fixtures: tiny synthetic clips made with PyAV, and the optional real data in ../shared/data."""
 from __future__ import annotations
 
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +14,7 @@ import pytest
 from dfpipe.stages.video import write_video
 
 REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "dfpipe.pipeline.cli"]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
@@ -48,3 +54,30 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real test data not present at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def dfpipe(*args, check=True, **kw) -> subprocess.CompletedProcess:
+    """Run the CLI as a user would, in its own process."""
+    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dfpipe {args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def snapshot(ws: Path) -> dict[str, bytes]:
+    """Every file a user would keep: manifests and outputs (lock files hold a pid, so they are left out)."""
+    return {p.relative_to(ws).as_posix(): p.read_bytes() for p in sorted(ws.rglob("*"))
+            if p.is_file() and "locks" not in p.parts}
+
+
+def kill_at_random_moments(args: list, *, times: int, window: tuple[float, float], seed: int) -> int:
+    """Start `dfpipe ARGS` `times` times, SIGKILL each at a random moment; return how many kills landed."""
+    rng, landed = random.Random(seed), 0
+    for _ in range(times):
+        proc = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(*window))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            landed += 1
+        proc.wait()
+    return landed

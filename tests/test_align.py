@@ -1,11 +1,7 @@
 """`dfpipe align` over a workspace: crops, no-face results, pair-aware fakes, crash safety, invalidation."""
 from __future__ import annotations
 
-import random
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import cv2
@@ -13,10 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import make_clip
+from conftest import dfpipe, kill_at_random_moments, make_clip, snapshot
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages.demo import make_demo_dataset
-from test_extract import CLI, dfpipe, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -114,15 +109,7 @@ def test_align_sigkill_then_rerun_is_byte_identical(extracted, tmp_path):
     clean = fresh_workspace(extracted, tmp_path / "a")
     dfpipe("align", "--work", clean, "--quiet", check=False)
     ws = fresh_workspace(extracted, tmp_path / "b")
-    rng, landed = random.Random(7), 0
-    for _ in range(3):
-        proc = subprocess.Popen([*CLI, "align", "--work", str(ws), "--quiet"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(3.0, 9.0))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            landed += 1
-        proc.wait()
+    landed = kill_at_random_moments(["align", "--work", ws, "--quiet"], times=3, window=(3.0, 9.0), seed=7)
     dfpipe("align", "--work", ws, "--quiet", check=False)
     assert landed >= 1, "no kill landed while align was running"
     assert snapshot(ws) == snapshot(clean)

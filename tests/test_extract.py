@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import os
-import random
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,22 +10,11 @@ import av
 import cv2
 import numpy as np
 import pandas as pd
-import pytest
 
-from conftest import make_clip
+from conftest import CLI, dfpipe, kill_at_random_moments, make_clip, snapshot
 from dfpipe.manifests.workspace import Workspace
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import extract as extract_mod
-
-CLI = [sys.executable, "-m", "dfpipe.pipeline.cli"]
-
-
-def dfpipe(*args, check=True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, **kw)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dfpipe {args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
 
 def make_dataset(root: Path, n_real=3, n_fake=3, frames=12, size=(64, 48)) -> Path:
     for i in range(n_real):
@@ -36,12 +22,6 @@ def make_dataset(root: Path, n_real=3, n_fake=3, frames=12, size=(64, 48)) -> Pa
     for i in range(n_fake):
         make_clip(root / "fake" / f"fake_{i}.mp4", n=frames, width=size[0], height=size[1], seed=100 + i)
     return root
-
-
-def snapshot(ws: Path) -> dict[str, bytes]:
-    """Every file a user would keep: manifests and frames (lock files hold a pid, so they are left out)."""
-    return {p.relative_to(ws).as_posix(): p.read_bytes() for p in sorted(ws.rglob("*"))
-            if p.is_file() and "locks" not in p.parts}
 
 
 def frames_table(ws: Path) -> pd.DataFrame:
@@ -74,16 +54,8 @@ def test_sigkill_at_random_moments_then_rerun_is_byte_identical(tmp_path):
     dfpipe("extract", data, "--work", clean, "--stride", 1, "--quiet")
     expected = snapshot(clean)
     ws = tmp_path / "killed"
-    rng = random.Random(1234)
-    killed_mid_work = 0
-    for _ in range(4):
-        proc = subprocess.Popen([*CLI, "extract", str(data), "--work", str(ws), "--stride", "1", "--quiet"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.8, 3.0))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            killed_mid_work += 1
-        proc.wait()
+    killed_mid_work = kill_at_random_moments(["extract", data, "--work", ws, "--stride", 1, "--quiet"],
+                                             times=4, window=(0.8, 3.0), seed=1234)
     dfpipe("extract", data, "--work", ws, "--stride", 1, "--quiet")
     assert killed_mid_work >= 1, "no kill landed while extract was running; the test proved nothing"
     got = snapshot(ws)
