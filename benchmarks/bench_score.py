@@ -7,7 +7,7 @@ the video's length (the long clip is the short one looped, so only the length di
 Every measurement runs in a fresh process, so each peak RSS (ru_maxrss) is that measurement's alone.
 
 Usage: python benchmarks/bench_score.py [--seconds 10] [--long-seconds 300] [--model default|tiny] [--stride N]
-                                        [--batch-size B]
+                                        [--batch-size B] [--repeats N]
   default: the configured model (efficientnet-b4 + b0, random init), T = dataset.clip_len, stride = extract.stride
 """
 from __future__ import annotations
@@ -36,8 +36,8 @@ from dfpipe.stages.demo import head_motion, head_sprite, random_background
 from dfpipe.stages.video import write_video
 
 CLI = [sys.executable, "-m", "dfpipe.pipeline.cli"]
-TINY = dict(hq_backbone="test_efficientnet", lq_backbone="test_efficientnet", convlstm_filters=[8, 8],
-            mlp=[16, 8, 4], dropout=[0.2, 0.2])
+TINY = {"hq_backbone": "test_efficientnet", "lq_backbone": "test_efficientnet", "convlstm_filters": [8, 8],
+        "mlp": [16, 8, 4], "dropout": [0.2, 0.2]}
 SIZE, FPS = (1920, 1080), 30
 
 
@@ -97,8 +97,8 @@ def child_score(checkpoint: str, video: str, out: str, batch_size: str) -> dict:
     summary = score.run_score([video], checkpoint, config(batch_size), out=out, labels=None, work=None, split=None,
                               shard=Shard(), progress=False)
     (row,) = read_table(summary.csv, score.CSV_COLUMNS).to_dict("records")
-    return {"video_seconds": float(row["seconds"]),
-            "clips": int(row["clips"]), "status": row["status"], "rss_mb": peak_rss_mb()}
+    return {"video_seconds": float(row["seconds"]), "clips": int(row["clips"]),
+            "status": f"{row['status']} {row['reason']}".strip(), "rss_mb": peak_rss_mb()}
 
 
 def child_staged_model(checkpoint: str, ws: str, batch_size: str) -> dict:
@@ -129,7 +129,7 @@ def child_staged_model(checkpoint: str, ws: str, batch_size: str) -> dict:
 def in_child(*args: str) -> dict:
     """The child's report plus its wall time as a process (start-up and imports included, like the CLI's)."""
     started = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"child {args[0]} failed:\n{out.stderr[-3000:]}")
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "wall": time.perf_counter() - started}
@@ -150,6 +150,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=load_config().score.batch_size,
                         help="clips per model call; peak RSS follows it (the model's activations), so compare "
                              "lengths that both fill at least one batch")
+    parser.add_argument("--repeats", type=int, default=2, help="alternated runs of both paths on the short clip")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -171,21 +172,27 @@ def main() -> None:
               flush=True)
 
         batch = str(args.batch_size)
-        streaming = in_child("score", str(checkpoint), str(short), str(tmp / "scores" / "short.csv"), batch)
-        print(f"score-video  {streaming['wall']:7.1f} s  ({streaming['video_seconds']:.1f} s in the video loop, "
-              f"{streaming['clips']} clips, {streaming['status']}), peak RSS {streaming['rss_mb']:.0f} MB", flush=True)
-        extract = timed_cli("extract", tmp / "staged.csv", "--work", tmp / "ws", "--stride", args.stride)
-        align = timed_cli("align", "--work", tmp / "ws")
-        model = in_child("staged", str(checkpoint), str(tmp / "ws"), batch)
-        staged = extract + align + model["wall"]
-        print(f"staged       {staged:7.1f} s  (extract {extract:.1f} + align {align:.1f} + model "
-              f"{model['wall']:.1f}, {model['clips']} clips)")
-        print(f"staged / score-video: {staged / streaming['wall']:.2f}x (process wall times, start-up included)",
+        runs = []
+        for k in range(args.repeats):  # alternated, so both paths see the same machine load; the best of each counts
+            streaming = in_child("score", str(checkpoint), str(short), str(tmp / f"scores-{k}" / "short.csv"), batch)
+            ws = tmp / f"ws-{k}"
+            extract = timed_cli("extract", tmp / "staged.csv", "--work", ws, "--stride", args.stride)
+            align = timed_cli("align", "--work", ws)
+            model = in_child("staged", str(checkpoint), str(ws), batch)
+            runs.append((streaming["wall"], extract + align + model["wall"], streaming["rss_mb"]))
+            print(f"run {k + 1}: score-video {streaming['wall']:.1f} s ({streaming['video_seconds']:.1f} s in the "
+                  f"video loop, {streaming['clips']} clips, {streaming['status']}, peak RSS "
+                  f"{streaming['rss_mb']:.0f} MB); staged {runs[-1][1]:.1f} s: extract {extract:.1f} + align "
+                  f"{align:.1f} + model {model['wall']:.1f} ({model['clips']} clips)", flush=True)
+        best_streaming, best_staged, short_rss = (min(column) for column in zip(*runs))
+        print(f"best: score-video {best_streaming:.1f} s, staged {best_staged:.1f} s per {args.seconds} s clip: "
+              f"staged / score-video = {best_staged / best_streaming:.2f}x (process wall times, start-up included)",
               flush=True)
 
-        long_run = in_child("score", str(checkpoint), str(long), str(tmp / "scores" / "long.csv"), batch)
-        print(f"score-video on the long clip: {long_run['wall']:.1f} s, {long_run['clips']} clips, peak RSS "
-              f"{long_run['rss_mb']:.0f} MB = {long_run['rss_mb'] / streaming['rss_mb']:.2f}x the short clip's")
+        long_run = in_child("score", str(checkpoint), str(long), str(tmp / "scores-long" / "long.csv"), batch)
+        print(f"long clip: score-video {long_run['wall']:.1f} s, {long_run['clips']} clips, {long_run['status']}; "
+              f"peak RSS {long_run['rss_mb']:.0f} MB = {long_run['rss_mb'] / short_rss:.2f}x the short clip's "
+              f"{short_rss:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ class AttentionFusion(nn.Module):
 def classifier_head(mlp: list[int], dropout: list[float]) -> nn.Sequential:
     """mlp[0] -> mlp[1] -> ... -> 1, with dropout[i] after hidden layer i."""
     if len(dropout) != len(mlp) - 1:
-        raise ValueError(f"model.dropout needs {len(mlp) - 1} values (one per hidden layer of model.mlp), got {dropout}")
+        raise ValueError(f"model.dropout needs {len(mlp) - 1} values (one per hidden layer of model.mlp), "
+                         f"got {dropout}")
     layers: list[nn.Module] = []
     for size_in, size_out, p in zip(mlp, mlp[1:], dropout):
         layers += [nn.Linear(size_in, size_out), nn.ReLU(), nn.Dropout(p)]

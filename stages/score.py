@@ -22,6 +22,7 @@ import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -459,7 +460,7 @@ def score_videos(videos: Iterable[VideoInput], scoring: Scoring, predict: Predic
         for clip, hq, lq in _video_clips(job, scoring, detector):
             job.clips.append(clip)
             job.pending += 1
-            yield from run(lambda: queue.put((job, clip), hq, lq))
+            yield from run(partial(queue.put, (job, clip), hq, lq))
         job.seconds += time.perf_counter() - start - model_seconds
         job.streamed = True
         yield from run(list)

@@ -70,12 +70,19 @@ def snapshot(ws: Path) -> dict[str, bytes]:
             if p.is_file() and "locks" not in p.parts}
 
 
-def kill_at_random_moments(args: list, *, times: int, window: tuple[float, float], seed: int) -> int:
-    """Start `dfpipe ARGS` `times` times, SIGKILL each at a random moment; return how many kills landed."""
+def timed_dfpipe(*args, **kw) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    proc = dfpipe(*args, **kw)
+    return proc, time.perf_counter() - start
+
+
+def kill_at_random_moments(args: list, *, times: int, duration: float, seed: int) -> int:
+    """Start `dfpipe ARGS` `times` times and SIGKILL each at a random moment within the first 80% of
+    `duration` (how long an uninterrupted run took); return how many kills landed while it was running."""
     rng, landed = random.Random(seed), 0
     for _ in range(times):
         proc = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(*window))
+        time.sleep(rng.uniform(0.3, 0.8) * duration)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             landed += 1

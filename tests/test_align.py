@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import dfpipe, kill_at_random_moments, make_clip, snapshot
+from conftest import dfpipe, kill_at_random_moments, make_clip, snapshot, timed_dfpipe
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages.demo import make_demo_dataset
 
@@ -107,9 +107,9 @@ def test_one_reextracted_video_redoes_only_its_units(extracted, tmp_path):
 
 def test_align_sigkill_then_rerun_is_byte_identical(extracted, tmp_path):
     clean = fresh_workspace(extracted, tmp_path / "a")
-    dfpipe("align", "--work", clean, "--quiet", check=False)
+    _, duration = timed_dfpipe("align", "--work", clean, "--quiet", check=False)
     ws = fresh_workspace(extracted, tmp_path / "b")
-    landed = kill_at_random_moments(["align", "--work", ws, "--quiet"], times=3, window=(3.0, 9.0), seed=7)
+    landed = kill_at_random_moments(["align", "--work", ws, "--quiet"], times=3, duration=duration, seed=7)
     dfpipe("align", "--work", ws, "--quiet", check=False)
     assert landed >= 1, "no kill landed while align was running"
     assert snapshot(ws) == snapshot(clean)
@@ -134,7 +134,7 @@ def test_ffpp_originals_have_a_face_in_95_percent_of_frames(shared_data, tmp_pat
     originals = sorted((shared_data / "ffpp_c40/original_sequences").rglob("*.mp4"))
     data.write_text("path,label\n" + "".join(f"{p},real\n" for p in originals))
     ws = tmp_path / "ws"
-    dfpipe("extract", data, "--work", ws, "--quiet", "--max-frames", 12, "--stride", 10)
+    dfpipe("extract", data, "--work", ws, "--quiet", "--max-frames", 6, "--stride", 10)
     dfpipe("align", "--work", ws, "--quiet")
     faces = faces_table(ws)
     per_video = faces.groupby("video_id").apply(lambda g: g[g.status == "face"].frame_index.nunique()
@@ -155,7 +155,7 @@ def test_multiface_example_gives_at_least_4_long_tracks(shared_data, tmp_path):
 
 def test_wild_pairs_give_one_main_track_each(shared_data, tmp_path):
     ws = tmp_path / "ws"
-    dfpipe("extract", shared_data / "wild_pairs", "--work", ws, "--quiet", "--max-frames", 15)
+    dfpipe("extract", shared_data / "wild_pairs", "--work", ws, "--quiet", "--max-frames", 10)
     dfpipe("align", "--work", ws, "--quiet", check=False)
     faces = faces_table(ws)
     faces = faces[faces.status == "face"]

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from conftest import CLI, dfpipe, kill_at_random_moments, make_clip, snapshot
+from conftest import CLI, dfpipe, kill_at_random_moments, make_clip, snapshot, timed_dfpipe
 from dfpipe.manifests.workspace import Workspace
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import extract as extract_mod
@@ -51,11 +51,11 @@ def test_extract_writes_sampled_frames_with_their_content(tmp_path):
 def test_sigkill_at_random_moments_then_rerun_is_byte_identical(tmp_path):
     data = make_dataset(tmp_path / "data", n_real=4, n_fake=4, frames=60, size=(160, 120))
     clean = tmp_path / "clean"
-    dfpipe("extract", data, "--work", clean, "--stride", 1, "--quiet")
+    _, duration = timed_dfpipe("extract", data, "--work", clean, "--stride", 1, "--quiet")
     expected = snapshot(clean)
     ws = tmp_path / "killed"
     killed_mid_work = kill_at_random_moments(["extract", data, "--work", ws, "--stride", 1, "--quiet"],
-                                             times=4, window=(0.8, 3.0), seed=1234)
+                                             times=4, duration=duration, seed=1234)
     dfpipe("extract", data, "--work", ws, "--stride", 1, "--quiet")
     assert killed_mid_work >= 1, "no kill landed while extract was running; the test proved nothing"
     got = snapshot(ws)

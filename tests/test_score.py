@@ -27,8 +27,8 @@ from dfpipe.stages.train import align_params, run_train
 from test_extract import dfpipe
 
 STRIDE, CLIP_LEN, BATCH = 2, 3, 3
-TINY = dict(hq_backbone="test_efficientnet", lq_backbone="test_efficientnet", convlstm_filters=[8, 8],
-            mlp=[16, 8, 4], dropout=[0.2, 0.2])
+TINY = {"hq_backbone": "test_efficientnet", "lq_backbone": "test_efficientnet", "convlstm_filters": [8, 8],
+        "mlp": [16, 8, 4], "dropout": [0.2, 0.2]}
 DEMO = ["fake/fake_000", "fake/fake_001", "real/real_000", "real/real_001"]
 BAD = {"empty.mp4": "empty", "garbage.mp4": "undecodable", "noface.mp4": "no_face"}
 
@@ -337,7 +337,10 @@ def test_queue_runs_full_batches_across_owners_and_flushes_the_rest():
         return hq.reshape(len(hq), -1)[:, 0] / 10
 
     queue = score.ClipQueue(predict, batch_size=2)
-    clip = lambda v: (np.full((1, 2, 2, 3), v, np.uint8), np.zeros((1, 1, 1, 3), np.uint8))  # noqa: E731
+
+    def clip(value):
+        return np.full((1, 2, 2, 3), value, np.uint8), np.zeros((1, 1, 1, 3), np.uint8)
+
     assert queue.put(("a", 0), *clip(1)) == []
     assert queue.put(("b", 0), *clip(2)) == [(("a", 0), 0.1), (("b", 0), 0.2)]
     assert queue.put(("b", 1), *clip(3)) == [] and queue.flush() == [(("b", 1), 0.3)] and queue.flush() == []
