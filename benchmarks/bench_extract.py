@@ -33,6 +33,7 @@ def synthetic_clip(path: Path, seconds: int = 10, fps: int = 30, size=(1920, 108
             cx, cy = w / 2 + 500 * np.sin(t), h / 2 + 250 * np.cos(1.3 * t)
             img = img + 90 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 2e4)[..., None] + texture
             yield np.clip(img, 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_video(path, frames(), fps=fps, crf=23, preset="veryfast", threads=0)
     return path
 

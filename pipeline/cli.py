@@ -206,6 +206,51 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
                                          for k, v in result.items() if not isinstance(v, dict)))
 
 
+@main.command("score-video")
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+              help="RUN_DIR/best.pt from `dfpipe train`.")
+@click.option("--out", default="scores.csv", show_default=True, type=click.Path(dir_okay=False),
+              help="Per-video CSV; scores.jsonl, metrics.json and plots go beside it.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CSV path,label or a DFDC metadata.json: adds metrics.json and plots.")
+@click.option("--work", type=click.Path(file_okay=False), default=None,
+              help="Score the videos of a workspace split (with --split), labels included.")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None)
+@click.option("--aggregate", type=click.Choice(["mean", "median", "max", "topk", "confident"]), default=None,
+              help="Clip -> track rule [default: the one chosen on validation, stored in the checkpoint].")
+@click.option("--threshold", type=float, default=None, help="Decision threshold [default: the checkpoint's].")
+@click.option("--tta-flip", is_flag=True, default=None, help="Average each clip with its mirror image.")
+@click.option("--fallback-score", type=float, default=None,
+              help="Score given to videos that cannot be scored (default: none, the score stays empty).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
+@click.option("--batch-size", type=int, default=None, help="Clips per model call.")
+@shard_option
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@config_options
+@command
+def score_video(paths, checkpoint, out, labels, work, split, aggregate, threshold, tta_flip, fallback_score, device,
+                batch_size, shard, quiet, config_file, overrides):
+    """Score raw videos (files, folders or a CSV list): one score per video, no files on disk but the results.
+
+    Decodes, detects, tracks and aligns in memory with the settings the model was trained with, and reruns skip
+    videos already in the output.
+    """
+    from ..manifests.workspace import Shard
+    from ..stages.score import run_score
+    if not paths and not work:
+        raise click.UsageError("give video files, folders or a CSV list, or --work DIR --split SPLIT")
+    if bool(work) != bool(split):
+        raise click.UsageError("--work and --split go together")
+    cfg = make_config(config_file, overrides, **{
+        "score.aggregate": aggregate, "score.threshold": threshold, "score.tta_flip": tta_flip,
+        "score.fallback_score": fallback_score, "score.device": device, "score.batch_size": batch_size})
+    summary = run_score(list(paths), checkpoint, cfg, out=out, labels=labels, work=work, split=split,
+                        shard=Shard.parse(shard), progress=not quiet)
+    click.echo(summary.line())
+    sys.exit(EXIT_FAILED_UNITS if summary.counts.get("error") else 0)
+
+
 def _stages():
     """(name, spec, units-for-status) of every stage with a workspace manifest, in pipeline order."""
     from ..stages import align as al
