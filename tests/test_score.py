@@ -13,9 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
-
-from conftest import make_clip
+from conftest import dfpipe, make_clip
 from dfpipe.manifests.workspace import Shard, Workspace
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
@@ -24,7 +22,7 @@ from dfpipe.stages.dataset import read_crops
 from dfpipe.stages.demo import make_demo_dataset
 from dfpipe.stages.faces import FrameFaces
 from dfpipe.stages.train import align_params, run_train
-from test_extract import dfpipe
+from sklearn.metrics import roc_auc_score
 
 STRIDE, CLIP_LEN, BATCH = 2, 3, 3
 TINY = {"hq_backbone": "test_efficientnet", "lq_backbone": "test_efficientnet", "convlstm_filters": [8, 8],
