@@ -70,11 +70,14 @@ def make_config(config_file, overrides, **section_values):
     return load_config(config_file, updates)
 
 
-def print_failures(summary) -> None:
+def finish(summary) -> None:
+    """A stage's last words: its summary line, its failures (one line each) and the exit code."""
+    click.echo(summary.line())
     for unit, reason in summary.failed[:20]:
         click.echo(f"  failed {unit}: {reason}", err=True)
     if len(summary.failed) > 20:
         click.echo(f"  ... and {len(summary.failed) - 20} more (see the stage's manifest)", err=True)
+    sys.exit(EXIT_FAILED_UNITS if summary.failed else 0)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -132,9 +135,7 @@ def extract(input_path, work, dataset, stride, max_frames, jpeg_quality, decoder
     click.echo(f"dataset layout: {found.layout} ({len(found.rows)} videos)")
     for note in found.notes:
         click.echo(f"  note: {note}")
-    click.echo(summary.line())
-    print_failures(summary)
-    sys.exit(EXIT_FAILED_UNITS if summary.failed else 0)
+    finish(summary)
 
 
 @main.command()
@@ -168,9 +169,7 @@ def align(work, device, batch_size, detect_max_side, min_face_size, margin, max_
     if not ws.manifest("frames.csv").exists():
         raise click.ClickException(f"{ws.root}: no extracted frames; run `dfpipe extract INPUT --work {work}`")
     summary = run_align(ws, cfg, shard=Shard.parse(shard), retry_failed=retry_failed, progress=not quiet)
-    click.echo(summary.line())
-    print_failures(summary)
-    sys.exit(EXIT_FAILED_UNITS if summary.failed else 0)
+    finish(summary)
 
 
 @main.command()

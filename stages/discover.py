@@ -353,17 +353,22 @@ def _csv(path: Path) -> tuple[list[dict], list[str]]:
     return drafts, notes
 
 
-def _read_table(path: Path) -> pd.DataFrame:
-    """The CSV with every optional column present and every cell a stripped string; rejects bad cells by line."""
+def read_user_csv(path: Path, required: tuple[str, ...], header: str) -> pd.DataFrame:
+    """A CSV a user wrote (video lists, labels): cells as strings, lower-case column names, required columns."""
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise DiscoveryError(f"{path}: cannot read as CSV ({str(e).splitlines()[0]})") from None
     table.columns = [str(c).strip().lower() for c in table.columns]
-    missing = [c for c in ("path", "label") if c not in table.columns]
+    missing = [c for c in required if c not in table.columns]
     if missing:
-        raise DiscoveryError(f"{path}: missing column(s) {', '.join(missing)} "
-                             "(header must be path,label[,source,split,group])")
+        raise DiscoveryError(f"{path}: missing column(s) {', '.join(missing)} (header must be {header})")
+    return table
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """The CSV with every optional column present and every cell a stripped string; rejects bad cells by line."""
+    table = read_user_csv(path, ("path", "label"), "path,label[,source,split,group]")
     table = table.reindex(columns=["path", "label", "source", "split", "group"], fill_value="")
     table = table.apply(lambda col: col.str.strip())
     checks = (("path", table["path"] == "", "empty path"),

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
-import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
@@ -40,7 +39,7 @@ from . import align as align_stage
 from . import pairs as pairs_mod
 from .aggregate import RULES, video_score
 from .dataset import clip_positions
-from .discover import CSV_LABELS, VIDEO_EXTENSIONS
+from .discover import CSV_LABELS, VIDEO_EXTENSIONS, read_user_csv
 from .evaluate import binary_metrics, write_plots
 from .faces import FaceDetector, FaceStream, FrameFaces, resolve_device, select_tracks
 from .train import amp_dtype, load_checkpoint, model_from_checkpoint
@@ -77,21 +76,9 @@ def _label(value: str, where: str) -> str | None:
     return CSV_LABELS[text]
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ScoreError(f"{path}: cannot read as CSV ({str(e).splitlines()[0]})") from None
-    table.columns = [str(c).strip().lower() for c in table.columns]
-    missing = [c for c in required if c not in table.columns]
-    if missing:
-        raise ScoreError(f"{path}: missing column(s) {', '.join(missing)} (header must be path[,label])")
-    return table
-
-
 def _list_file(path: Path) -> list[VideoInput]:
     """A CSV `path[,label]`; relative paths are relative to the CSV's folder, as in `dfpipe extract`."""
-    table = _read_csv(path, ("path",))
+    table = read_user_csv(path, ("path",), "path[,label]")
     labels = table["label"] if "label" in table.columns else [""] * len(table)
     return [VideoInput(os.path.abspath(path.parent / p.strip()), _label(lab, f"{path}: row {i + 1}"))
             for i, (p, lab) in enumerate(zip(table["path"], labels))]
@@ -124,7 +111,7 @@ def read_labels(path: str | Path) -> dict[str, str]:
             raise ScoreError(f"{path}: expected DFDC metadata ({{\"x.mp4\": {{\"label\": \"FAKE\"}}, ...}})")
         return {name: _label(entry.get("label", ""), f"{path}: {name}") for name, entry in entries.items()
                 if entry.get("label")}
-    table = _read_csv(path, ("path", "label"))
+    table = read_user_csv(path, ("path", "label"), "path,label")
     labels: dict[str, str] = {}
     names: dict[str, set[str]] = {}
     for i, (p, value) in enumerate(zip(table["path"], table["label"])):
