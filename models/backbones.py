@@ -10,10 +10,11 @@ import logging
 import math
 from pathlib import Path
 
-import timm
 import torch
 from efficientnet_pytorch import EfficientNet
+from efficientnet_pytorch.utils import Conv2dDynamicSamePadding
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +40,26 @@ class Backbone(nn.Module):
         self.mean = tuple(mean)
         self.std = tuple(std)
 
+    def fold_batchnorm(self) -> None:
+        """Families without a known conv -> BatchNorm layout keep their BatchNorms."""
+
 
 class EfficientNetPytorchBackbone(Backbone):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(x)
+
+    def fold_batchnorm(self) -> None:
+        """Inference only: each BatchNorm becomes part of the convolution before it (same outputs, one pass over
+        the activations fewer per layer). The module then no longer loads or trains from a checkpoint."""
+        net = self.net
+        pairs = [(net, "_conv_stem", "_bn0"), (net, "_conv_head", "_bn1")]
+        for block in net._blocks:
+            if hasattr(block, "_expand_conv"):
+                pairs.append((block, "_expand_conv", "_bn0"))
+            pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+        for owner, conv, norm in pairs:
+            setattr(owner, conv, fuse_conv_bn_eval(getattr(owner, conv), getattr(owner, norm)))
+            setattr(owner, norm, nn.Identity())
 
 
 class TimmBackbone(Backbone):
@@ -69,10 +86,33 @@ def _efficientnet_pytorch(name: str) -> Backbone:
     # image_size=None selects dynamic "same" padding, which is correct at any input size; the static default
     # pads for the architecture's native resolution (380 px for B4), not for the 224/112 px crops used here.
     net = EfficientNet.from_name(name, include_top=False, image_size=None)
+    # Its Swish is x * sigmoid(x) as a custom autograd function: three kernels and an fp32 round trip under
+    # autocast. nn.SiLU is the same function as one native kernel (measured: ~1.5x faster B4 inference on CPU).
+    for module in net.modules():
+        if hasattr(module, "_swish"):
+            module._swish = nn.SiLU()
+        # "Same" padding of a stride-1 convolution is symmetric at every input size: the convolution's own padding
+        # does it without the extra copy of the input that efficientnet-pytorch's F.pad makes per call.
+        for child, conv in module.named_children():
+            if isinstance(conv, Conv2dDynamicSamePadding) and tuple(conv.stride) == (1, 1):
+                setattr(module, child, _padded_conv(conv))
     return EfficientNetPytorchBackbone(name, net, net._conv_head.out_channels, ("_fc",), IMAGENET_MEAN, IMAGENET_STD)
 
 
+def _padded_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    kh, kw = conv.kernel_size
+    if kh % 2 == 0 or kw % 2 == 0 or tuple(conv.dilation) != (1, 1):
+        return conv
+    plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=(kh // 2, kw // 2),
+                      groups=conv.groups, bias=conv.bias is not None)
+    plain.weight, plain.bias = conv.weight, conv.bias
+    return plain
+
+
 def _timm(name: str) -> Backbone:
+    import timm  # here, not at the top: its import costs ~180 MB of memory that efficientnet-bN runs never need
+    if not timm.is_model(name):
+        raise ValueError(f"unknown backbone '{name}': neither efficientnet-b0..b7 nor a timm model name")
     net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
     cfg = net.pretrained_cfg
     classifier = cfg.get("classifier") or ()
@@ -86,7 +126,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"{path}: pretrained weight file not found")
     try:
         # timm's reader: .safetensors, or torch.load(weights_only=True); unwraps 'state_dict'/'model' and 'module.'.
-        return timm.models.load_state_dict(str(path))
+        from timm.models import load_state_dict
+        return load_state_dict(str(path))
     except Exception as e:  # any unreadable file (pickle, zip, safetensors header) gets the same one-line report
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{path}: cannot read weights ({reason})") from None
@@ -115,12 +156,7 @@ def load_weights(backbone: Backbone, path: str | Path) -> None:
 def build_backbone(name: str, *, pretrained: str | Path | None) -> Backbone:
     """``efficientnet-bN`` names use efficientnet-pytorch, any other name a timm model; ``pretrained`` is a local
     weight file or None for random init."""
-    if name in EFFICIENTNET_PYTORCH:
-        backbone = _efficientnet_pytorch(name)
-    elif timm.is_model(name):
-        backbone = _timm(name)
-    else:
-        raise ValueError(f"unknown backbone '{name}': neither efficientnet-b0..b7 nor a timm model name")
+    backbone = _efficientnet_pytorch(name) if name in EFFICIENTNET_PYTORCH else _timm(name)
     if pretrained is None:
         log.warning("backbone %s is randomly initialised (no pretrained weight file given)", name)
     else:

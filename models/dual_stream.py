@@ -22,11 +22,16 @@ class Stream(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.temporal = ConvLSTM(backbone.out_channels, filters, kernel_size)
-        # Normalising here (and nowhere in the data pipeline) ties it to the weights it belongs to.
-        self.register_buffer("mean", torch.tensor(backbone.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(backbone.std).view(1, 3, 1, 1), persistent=False)
+        self.set_normalisation()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         backbone.to(memory_format=self.memory_format)
+
+    def set_normalisation(self) -> None:
+        """Normalising here (and nowhere in the data pipeline) ties it to the weights it belongs to. Not saved with
+        them (the backbone defines it), so a model built on the meta device and given a checkpoint's tensors calls
+        this again."""
+        self.register_buffer("mean", torch.tensor(self.backbone.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(self.backbone.std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         batch, steps = clips.shape[:2]
@@ -91,6 +96,13 @@ class DualStreamNet(nn.Module):
         fused, weights = self.fusion(self.hq(hq), self.lq(lq))
         logits = self.classifier(fused).squeeze(-1)
         return (logits, weights) if return_attention else logits
+
+    def fold_batchnorm(self) -> "DualStreamNet":
+        """For inference: see Backbone.fold_batchnorm."""
+        self.eval()
+        self.hq.backbone.fold_batchnorm()
+        self.lq.backbone.fold_batchnorm()
+        return self
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         return chain(self.hq.backbone.parameters(), self.lq.backbone.parameters())

@@ -14,10 +14,11 @@ from typing import Any, Iterable, Iterator, Sequence
 import cv2
 import numpy as np
 import torch
-from facenet_pytorch import MTCNN
 from scipy.optimize import linear_sum_assignment
 from skimage.transform import SimilarityTransform
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, nms
+
+from .mtcnn import MTCNN
 
 # ArcFace (insightface) 112x112 template: left eye, right eye, nose tip, left and right mouth corners.
 ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -27,6 +28,12 @@ ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.736
 # face" that `margin` scales, so margin 1.3 reproduces the usual "MTCNN box x 1.3" crops.
 FACE_CENTRE = np.array([56.0, 63.0])
 FACE_SIDE = 108.0
+# Tracking looks for a known face in a window SEARCH_AREA times its side, shrunk to SEARCH_WINDOW..2x pixels: the
+# face is then 50-100 px there, far above MTCNN's smallest, and may move more than its own width between frames.
+SEARCH_AREA = 2.5
+JITTER_SHIFTS = (-0.1, 0.0, 0.1)
+JITTER_SCALES = (1.0,)
+SEARCH_WINDOW = 128
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays, whose == is elementwise: compare by identity
@@ -65,15 +72,14 @@ def resolve_device(device: str) -> torch.device:
 
 class FaceDetector:
     """MTCNN on frames shrunk to `detect_max_side`: its cost grows with pixels (1080p -> 640 px side is 9x fewer),
-    while faces big enough to be worth classifying stay far above `min_face_size`."""
+    while faces big enough to be worth classifying stay far above `min_face_size`. `confirm` re-finds known faces
+    at full resolution with O-Net alone, which is what tracking uses between full detections."""
 
-    def __init__(self, *, device, min_face_size, thresholds, detect_max_side, batch_size, min_prob, **_):
+    def __init__(self, *, device, min_face_size, thresholds, detect_max_side, min_prob, **_):
         self.device = resolve_device(device)
         self.detect_max_side = detect_max_side
-        self.batch_size = batch_size
         self.min_prob = min_prob
-        self._mtcnn = MTCNN(keep_all=True, post_process=False, select_largest=False,
-                            min_face_size=min_face_size, thresholds=list(thresholds), device=self.device)
+        self._mtcnn = MTCNN(min_face_size=min_face_size, thresholds=thresholds, device=self.device)
 
     def detect(self, frames: Sequence[np.ndarray]) -> list[list[Detection]]:
         if not frames:
@@ -87,22 +93,75 @@ class FaceDetector:
         # Per-axis factors: rounding the small size makes x and y shrink by slightly different amounts.
         to_full = np.array([width / size[0], height / size[1]])
         small = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) if scale < 1 else f for f in frames])
-        found = []
-        for start in range(0, len(small), self.batch_size):
-            # `detect`, not `forward`: forward breaks on batches where some frames have no face.
-            boxes, probs, points = self._mtcnn.detect(small[start:start + self.batch_size], landmarks=True)
-            found.extend(self._keep(b, p, l, to_full, scale) for b, p, l in zip(boxes, probs, points))
-        return found
+        return [self._keep(boxes * np.tile(to_full, 2), probs, points * to_full, scale)
+                for boxes, probs, points in self._mtcnn.detect(small)]
 
-    def _keep(self, boxes, probs, points, to_full: np.ndarray, scale: float) -> list[Detection]:
-        """MTCNN returns None / object arrays for empty frames; turn them into plain float Detections."""
-        if boxes is None:
+    def confirm(self, frame: np.ndarray, boxes: Sequence[np.ndarray]) -> list[Detection]:
+        """The faces at or near these expected full-resolution boxes of one frame.
+
+        Each box's neighbourhood (SEARCH_AREA x its side) is shrunk by a whole factor into a window of
+        SEARCH_WINDOW to 2 x SEARCH_WINDOW pixels (a whole factor keeps OpenCV's area resize on its fast path),
+        where the face is 50-100 px whatever its size in the frame. There, R-Net + O-Net run straight on boxes
+        around the expected one (`_jitter`): cheap, and it keeps a marginal face (dark, turned) that P-Net finds at
+        some scales and misses at others. Only a window where that confirms nothing (the face moved further) gets
+        a full MTCNN pass."""
+        if not len(boxes):
             return []
-        boxes = np.asarray(boxes, dtype=float).reshape(-1, 4) * np.tile(to_full, 2)
-        points = np.asarray(points, dtype=float).reshape(-1, 5, 2) * to_full
-        probs = np.asarray(probs, dtype=float).reshape(-1)
+        boxes = np.asarray(boxes, dtype=float).reshape(-1, 4)
+        windows, origins, shrink = self._windows(frame, boxes)
+        expected = (boxes - np.tile(origins, 2)) / shrink[:, None]
+        found = self._mtcnn.refine(windows, np.concatenate([_jitter(box) for box in expected]),
+                                   np.repeat(np.arange(len(boxes)), len(JITTER_SHIFTS) ** 2 * len(JITTER_SCALES)))
+        lost = [i for i, (_, probs, _) in enumerate(found) if not (probs >= self.min_prob).any()]
+        for i, faces in zip(lost, self._mtcnn.detect(windows[lost]) if lost else []):
+            found[i] = faces
+        detections = []
+        for (boxes_w, probs, points), origin, factor in zip(found, origins, shrink):
+            detections += self._keep(boxes_w * factor + np.tile(origin, 2), probs, points * factor + origin,
+                                     1.0 / factor)
+        if len(detections) < 2:
+            return detections
+        # Windows of neighbouring faces overlap and find a face twice: keep the likelier copy.
+        keep = nms(torch.as_tensor(np.stack([d.box for d in detections])),
+                   torch.as_tensor([d.prob for d in detections], dtype=torch.float64), 0.5)
+        return [detections[i] for i in sorted(keep.tolist())]
+
+    @staticmethod
+    def _windows(frame: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Windows around the boxes (zero-padded to one size), each one's top-left corner in the frame and its
+        whole shrink factor: frame point = window point x factor + corner."""
+        height, width = frame.shape[:2]
+        sides = SEARCH_AREA * np.maximum(np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]), 1.0)
+        shrink = np.maximum(1, sides // SEARCH_WINDOW).astype(int)
+        size = np.ceil(sides / shrink).astype(int)  # window side in window pixels
+        windows = np.zeros((len(boxes), size.max(), size.max(), 3), np.uint8)
+        corners = np.round((boxes[:, :2] + boxes[:, 2:]) / 2 - (size * shrink)[:, None] / 2).astype(int)
+        for window, (x0, y0), k, n in zip(windows, corners, shrink, size):
+            # The part inside the frame, trimmed to whole multiples of k; what lies outside stays black.
+            left, top = x0 + -(-max(0, -x0) // k) * k, y0 + -(-max(0, -y0) // k) * k
+            right = left + max(0, min(width, x0 + n * k) - left) // k * k
+            bottom = top + max(0, min(height, y0 + n * k) - top) // k * k
+            if right <= left or bottom <= top:  # the track left the frame: an empty window finds nothing
+                continue
+            patch = frame[top:bottom, left:right]
+            if k > 1:
+                patch = cv2.resize(patch, ((right - left) // k, (bottom - top) // k), interpolation=cv2.INTER_AREA)
+            dx, dy = (left - x0) // k, (top - y0) // k
+            window[dy:dy + patch.shape[0], dx:dx + patch.shape[1]] = patch
+        return windows, corners.astype(float), shrink.astype(float)
+
+    def _keep(self, boxes, probs, points, scale: float) -> list[Detection]:
         return [Detection(box=b, prob=float(p), landmarks=l, scale=scale)
                 for b, p, l in zip(boxes, probs, points) if p >= self.min_prob]
+
+
+def _jitter(box: np.ndarray) -> np.ndarray:
+    """The box shifted by up to JITTER_SHIFT of its side and scaled by JITTER_SCALES: 27 candidates."""
+    centre, side = (box[:2] + box[2:]) / 2, max(box[2] - box[0], box[3] - box[1])
+    shifts = np.array(np.meshgrid(JITTER_SHIFTS, JITTER_SHIFTS)).reshape(2, -1).T
+    out = [np.r_[centre + d * side - s * side / 2, centre + d * side + s * side / 2]
+           for s in JITTER_SCALES for d in shifts]
+    return np.array(out)
 
 
 class FaceTracker:
@@ -118,8 +177,14 @@ class FaceTracker:
         self.track_max_gap = track_max_gap
         self.track_max_shift = track_max_shift
         self._last_box: dict[int, np.ndarray] = {}
+        self._velocity: dict[int, np.ndarray] = {}  # box change per frame between the track's last two sightings
         self._missed: dict[int, int] = {}
         self._next_id = 0
+
+    def expected(self) -> tuple[list[int], list[np.ndarray]]:
+        """Where each live track's face should be in the next frame: its last box moved on at its last speed."""
+        tracks = list(self._last_box)
+        return tracks, [self._last_box[t] + self._velocity.get(t, 0) * (self._missed[t] + 1) for t in tracks]
 
     def _scores(self, boxes: np.ndarray, last: np.ndarray) -> np.ndarray:
         """> 1 for overlapping pairs (ranked by IoU), in (0, 1) for nearby ones (ranked by closeness), 0 else."""
@@ -147,7 +212,10 @@ class FaceTracker:
             self._missed[track] += 1
             if self._missed[track] > self.track_max_gap:
                 del self._last_box[track], self._missed[track]
+                self._velocity.pop(track, None)
         for track, det in zip(ids, detections):
+            if track in self._last_box:
+                self._velocity[track] = (det.box - self._last_box[track]) / (self._missed[track] + 1)
             self._last_box[track] = det.box
             self._missed[track] = 0
         return ids
@@ -188,15 +256,17 @@ class FaceStream:
     """Iterate for one FrameFaces per input frame; afterwards `track_lengths`/`track_sizes` feed `select_tracks`."""
 
     def __init__(self, frames: Iterable[Any], detector: FaceDetector, *, smooth_window, margin, hq_size, lq_size,
-                 batch_size, track_iou, track_max_gap, track_max_shift, **_):
-        if not isinstance(smooth_window, int) or smooth_window < 1:
-            raise ValueError(f"smooth_window must be a positive integer, got {smooth_window!r}")
+                 batch_size, detect_every, track_iou, track_max_gap, track_max_shift, **_):
+        for name, value in (("smooth_window", smooth_window), ("detect_every", detect_every)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self._frames = frames
         self._detector = detector
         self._behind = (smooth_window - 1) // 2
         self._ahead = smooth_window // 2
         self._crop = dict(margin=margin, hq_size=hq_size, lq_size=lq_size)
         self._batch_size = batch_size
+        self._detect_every = detect_every
         self._tracker = FaceTracker(track_iou=track_iou, track_max_gap=track_max_gap,
                                     track_max_shift=track_max_shift)
         self.track_lengths: dict[int, int] = {}
@@ -211,9 +281,13 @@ class FaceStream:
         frames = iter(self._frames)
         # Entries already yielded stay only as long as later frames need them for look-back smoothing.
         window: deque[_Tracked] = deque()
-        done = 0
+        done = seen = 0
         while batch := list(islice(frames, self._batch_size)):
-            for frame, detections in zip(batch, self._detector.detect([f.image for f in batch])):
+            keys = [k for k in range(len(batch)) if (seen + k) % self._detect_every == 0]
+            found = dict(zip(keys, self._detector.detect([batch[k].image for k in keys])))
+            seen += len(batch)
+            for k, frame in enumerate(batch):
+                detections = self._follow(frame.image, found.get(k, []))
                 window.append(_Tracked(frame, detections, self._track(detections)))
             while len(window) - done > self._ahead:
                 yield self._align(window, done)
@@ -223,6 +297,19 @@ class FaceStream:
                     done -= 1
         for position in range(done, len(window)):
             yield self._align(window, position)
+
+    def _follow(self, image: np.ndarray, found: list[Detection]) -> list[Detection]:
+        """The live tracks' faces confirmed where they are expected, plus the faces only the detector found (new
+        faces). Confirmed faces win where both found one: the detector may miss a face a frame at a time (a dark or
+        turned face), and a track's landmarks then all come from windows at a similar scale, which keeps them
+        steady."""
+        _, expected = self._tracker.expected()
+        confirmed = self._detector.confirm(image, expected) if expected else []
+        if confirmed and found:
+            overlap = box_iou(torch.as_tensor(np.stack([d.box for d in found])),
+                              torch.as_tensor(np.stack([d.box for d in confirmed]))).amax(dim=1)
+            found = [d for d, iou in zip(found, overlap.tolist()) if iou < 0.5]
+        return confirmed + found
 
     def _track(self, detections: list[Detection]) -> list[int]:
         ids = self._tracker.update(detections)

@@ -198,7 +198,8 @@ def scoring_settings(ckpt: dict, cfg, checkpoint: str | Path) -> Scoring:
         raise ScoreError(f"score.fallback_score: {s.fallback_score} is not a probability in [0, 1]")
     return Scoring(stride=int(ckpt["extract"]["stride"]), max_frames=cfg.extract.max_frames,
                    decoder=cfg.extract.decoder,
-                   align={**ckpt["align"], "device": s.device, "batch_size": cfg.align.batch_size},
+                   # settings newer than the checkpoint keep their defaults
+                   align={**cfg.align, **ckpt["align"], "device": s.device, "batch_size": cfg.align.batch_size},
                    clip_len=int(ckpt["clip_len"]), rule=rule, rule_params={k: s[k] for k in RULE_KEYS},
                    # an uncalibrated checkpoint scores with the plain sigmoid of its logits
                    temperature=float(calibration.get("temperature", 1.0)), threshold=float(threshold),
@@ -296,7 +297,11 @@ class ClipModel:
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype | None,
                  temperature: float, tta_flip: bool):
-        self.model = model
+        # On CPU the weights themselves become bf16: autocast would convert every BatchNorm's input and output
+        # between bf16 and fp32 (measured: ~1.4x slower); inference needs no fp32 master weights.
+        self.cast = dtype is not None and device.type == "cpu"
+        model.fold_batchnorm()
+        self.model = model.to(dtype) if self.cast else model
         self.device = device
         self.dtype = dtype
         self.temperature = temperature
@@ -306,10 +311,11 @@ class ClipModel:
         x = torch.from_numpy(crops)
         if self.device.type == "cuda":
             x = x.pin_memory()
-        return x.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3).float().div_(255)
+        x = x.to(self.device, non_blocking=True).permute(0, 1, 4, 2, 3)
+        return x.to(self.dtype).div_(255) if self.cast else x.float().div_(255)
 
     def _probs(self, hq: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None and not self.cast):
             logits = self.model(hq, lq).float()
         return torch.sigmoid(logits / self.temperature)
 
@@ -320,6 +326,12 @@ class ClipModel:
             if self.tta_flip:
                 probs = (probs + self._probs(hq_t.flip(-1), lq_t.flip(-1))) / 2
             return probs.double().cpu().numpy()
+
+
+def model_batch(batch_size: int | None, device: torch.device) -> int:
+    """A GPU needs many clips per call to stay busy; a CPU is no faster with more than one (measured with
+    benchmarks/bench_score.py), and each extra clip of B4 activations costs ~100 MB of memory."""
+    return batch_size if batch_size is not None else (16 if device.type == "cuda" else 1)
 
 
 class ClipQueue:
@@ -617,11 +629,13 @@ def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str 
         device = resolve_device(cfg.score.device)
         predict = ClipModel(model_from_checkpoint(ckpt, device), device=device, dtype=amp_dtype(scoring.amp, device),
                             temperature=scoring.temperature, tta_flip=scoring.tta_flip)
+        del ckpt["model"]  # the model holds what it needs (cast, or moved to the GPU); the file's tensors can go
         detector = FaceDetector(**scoring.align)
         extra = {"settings": scoring.digest(), "model_digest": model_digest}
         with open(jsonl, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit="video", desc="score",
                                                            disable=not progress) as bar:
-            for row in score_videos(todo, scoring, predict, detector, batch_size=cfg.score.batch_size):
+            for row in score_videos(todo, scoring, predict, detector, batch_size=model_batch(cfg.score.batch_size,
+                                                                                             device)):
                 row = {**row, **extra, "file": _file_key(row["path"])}
                 _append(f, row)
                 done[row["path"]] = row

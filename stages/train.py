@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 import numpy as np
@@ -289,17 +289,24 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def model_from_checkpoint(ckpt: dict, device: str | torch.device) -> DualStreamNet:
-    """The trained network in eval mode. Backbones are built without their pretrained files (the checkpoint's
-    weights replace them, and the files need not exist where the model is used), so the random-init warning that
-    building them would log is silenced."""
+    """The trained network in eval mode, its tensors those of the checkpoint (built on the meta device, so no
+    random initialisation is computed and stored only to be overwritten). Backbones are built without their
+    pretrained files (the checkpoint's weights replace them, and the files need not exist where the model is used),
+    so the random-init warning that building them would log is silenced."""
     backbones_log = logging.getLogger("dfpipe.models.backbones")
     level = backbones_log.level
     backbones_log.setLevel(logging.ERROR)
     try:
-        model = DualStreamNet.from_config({**ckpt["model_config"], "pretrained_hq": None, "pretrained_lq": None})
+        with torch.device("meta"):
+            model = DualStreamNet.from_config({**ckpt["model_config"], "pretrained_hq": None, "pretrained_lq": None})
     finally:
         backbones_log.setLevel(level)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["model"], assign=True)
+    for stream in (model.hq, model.lq):
+        stream.set_normalisation()
+    left = [name for name, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
+    if left:
+        raise TrainError(f"checkpoint has no values for {', '.join(left[:3])}")
     return model.to(device).eval()
 
 

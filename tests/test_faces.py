@@ -158,10 +158,19 @@ def test_tracker_numbers_new_tracks_left_to_right(cfg):
 
 
 class StubDetector:
-    """Finds one face per frame at a position that drifts with the frame index; counts nothing itself."""
+    """One face per frame at a position that drifts with the frame's pixel value; records which frames each
+    method saw."""
+
+    def __init__(self):
+        self.detected, self.confirmed = [], []
 
     def detect(self, frames):
+        self.detected += [int(f[0, 0, 0]) for f in frames]
         return [[fake_detection(10 + float(f[0, 0, 0]))] for f in frames]
+
+    def confirm(self, frame, boxes):
+        self.confirmed.append(int(frame[0, 0, 0]))
+        return [fake_detection(10 + float(frame[0, 0, 0]))]
 
 
 def test_stream_buffers_at_most_a_batch_plus_the_window(cfg):
@@ -173,7 +182,8 @@ def test_stream_buffers_at_most_a_batch_plus_the_window(cfg):
             pulled += 1
             yield Frame(i, i / 10, np.full((120, 160, 3), i, np.uint8))
 
-    faces = faces_in_frames(frames(), StubDetector(), **{**cfg, "smooth_window": 5, "batch_size": 8})
+    faces = faces_in_frames(frames(), StubDetector(), **{**cfg, "smooth_window": 5, "batch_size": 8,
+                                                         "detect_every": 1})
     indices, held = [], []
     for frame_faces in faces:
         indices.append(frame_faces.index)
@@ -183,6 +193,29 @@ def test_stream_buffers_at_most_a_batch_plus_the_window(cfg):
     assert max(held) <= 8 + 5
     assert faces.track_lengths == {0: 100}
     assert faces.track_sizes == {0: pytest.approx(2500.0)}
+
+
+def test_full_detection_runs_on_every_nth_frame_and_tracking_fills_the_rest(cfg):
+    detector = StubDetector()
+    frames = [Frame(i, i / 10, np.full((120, 160, 3), i, np.uint8)) for i in range(11)]
+    faces = faces_in_frames(frames, detector, **{**cfg, "detect_every": 4, "batch_size": 3})
+    result = list(faces)
+    assert detector.detected == [0, 4, 8]  # by position in the stream, whatever the batch size
+    assert detector.confirmed == list(range(1, 11))  # every frame after the first, once a track is live
+    assert [[f.track_id for f in ff.faces] for ff in result] == [[0]] * 11
+    assert faces.track_lengths == {0: 11}
+
+
+def test_tracking_between_detections_follows_a_face_moving_its_own_width_per_frame(cfg, detector, head):
+    """Full detection on frames 0, 4 and 8 only; in between, the search windows must keep up with the face."""
+    corners = [(40 + 3 * i, 10 + 48 * i) for i in range(6)]
+    images = [composite(head, [corner], size=(240, 360)) for corner in corners]
+    result = list(faces_in_frames(stream(images), detector, **{**cfg, "detect_every": 4}))
+    assert [[f.track_id for f in ff.faces] for ff in result] == [[0]] * 6
+    for ff, (y, x) in zip(result, corners):
+        truth = np.array([x, y, x + head.shape[1], y + head.shape[0]], dtype=float)
+        centre = (ff.faces[0].box[:2] + ff.faces[0].box[2:]) / 2
+        assert truth[0] < centre[0] < truth[2] and truth[1] < centre[1] < truth[3]
 
 
 def test_select_tracks_drops_short_tracks_then_keeps_the_largest():
@@ -197,6 +230,8 @@ def test_bad_input_is_rejected(cfg, detector):
         detector.detect([np.zeros((48, 64, 3), np.uint8), np.zeros((64, 48, 3), np.uint8)])
     with pytest.raises(ValueError, match="smooth_window"):
         faces_in_frames([], detector, **{**cfg, "smooth_window": 0})
+    with pytest.raises(ValueError, match="detect_every"):
+        faces_in_frames([], detector, **{**cfg, "detect_every": 0})
     with pytest.raises(ValueError, match="degenerate"):
         align_face(np.zeros((48, 64, 3), np.uint8), np.zeros((5, 2)), **cfg)
 

@@ -53,6 +53,45 @@ def test_efficientnet_pytorch_backbone_returns_last_feature_map():
         assert torch.equal(out, backbone.net.extract_features(x))
 
 
+def randomise_batchnorm(module: torch.nn.Module, seed: int = 0) -> None:
+    """Random init leaves every BatchNorm an identity; give them statistics so that folding them is tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            for t, low, high in ((m.running_mean, -0.2, 0.2), (m.running_var, 0.5, 1.5), (m.weight, 0.5, 1.5),
+                                 (m.bias, -0.2, 0.2)):
+                t.data.copy_(torch.rand(t.shape, generator=g) * (high - low) + low)
+
+
+def test_efficientnet_pytorch_backbone_computes_exactly_the_original_network():
+    """SiLU for the custom Swish and the convolutions' own padding for stride-1 "same" padding are rewrites, not
+    changes: with the same weights, the original efficientnet-pytorch network gives the same features."""
+    backbone = build_backbone("efficientnet-b0", pretrained=None).eval()
+    randomise_batchnorm(backbone)
+    original = EfficientNet.from_name("efficientnet-b0", include_top=False, image_size=None).eval()
+    original.load_state_dict(backbone.net.state_dict())
+    assert not any(type(m).__name__ == "MemoryEfficientSwish" for m in backbone.modules())
+    x = torch.rand(2, 3, 112, 112)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), original.extract_features(x), rtol=1e-5, atol=1e-5)
+
+
+def test_folding_batchnorm_keeps_the_outputs_and_removes_every_batchnorm():
+    model = DualStreamNet.from_config(dict(load_config().model, hq_backbone="efficientnet-b0",
+                                           convlstm_filters=[8, 4], mlp=[16, 8, 4])).eval()
+    randomise_batchnorm(model.hq.backbone)
+    randomise_batchnorm(model.lq.backbone, seed=1)
+    hq, lq = torch.rand(2, 3, 3, 112, 112), torch.rand(2, 3, 3, 56, 56)
+    with torch.no_grad():
+        want = model.hq.backbone(hq[0]), model(hq, lq)
+        model.fold_batchnorm()
+        got = model.hq.backbone(hq[0]), model(hq, lq)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert want[0].abs().mean() > 0.01  # the features are not all zero: the comparison means something
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 def test_random_init_logs_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger="dfpipe.models.backbones"):
         build_backbone(TINY, pretrained=None)

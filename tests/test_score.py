@@ -364,6 +364,34 @@ def test_flip_tta_averages_the_clip_and_its_mirror(checkpoint):
     assert abs(both[1] - plain(hq, lq)[1]) < 1e-6 and abs(both[0] - plain(hq, lq)[0]) > 1e-4
 
 
+def test_checkpoint_model_is_the_trained_model_and_bf16_scoring_stays_close(checkpoint):
+    ckpt = score.load_checkpoint(checkpoint)
+    model = score.model_from_checkpoint(ckpt, "cpu")
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    reference = DualStreamNet.from_config(ckpt["model_config"]).eval()
+    reference.load_state_dict(ckpt["model"])
+    rng = np.random.default_rng(1)
+    hq = rng.integers(0, 256, (3, CLIP_LEN, 224, 224, 3), dtype=np.uint8)
+    lq = rng.integers(0, 256, (3, CLIP_LEN, 112, 112, 3), dtype=np.uint8)
+    temperature = ckpt["calibration"]["temperature"]
+    want = score.ClipModel(reference, device=torch.device("cpu"), dtype=None, temperature=temperature,
+                           tta_flip=False)(hq, lq)
+    fp32 = score.ClipModel(model, device=torch.device("cpu"), dtype=None, temperature=temperature, tta_flip=False)
+    np.testing.assert_allclose(fp32(hq, lq), want, rtol=1e-5)
+    bf16 = score.ClipModel(score.model_from_checkpoint(ckpt, "cpu"), device=torch.device("cpu"),
+                           dtype=torch.bfloat16, temperature=temperature, tta_flip=False)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16  # cast, not autocast: no BatchNorm round trips
+    probs = bf16(hq, lq)
+    assert probs.shape == (3,) and ((probs >= 0) & (probs <= 1)).all()
+    # The fixture's calibration (a tiny temperature for a barely trained model) magnifies any rounding in the
+    # probabilities, so bf16 is compared where its rounding shows: the streams' features.
+    with torch.no_grad():
+        for stream, clip in (("hq", hq), ("lq", lq)):
+            want_f = getattr(reference, stream)(fp32._tensor(clip))
+            got_f = getattr(bf16.model, stream)(bf16._tensor(clip)).float()
+            assert (got_f - want_f).abs().max() <= 0.03 * want_f.abs().max()
+
+
 # ---------------------------------------------------------------- real videos
 
 def test_shared_videos_all_get_a_status(shared_data, tmp_path):

@@ -1,0 +1,155 @@
+"""MTCNN's three stages with facenet-pytorch's networks, weights and box arithmetic, rearranged for speed.
+
+facenet-pytorch's `detect_face` resizes every candidate box with a separate torch call (hundreds per frame in a busy
+scene) and runs its networks in NCHW, where convolutions and max-pooling on CPU are ~2x slower than in channels_last.
+Here the candidates are cut with OpenCV from the uint8 frames (area interpolation, as facenet's) and the networks
+run channels_last; the pyramid, thresholds, the four NMS steps and the box regression are facenet's own. tests/
+test_mtcnn.py checks it finds the faces facenet-pytorch finds; benchmarks/bench_align.py measures the speed.
+
+`refine` skips P-Net and starts the cascade from boxes the caller already expects a face near (a track's last
+position): the face's box, probability and landmarks at a fraction of a full detection's cost, which is part of
+what lets the face stream run the full detector only on every few sampled frames.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
+from facenet_pytorch.models.utils.detect_face import (
+    batched_nms_numpy,
+    bbreg,
+    generateBoundingBox,
+    pad,
+    rerec,
+)
+from torch.nn.functional import interpolate
+from torchvision.ops import batched_nms, box_iou
+
+PYRAMID_FACTOR = 0.709  # facenet-pytorch's and the MTCNN paper's
+
+Faces = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (k, 4), probs (k,), landmarks (k, 5, 2)
+
+
+def _normalise(pixels: torch.Tensor) -> torch.Tensor:
+    return (pixels - 127.5) * 0.0078125
+
+
+def _no_faces() -> Faces:
+    return np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
+
+
+class MTCNN:
+    def __init__(self, *, min_face_size: float, thresholds, device: torch.device):
+        self.min_face_size = min_face_size
+        self.thresholds = list(thresholds)
+        self.device = device
+        self.pnet, self.rnet, self.onet = (net().eval().to(device, memory_format=torch.channels_last)
+                                           for net in (PNet, RNet, ONet))
+
+    @torch.inference_mode()
+    def detect(self, frames: np.ndarray) -> list[Faces]:
+        """(N, H, W, 3) uint8 RGB frames -> their faces, in the frames' pixels."""
+        # A permuted NHWC batch is an NCHW tensor in channels_last layout already: no copy.
+        images = torch.as_tensor(frames, device=self.device).permute(0, 3, 1, 2).float()
+        boxes, image_inds = self._propose(images)
+        boxes, image_inds = self._refine(frames, boxes, image_inds)
+        boxes, image_inds, points = self._output(frames, boxes, image_inds)
+        return self._split(boxes, image_inds, points, len(frames))
+
+    @torch.inference_mode()
+    def refine(self, frames: np.ndarray, boxes: np.ndarray, image_inds: np.ndarray) -> list[Faces]:
+        """R-Net and O-Net on candidate boxes (k, 4) of frames[image_inds], P-Net skipped: per frame, the faces
+        they confirm."""
+        if not len(boxes):
+            return [_no_faces() for _ in frames]
+        boxes = torch.as_tensor(np.c_[boxes, np.ones(len(boxes))], dtype=torch.float32, device=self.device)
+        image_inds = torch.as_tensor(image_inds, dtype=torch.int64, device=self.device)
+        boxes, image_inds = self._refine(frames, rerec(boxes), image_inds, nms=False)
+        return self._split(*self._output(frames, boxes, image_inds, vote=True), len(frames))
+
+    @staticmethod
+    def _split(boxes, image_inds, points, n: int) -> list[Faces]:
+        boxes, points, image_inds = boxes.cpu().numpy(), points.cpu().numpy(), image_inds.cpu().numpy()
+        return [(boxes[image_inds == i, :4].astype(float), boxes[image_inds == i, 4].astype(float),
+                 points[image_inds == i].astype(float)) for i in range(n)]
+
+    def _scales(self, height: int, width: int) -> list[float]:
+        scale = 12.0 / self.min_face_size
+        side = min(height, width) * scale
+        scales = []
+        while side >= 12:
+            scales.append(scale)
+            scale *= PYRAMID_FACTOR
+            side *= PYRAMID_FACTOR
+        return scales
+
+    def _propose(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """P-Net over the image pyramid: candidate boxes, NMS'd per scale and then per image."""
+        height, width = images.shape[2:]
+        boxes, image_inds = [], []
+        for scale in self._scales(height, width):
+            pyramid = interpolate(images, size=(int(height * scale + 1), int(width * scale + 1)), mode="area")
+            reg, probs = self.pnet(_normalise(pyramid))
+            found, inds = generateBoundingBox(reg, probs[:, 1], scale, self.thresholds[0])
+            pick = batched_nms(found[:, :4], found[:, 4], inds, 0.5)
+            boxes.append(found[pick])
+            image_inds.append(inds[pick])
+        boxes, image_inds = torch.cat(boxes), torch.cat(image_inds)
+        pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
+        boxes, image_inds = boxes[pick], image_inds[pick]
+        size = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]] * 2, dim=1)
+        regressed = torch.cat([boxes[:, :4] + boxes[:, 5:9] * size, boxes[:, 4:5]], dim=1)
+        return rerec(regressed), image_inds
+
+    def _crops(self, frames: np.ndarray, boxes: torch.Tensor, image_inds: torch.Tensor, size: int):
+        """The boxes clipped to the frame (facenet-pytorch's `pad`); those still covering a pixel, area-resampled
+        to size x size."""
+        height, width = frames.shape[1:3]
+        y, ey, x, ex = pad(boxes, width, height)
+        keep = np.flatnonzero((ey > y - 1) & (ex > x - 1))
+        inds = image_inds.cpu().numpy()
+        crops = np.zeros((len(keep), size, size, 3), dtype=np.uint8)
+        for row, k in enumerate(keep):
+            crops[row] = cv2.resize(frames[inds[k], y[k] - 1:ey[k], x[k] - 1:ex[k]], (size, size),
+                                    interpolation=cv2.INTER_AREA)
+        crops = torch.as_tensor(crops, device=self.device).permute(0, 3, 1, 2).float()
+        keep = torch.as_tensor(keep, device=boxes.device)
+        return _normalise(crops), boxes[keep], image_inds[keep]
+
+    def _refine(self, frames, boxes, image_inds, nms: bool = True):
+        """R-Net rescoring and box regression (and NMS, unless O-Net's results are to be voted on)."""
+        crops, boxes, image_inds = self._crops(frames, boxes, image_inds, 24)
+        if not len(boxes):
+            return boxes, image_inds
+        reg, probs = self.rnet(crops)
+        passed = probs[:, 1] > self.thresholds[1]
+        boxes = torch.cat([boxes[passed, :4], probs[passed, 1:2]], dim=1)
+        image_inds, reg = image_inds[passed], reg[passed]
+        if nms:
+            pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
+            boxes, image_inds, reg = boxes[pick], image_inds[pick], reg[pick]
+        return rerec(bbreg(boxes, reg)), image_inds
+
+    def _output(self, frames, boxes, image_inds, vote: bool = False):
+        """O-Net: final score, box and the five landmarks. With `vote`, each kept face's box and landmarks are the
+        probability-weighted mean over all of O-Net's outputs that overlap it: O-Net's landmarks move by a pixel
+        or two with its input box, and the mean of several input boxes steadies them."""
+        crops, boxes, image_inds = self._crops(frames, boxes, image_inds, 48)
+        if not len(boxes):
+            return boxes.new_zeros(0, 5), image_inds, boxes.new_zeros(0, 5, 2)
+        reg, marks, probs = self.onet(crops)
+        passed = probs[:, 1] > self.thresholds[2]
+        boxes = torch.cat([boxes[passed, :4], probs[passed, 1:2]], dim=1)
+        image_inds, reg, marks = image_inds[passed], reg[passed], marks[passed]
+        side = (boxes[:, 2:4] - boxes[:, 0:2] + 1)[:, None]  # (k, 1, 2): width, height
+        points = torch.stack([marks[:, :5], marks[:, 5:]], dim=2) * side + boxes[:, None, 0:2] - 1
+        boxes = bbreg(boxes, reg)
+        pick = batched_nms_numpy(boxes[:, :4], boxes[:, 4], image_inds, 0.7, "Min")
+        if vote and len(pick):
+            same = (box_iou(boxes[pick, :4], boxes[:, :4]) >= 0.5) & (image_inds[pick, None] == image_inds[None])
+            weight = same * boxes[None, :, 4]
+            weight = weight / weight.sum(dim=1, keepdim=True)
+            voted = torch.cat([weight @ boxes[:, :4], boxes[pick, 4:5]], dim=1)
+            return voted, image_inds[pick], torch.einsum("pk,kij->pij", weight, points)
+        return boxes[pick], image_inds[pick], points[pick]
