@@ -9,9 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 from scipy.optimize import minimize_scalar
-from sklearn import metrics
+
+
+def _metrics():
+    """sklearn.metrics, imported on first use: with matplotlib ~60 MB of memory that score-video without labels
+    never needs (its memory budget is tight)."""
+    from sklearn import metrics
+    return metrics
 
 # Temperatures outside this range only appear when the fit is degenerate (perfectly separable
 # validation logits drive T to 0), and such a T would turn every later score into 0 or 1.
@@ -47,7 +52,7 @@ def equal_error_rate(y_true, y_score) -> tuple[float, float]:
     y, s = _binary_inputs(y_true, y_score, "equal_error_rate", probabilities=False)
     if not _both_classes(y):
         return float("nan"), float("nan")
-    fpr, tpr, thresholds = metrics.roc_curve(y, s, drop_intermediate=False)
+    fpr, tpr, thresholds = _metrics().roc_curve(y, s, drop_intermediate=False)
     # roc_curve's first threshold is +inf (nothing predicted fake); interpolating towards it would give
     # inf, so the segment leaving that corner uses the top score as its upper end.
     thresholds[0] = thresholds[1]
@@ -64,7 +69,7 @@ def log_loss(y_true, y_score) -> float:
     """DFDC's metric. sklearn clips the probabilities to [eps, 1 - eps], so one confident mistake costs
     about 36 instead of making the mean infinite; labels=[0, 1] keeps it defined for a single class."""
     y, s = _binary_inputs(y_true, y_score, "log_loss", probabilities=True)
-    return float(metrics.log_loss(y, s, labels=[0, 1]))
+    return float(_metrics().log_loss(y, s, labels=[0, 1]))
 
 
 def binary_metrics(y_true, y_score, *, threshold: float) -> dict:
@@ -74,13 +79,13 @@ def binary_metrics(y_true, y_score, *, threshold: float) -> dict:
     both = _both_classes(y)
     nan = float("nan")
     return {
-        "auc": float(metrics.roc_auc_score(y, s)) if both else nan,
-        "ap": float(metrics.average_precision_score(y, s)) if both else nan,
-        "accuracy": float(metrics.accuracy_score(y, pred)),
-        "balanced_accuracy": float(metrics.balanced_accuracy_score(y, pred)),
-        "precision": float(metrics.precision_score(y, pred, zero_division=0)),
-        "recall": float(metrics.recall_score(y, pred, zero_division=0)),
-        "f1": float(metrics.f1_score(y, pred, zero_division=0)),
+        "auc": float(_metrics().roc_auc_score(y, s)) if both else nan,
+        "ap": float(_metrics().average_precision_score(y, s)) if both else nan,
+        "accuracy": float(_metrics().accuracy_score(y, pred)),
+        "balanced_accuracy": float(_metrics().balanced_accuracy_score(y, pred)),
+        "precision": float(_metrics().precision_score(y, pred, zero_division=0)),
+        "recall": float(_metrics().recall_score(y, pred, zero_division=0)),
+        "f1": float(_metrics().f1_score(y, pred, zero_division=0)),
         "eer": equal_error_rate(y, s)[0],
         "log_loss": log_loss(y, s),
         "n": int(y.size),
@@ -120,12 +125,12 @@ def fit_threshold(y_true, probs) -> float:
     y, p = _binary_inputs(y_true, probs, "fit_threshold", probabilities=True)
     if not _both_classes(y):
         return 0.5
-    fpr, tpr, thresholds = metrics.roc_curve(y, p, drop_intermediate=False)
+    fpr, tpr, thresholds = _metrics().roc_curve(y, p, drop_intermediate=False)
     # thresholds[0] is +inf and thresholds[-1] the lowest score (everything fake); for 1 <= k < last,
     # the midpoint between thresholds[k] and thresholds[k + 1] reproduces "p >= thresholds[k]".
     candidates = np.append((thresholds[1:-1] + thresholds[2:]) / 2, 0.5)
     scores = np.append((tpr[1:-1] + 1 - fpr[1:-1]) / 2,
-                       metrics.balanced_accuracy_score(y, (p >= 0.5).astype(np.int64)))
+                       _metrics().balanced_accuracy_score(y, (p >= 0.5).astype(np.int64)))
     best = np.isclose(scores, scores.max(), rtol=0, atol=1e-12)
     closest = np.argmin(np.where(best, np.abs(candidates - 0.5), np.inf))
     return float(candidates[closest])
@@ -138,6 +143,7 @@ def write_plots(y_true, y_score, *, threshold: float, out_dir: str | Path) -> li
     headless servers never touch a display or pyplot's global figure list. A single-class split still
     gets all four files; sklearn draws its undefined curves empty.
     """
+    from matplotlib.figure import Figure  # on first use, like sklearn (see _metrics)
     y, s = _binary_inputs(y_true, y_score, "write_plots", probabilities=True)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,11 +159,11 @@ def write_plots(y_true, y_score, *, threshold: float, out_dir: str | Path) -> li
 
 
 def _roc(ax, y: np.ndarray, s: np.ndarray, threshold: float) -> None:
-    metrics.RocCurveDisplay.from_predictions(y, s, ax=ax, name="model", plot_chance_level=True)
+    _metrics().RocCurveDisplay.from_predictions(y, s, ax=ax, name="model", plot_chance_level=True)
 
 
 def _precision_recall(ax, y: np.ndarray, s: np.ndarray, threshold: float) -> None:
-    metrics.PrecisionRecallDisplay.from_predictions(y, s, ax=ax, name="model", plot_chance_level=True)
+    _metrics().PrecisionRecallDisplay.from_predictions(y, s, ax=ax, name="model", plot_chance_level=True)
 
 
 def _histogram(ax, y: np.ndarray, s: np.ndarray, threshold: float) -> None:
@@ -171,7 +177,7 @@ def _histogram(ax, y: np.ndarray, s: np.ndarray, threshold: float) -> None:
 
 
 def _confusion(ax, y: np.ndarray, s: np.ndarray, threshold: float) -> None:
-    metrics.ConfusionMatrixDisplay.from_predictions(y, (s >= threshold).astype(np.int64), labels=[0, 1],
+    _metrics().ConfusionMatrixDisplay.from_predictions(y, (s >= threshold).astype(np.int64), labels=[0, 1],
                                                     display_labels=["real", "fake"], ax=ax)
     ax.set_title(f"threshold {threshold:.3f}")
 

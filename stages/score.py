@@ -28,7 +28,6 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from ..manifests.table import atomic_write_bytes, read_table, write_table
@@ -568,7 +567,7 @@ def evaluate(rows: list[dict], labels: dict[str, str], threshold: float) -> dict
         frame_p += list(frame_prob.values())
     return {"threshold": threshold, "labelled": len(labelled), "unscored": len(labelled) - len(scored),
             "video": binary_metrics(y, [r["score"] for r in scored], threshold=threshold) if scored else None,
-            "frame": {"auc": float(roc_auc_score(frame_y, frame_p)) if len(set(frame_y)) == 2 else math.nan,
+            "frame": {"auc": binary_metrics(frame_y, frame_p, threshold=threshold)["auc"] if frame_y else math.nan,
                       "n": len(frame_y)}}
 
 
