@@ -3,9 +3,10 @@
 Baseline: `MTCNN(keep_all=True)` called on each full-resolution frame, crops cut from its boxes (what most
 notebooks do). dfpipe: its face path with the default settings (full detection on a downscaled copy of every
 align.detect_every-th sampled frame, each tracked face re-found in between, smoothing, 5-point alignment to HQ and
-LQ crops), over 16 consecutive sampled frames per clip (1.6 s of video at stride 3). Goal: >= 20x faster while finding >= 99% of the faces the baseline finds (box IoU >= 0.5). Recall is printed
-twice: over every baseline face, and over the faces at least as large as the smallest face dfpipe is set to find
-(align.min_face_size at the detection scale); the full-resolution baseline also reports 20 px background faces.
+LQ crops), over 16 consecutive sampled frames per clip (1.6 s of video at stride 3). Goal: >= 20x faster while
+finding >= 99% of the faces the baseline finds (box IoU >= 0.5). Recall is printed twice: over every baseline
+face, and over the faces at least as large as the smallest face dfpipe is set to find (align.min_face_size at the
+detection scale); the full-resolution baseline also reports 20 px background faces.
 Usage: python benchmarks/bench_align.py [VIDEO ...]  (default: 1080p/720p clips from ../shared/data)
 """
 from __future__ import annotations

@@ -99,7 +99,8 @@ def child_score(checkpoint: str, out: str, batch_size: str, *videos: str) -> dic
     rows = read_table(summary.csv, score.CSV_COLUMNS).to_dict("records")
     return {"video_seconds": sum(float(r["seconds"]) for r in rows) / len(rows),
             "clips": sum(int(r["clips"]) for r in rows),
-            "status": ", ".join(sorted({f"{r['status']} {r['reason']}".strip() for r in rows})), "rss_mb": peak_rss_mb()}
+            "status": ", ".join(sorted({f"{r['status']} {r['reason']}".strip() for r in rows})),
+            "rss_mb": peak_rss_mb()}
 
 
 def child_staged_model(checkpoint: str, ws: str, batch_size: str) -> dict:

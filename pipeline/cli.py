@@ -141,7 +141,10 @@ def extract(input_path, work, dataset, stride, max_frames, jpeg_quality, decoder
 @main.command()
 @work_option
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
-@click.option("--batch-size", type=int, default=None, help="Frames per detector call.")
+@click.option("--batch-size", type=int, default=None,
+              help="Frames read per step; the ones due for full detection go to one detector call.")
+@click.option("--detect-every", type=click.IntRange(min=1), default=None,
+              help="Full detection on every Nth sampled frame; tracked faces are re-found on every frame.")
 @click.option("--detect-max-side", type=int, default=None,
               help="Frames are shrunk to at most this many pixels on their long side for detection.")
 @click.option("--min-face-size", type=int, default=None, help="Smallest face, in detection pixels.")
@@ -156,13 +159,14 @@ def extract(input_path, work, dataset, stride, max_frames, jpeg_quality, decoder
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @config_options
 @command
-def align(work, device, batch_size, detect_max_side, min_face_size, margin, max_faces, min_track_len,
-          jpeg_quality, pair_aware, shard, retry_failed, quiet, config_file, overrides):
+def align(work, device, batch_size, detect_every, detect_max_side, min_face_size, margin, max_faces,
+          min_track_len, jpeg_quality, pair_aware, shard, retry_failed, quiet, config_file, overrides):
     """Detect, track and align faces in the extracted frames: HQ 224 and LQ 112 crops under DIR/faces/."""
     from ..manifests.workspace import Shard, Workspace
     from ..stages.align import run_align
     cfg = make_config(config_file, overrides, **{
-        "align.device": device, "align.batch_size": batch_size, "align.detect_max_side": detect_max_side,
+        "align.device": device, "align.batch_size": batch_size, "align.detect_every": detect_every,
+        "align.detect_max_side": detect_max_side,
         "align.min_face_size": min_face_size, "align.margin": margin, "align.max_faces": max_faces,
         "align.min_track_len": min_track_len, "align.jpeg_quality": jpeg_quality, "align.pair_aware": pair_aware})
     ws = Workspace(work)
@@ -224,7 +228,8 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
 @click.option("--fallback-score", type=float, default=None,
               help="Score given to videos that cannot be scored (default: none, the score stays empty).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
-@click.option("--batch-size", type=int, default=None, help="Clips per model call.")
+@click.option("--batch-size", type=int, default=None,
+              help="Clips per model call [default: 16 on CUDA, 1 on CPU].")
 @shard_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @config_options
