@@ -222,11 +222,15 @@ def make_criterion(*, loss: str, label_smoothing: float, focal_gamma: float, **_
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 on CPU needs no loss scaling; fp16 on CUDA is the fast path of most GPUs and needs a GradScaler."""
+    """bf16 on CPU needs no loss scaling; fp16 on CUDA is the fast path of most GPUs and needs a GradScaler.
+    A CPU without bf16 instructions (AVX512-BF16 or AMX) emulates bf16 and runs slower than fp32: fp32 there."""
     if amp == "off":
         return None
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cpu" else torch.float16
+        if device.type == "cpu":
+            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+            return torch.bfloat16 if native else None
+        return torch.float16
     raise TrainError(f"train.amp: '{amp}' is neither auto nor off")
 
 

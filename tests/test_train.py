@@ -26,7 +26,7 @@ from dfpipe.pipeline.config import load_config
 from dfpipe.stages import pairs as pairs_mod
 from dfpipe.stages.aggregate import RULES
 from dfpipe.stages.dataset import SequenceDataset, collate_clips
-from dfpipe.stages.train import (METRIC_COLUMNS, TrainError, batch_inputs, load_checkpoint, make_criterion,
+from dfpipe.stages.train import (METRIC_COLUMNS, TrainError, amp_dtype, batch_inputs, load_checkpoint, make_criterion,
                                  make_scheduler, model_from_checkpoint, run_train)
 
 TINY = "test_efficientnet"
@@ -315,3 +315,15 @@ def test_two_process_ddp_run_writes_one_checkpoint_set(workspace, tmp_path):
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
     assert done.stdout.count("epoch 1/1") == 1  # rank 0 alone reports
     assert load_checkpoint(run_dir / "best.pt")["calibration"]["aggregate"] in RULES
+
+
+def test_amp_auto_uses_bf16_only_on_cpus_that_have_it(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert amp_dtype("off", cpu) is None and amp_dtype("off", cuda) is None
+    assert amp_dtype("auto", cuda) == torch.float16
+    for avx512_bf16, amx, want in ((True, False, torch.bfloat16), (False, True, torch.bfloat16), (False, False, None)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert amp_dtype("auto", cpu) == want
+    with pytest.raises(TrainError, match="neither auto nor off"):
+        amp_dtype("fp8", cpu)
