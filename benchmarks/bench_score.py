@@ -7,7 +7,7 @@ the video's length (the long clip is the short one looped, so only the length di
 Every measurement runs in a fresh process, so each peak RSS (ru_maxrss) is that measurement's alone.
 
 Usage: python benchmarks/bench_score.py [--seconds 10] [--long-seconds 300] [--model default|tiny] [--stride N]
-                                        [--batch-size B] [--repeats N]
+                                        [--batch-size B] [--clip-every N] [--clips N] [--repeats N]
   default: the configured model (efficientnet-b4 + b0, random init), T = dataset.clip_len, stride = extract.stride
 """
 from __future__ import annotations
@@ -89,12 +89,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def config(batch_size: str):
-    return load_config(overrides=[{"score": {"batch_size": None if batch_size == "auto" else int(batch_size)}}])
+def config(batch_size: str, clip_every: str):
+    return load_config(overrides=[{"score": {"batch_size": None if batch_size == "auto" else int(batch_size),
+                                             "clip_every": int(clip_every)}}])
 
 
-def child_score(checkpoint: str, out: str, batch_size: str, *videos: str) -> dict:
-    summary = score.run_score(list(videos), checkpoint, config(batch_size), out=out, labels=None, work=None,
+def child_score(checkpoint: str, out: str, batch_size: str, clip_every: str, *videos: str) -> dict:
+    summary = score.run_score(list(videos), checkpoint, config(batch_size, clip_every), out=out, labels=None, work=None,
                               split=None, shard=Shard(), progress=False)
     rows = read_table(summary.csv, score.CSV_COLUMNS).to_dict("records")
     return {"video_seconds": sum(float(r["seconds"]) for r in rows) / len(rows),
@@ -103,9 +104,9 @@ def child_score(checkpoint: str, out: str, batch_size: str, *videos: str) -> dic
             "rss_mb": peak_rss_mb()}
 
 
-def child_staged_model(checkpoint: str, ws: str, batch_size: str) -> dict:
+def child_staged_model(checkpoint: str, ws: str, batch_size: str, clip_every: str) -> dict:
     """The model over the staged JPEG crops, cut into the same non-overlapping clips as score-video cuts."""
-    cfg = config(batch_size)
+    cfg = config(batch_size, clip_every)
     ckpt = score.load_checkpoint(checkpoint)
     settings = score.scoring_settings(ckpt, cfg, checkpoint)
     device = score.resolve_device(cfg.score.device)
@@ -119,7 +120,7 @@ def child_staged_model(checkpoint: str, ws: str, batch_size: str) -> dict:
     queue = score.ClipQueue(predict, score.model_batch(cfg.score.batch_size, device))
     clips, T = 0, settings.clip_len
     for segment in track_segments(face_rows(faces, labels), labels):
-        for start in range(0, len(segment.frames) - T + 1, T):
+        for start in range(0, len(segment.frames) - T + 1, T * cfg.score.clip_every):
             hq, lq = (read_crops(Path(ws), paths[start:start + T]).permute(0, 2, 3, 1).numpy()
                       for paths in (segment.hq_paths, segment.lq_paths))
             queue.put(start, hq, lq)
@@ -152,6 +153,8 @@ def main() -> None:
     parser.add_argument("--batch-size", default="auto",
                         help="clips per model call (auto: score.batch_size's default for this device); peak RSS "
                              "follows it (the model's activations)")
+    parser.add_argument("--clip-every", type=int, default=load_config().score.clip_every,
+                        help="score.clip_every for both paths: every Nth clip of each track goes to the model")
     parser.add_argument("--clips", type=int, default=3,
                         help="copies of the short clip per run: seconds per clip are a run's wall time over this, "
                              "so start-up (imports, model) is shared as in any real list of videos")
@@ -177,18 +180,19 @@ def main() -> None:
         print(f"clips made in {time.perf_counter() - started:.0f} s: {args.seconds} s and "
               f"{args.long_seconds // args.seconds * args.seconds} s of {SIZE[0]}x{SIZE[1]}@{FPS}; "
               f"model {args.model}, stride {args.stride}, T={load_config().dataset.clip_len}, "
-              f"batch {args.batch_size} clips, {torch.get_num_threads()} threads, cuda {torch.cuda.is_available()}",
+              f"batch {args.batch_size} clips, clip_every {args.clip_every}, {torch.get_num_threads()} threads, "
+              f"cuda {torch.cuda.is_available()}",
               flush=True)
 
-        batch = str(args.batch_size)
+        batch, every = str(args.batch_size), str(args.clip_every)
         runs = []
         for k in range(args.repeats):  # alternated, so both paths see the same machine load; the best of each counts
-            streaming = in_child("score", str(checkpoint), str(tmp / f"scores-{k}" / "short.csv"), batch,
+            streaming = in_child("score", str(checkpoint), str(tmp / f"scores-{k}" / "short.csv"), batch, every,
                                  *map(str, copies))
             ws = tmp / f"ws-{k}"
             extract = timed_cli("extract", tmp / "staged.csv", "--work", ws, "--stride", args.stride)
             align = timed_cli("align", "--work", ws)
-            model = in_child("staged", str(checkpoint), str(ws), batch)
+            model = in_child("staged", str(checkpoint), str(ws), batch, every)
             n = args.clips
             runs.append((streaming["wall"] / n, (extract + align + model["wall"]) / n, streaming["rss_mb"]))
             print(f"run {k + 1}: score-video {streaming['wall']:.1f} s for {n} clips ({streaming['video_seconds']:.1f} "
@@ -201,7 +205,7 @@ def main() -> None:
               f"(process wall time over {args.clips} clips, start-up included): staged / score-video = "
               f"{best_staged / best_streaming:.2f}x   (goals: <= {args.seconds / 2:.0f} s, >= 2x)", flush=True)
 
-        long_run = in_child("score", str(checkpoint), str(tmp / "scores-long" / "long.csv"), batch, str(long))
+        long_run = in_child("score", str(checkpoint), str(tmp / "scores-long" / "long.csv"), batch, every, str(long))
         print(f"long clip: score-video {long_run['wall']:.1f} s, {long_run['clips']} clips, {long_run['status']}; "
               f"peak RSS {long_run['rss_mb']:.0f} MB = {long_run['rss_mb'] / short_rss:.2f}x the short clips' "
               f"{short_rss:.0f} MB   (goals: < 1500 MB, <= 1.2x)")

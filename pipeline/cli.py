@@ -224,6 +224,9 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
               help="Clip -> track rule [default: the one chosen on validation, stored in the checkpoint].")
 @click.option("--threshold", type=float, default=None, help="Decision threshold [default: the checkpoint's].")
 @click.option("--tta-flip/--no-tta-flip", default=None, help="Average each clip with its mirror image.")
+@click.option("--clip-every", type=click.IntRange(min=1), default=None,
+              help="Score every Nth clip of each face track: N times less model work, fewer clips per score "
+                   "[default: 1, all].")
 @click.option("--max-frames", type=int, default=None, help="Score at most this many sampled frames per video.")
 @click.option("--fallback-score", type=float, default=None,
               help="Score given to videos that cannot be scored (default: none, the score stays empty).")
@@ -234,8 +237,8 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @config_options
 @command
-def score_video(paths, checkpoint, out, labels, work, split, aggregate, threshold, tta_flip, max_frames, fallback_score,
-                device, batch_size, shard, quiet, config_file, overrides):
+def score_video(paths, checkpoint, out, labels, work, split, aggregate, threshold, tta_flip, clip_every, max_frames,
+                fallback_score, device, batch_size, shard, quiet, config_file, overrides):
     """Score raw videos (files, folders or a CSV list): one score per video, no files on disk but the results.
 
     Decodes, detects, tracks and aligns in memory with the settings the model was trained with, and reruns skip
@@ -249,6 +252,7 @@ def score_video(paths, checkpoint, out, labels, work, split, aggregate, threshol
         raise click.UsageError("--work and --split go together")
     cfg = make_config(config_file, overrides, **{
         "score.aggregate": aggregate, "score.threshold": threshold, "score.tta_flip": tta_flip,
+        "score.clip_every": clip_every,
         "score.fallback_score": fallback_score, "score.device": device, "score.batch_size": batch_size,
         "extract.max_frames": max_frames})
     summary = run_score(list(paths), checkpoint, cfg, out=out, labels=labels, work=work, split=split,

@@ -32,7 +32,8 @@ Faces = tuple[np.ndarray, np.ndarray, np.ndarray]  # boxes (k, 4), probs (k,), l
 
 
 def _normalise(pixels: torch.Tensor) -> torch.Tensor:
-    return (pixels - 127.5) * 0.0078125
+    """In place: every caller passes a fresh tensor (a pyramid level, a batch of crops)."""
+    return pixels.sub_(127.5).mul_(0.0078125)
 
 
 def _no_faces() -> Faces:

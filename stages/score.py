@@ -172,6 +172,7 @@ class Scoring:
     fallback_score: float | None
     suspicious_frames: int
     amp: str
+    clip_every: int
 
     def digest(self) -> str:
         params = {**self.__dict__, "align": {k: v for k, v in self.align.items()
@@ -203,7 +204,7 @@ def scoring_settings(ckpt: dict, cfg, checkpoint: str | Path) -> Scoring:
                    # an uncalibrated checkpoint scores with the plain sigmoid of its logits
                    temperature=float(calibration.get("temperature", 1.0)), threshold=float(threshold),
                    tta_flip=bool(s.tta_flip), fallback_score=s.fallback_score,
-                   suspicious_frames=int(s.suspicious_frames), amp=cfg.train.amp)
+                   suspicious_frames=int(s.suspicious_frames), amp=cfg.train.amp, clip_every=s.clip_every)
 
 
 # ---------------------------------------------------------------- clips
@@ -226,16 +227,21 @@ class ClipCutter:
     """Cuts one video's aligned faces into per-track clips of `clip_len` consecutive sampled frames.
 
     A clip never spans a frame where its track was missing (the rule of the training dataset). Full clips leave as
-    soon as they are complete and do not overlap; a track that never fills one gives a single clip from its longest
+    soon as they are complete and do not overlap; with `clip_every` N only the 1st, N+1st, ... of each track go to
+    the model (the others' crops are dropped), which divides the model's work by N; a track that never fills one gives a single clip from its longest
     run, padded with edge frames like the dataset's `short_tracks: pad`, at `finish`. Runs of tracks already dead
     (unseen for more than track_max_gap frames) and shorter than min_track_len are dropped at once, so that a long
     video full of spurious detections does not pile up crops that select_tracks would reject anyway.
     """
 
-    def __init__(self, clip_len: int, *, track_max_gap: int, min_track_len: int, **_):
+    def __init__(self, clip_len: int, *, track_max_gap: int, min_track_len: int, clip_every: int = 1, **_):
         if clip_len < 1:
             raise ValueError(f"clip_len must be at least 1, got {clip_len}")
+        if not isinstance(clip_every, int) or clip_every < 1:
+            raise ValueError(f"score.clip_every must be a positive integer, got {clip_every!r}")
         self.clip_len = clip_len
+        self.clip_every = clip_every
+        self._cut: dict[int, int] = {}  # full clips cut per track so far
         self.track_max_gap = track_max_gap
         self.min_track_len = min_track_len
         self.face_frames: dict[int, list[int]] = {}  # sampled frames where each track has a face
@@ -256,7 +262,9 @@ class ClipCutter:
             run.hq.append(face.hq)
             run.lq.append(face.lq)
             if len(run.frames) == self.clip_len:
-                done.append(self._clip(track, run, np.arange(self.clip_len)))
+                self._cut[track] = self._cut.get(track, 0) + 1
+                if (self._cut[track] - 1) % self.clip_every == 0:
+                    done.append(self._clip(track, run, np.arange(self.clip_len)))
                 self._full.add(track)
                 self._short.pop(track, None)
                 self._runs[track] = _Run()
@@ -386,7 +394,7 @@ def _video_clips(job: _Job, scoring: Scoring, detector: FaceDetector) -> Iterato
         reader = FrameReader(job.video.path, stride=scoring.stride, max_frames=scoring.max_frames,
                              decoder=scoring.decoder)
         stream = FaceStream(prefetch(reader, scoring.align["batch_size"]), detector, **scoring.align)
-        cutter = ClipCutter(scoring.clip_len, **scoring.align)
+        cutter = ClipCutter(scoring.clip_len, clip_every=scoring.clip_every, **scoring.align)
         for position, frame in enumerate(stream):
             job.frames_sampled += 1
             yield from cutter.add(position, frame)

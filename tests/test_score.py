@@ -302,9 +302,10 @@ def face(track: int, value: int):
                            lq=np.full((2, 2, 3), value, np.uint8))
 
 
-def cut(tracks_per_frame: list[list[int]], clip_len=3, track_max_gap=2, min_track_len=2):
+def cut(tracks_per_frame: list[list[int]], clip_len=3, track_max_gap=2, min_track_len=2, clip_every=1):
     """Feed frames (index = 10 x position) whose faces carry their frame index as pixel value."""
-    cutter = score.ClipCutter(clip_len, track_max_gap=track_max_gap, min_track_len=min_track_len)
+    cutter = score.ClipCutter(clip_len, track_max_gap=track_max_gap, min_track_len=min_track_len,
+                              clip_every=clip_every)
     clips = []
     for position, tracks in enumerate(tracks_per_frame):
         frame = FrameFaces(10 * position, position / 10, [face(t, position) for t in tracks])
@@ -322,6 +323,18 @@ def test_clips_are_consecutive_non_overlapping_and_never_cross_a_gap():
         assert hq.shape == (3, 4, 4, 3) and lq.shape == (3, 2, 2, 3)
         assert [int(h[0, 0, 0]) * 10 for h in hq] == list(c.frames)  # the crops are the frames' crops
     assert cutter.face_frames[1] == [0, 10, 30, 60, 70]
+
+
+def test_clip_every_keeps_every_nth_full_clip_of_each_track():
+    frames = [[0, 1]] * 12 + [[0]] * 3
+    every = {n: [(c.track, c.frames) for c, _, _ in cut(frames, clip_every=n)[0]] for n in (1, 2, 3)}
+    assert [f for t, f in every[1] if t == 0] == [tuple(range(s, s + 30, 10)) for s in range(0, 150, 30)]
+    assert [f for t, f in every[2] if t == 0] == [f for t, f in every[1] if t == 0][::2]
+    for n in (2, 3):  # per track, not over the video: track 1's clips are thinned on their own count
+        for track in (0, 1):
+            assert [f for t, f in every[n] if t == track] == [f for t, f in every[1] if t == track][::n]
+    with pytest.raises(ValueError, match="clip_every"):
+        score.ClipCutter(3, track_max_gap=2, min_track_len=2, clip_every=0)
 
 
 def test_padding_matches_the_dataset_and_dead_spurious_tracks_are_dropped():
