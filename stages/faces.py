@@ -71,9 +71,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 class FaceDetector:
-    """MTCNN on frames shrunk to `detect_max_side`: its cost grows with pixels (1080p -> 640 px side is 9x fewer),
-    while faces big enough to be worth classifying stay far above `min_face_size`. `confirm` re-finds known faces
-    at full resolution with O-Net alone, which is what tracking uses between full detections."""
+    """`detect`: MTCNN on frames shrunk to `detect_max_side`: its cost grows with pixels (1080p -> 640 px side is 9x
+    fewer), while faces big enough to be worth classifying stay far above `min_face_size`. `confirm`: known faces
+    re-found in small windows around where they are expected, which is what tracking uses between detections."""
 
     def __init__(self, *, device, min_face_size, thresholds, detect_max_side, min_prob, **_):
         self.device = resolve_device(device)
@@ -101,7 +101,7 @@ class FaceDetector:
 
         Each box's neighbourhood (SEARCH_AREA x its side) is shrunk by a whole factor into a window of
         SEARCH_WINDOW to 2 x SEARCH_WINDOW pixels (a whole factor keeps OpenCV's area resize on its fast path),
-        where the face is 50-100 px whatever its size in the frame. There, R-Net + O-Net run straight on boxes
+        where any face of 50 px or more is 50-100 px (smaller ones keep their size). There, R-Net + O-Net run straight on boxes
         around the expected one (`_jitter`): cheap, and it keeps a marginal face (dark, turned) that P-Net finds at
         some scales and misses at others. Only a window where that confirms nothing (the face moved further) gets
         a full MTCNN pass."""
@@ -156,7 +156,8 @@ class FaceDetector:
 
 
 def _jitter(box: np.ndarray) -> np.ndarray:
-    """The box shifted by up to JITTER_SHIFT of its side and scaled by JITTER_SCALES: 27 candidates."""
+    """The box shifted by JITTER_SHIFTS of its side along x and y and scaled by JITTER_SCALES: the candidates
+    R-Net and O-Net look at for a face expected there."""
     centre, side = (box[:2] + box[2:]) / 2, max(box[2] - box[0], box[3] - box[1])
     shifts = np.array(np.meshgrid(JITTER_SHIFTS, JITTER_SHIFTS)).reshape(2, -1).T
     out = [np.r_[centre + d * side - s * side / 2, centre + d * side + s * side / 2]
