@@ -78,14 +78,15 @@ def binary_metrics(y_true, y_score, *, threshold: float) -> dict:
     pred = (s >= threshold).astype(np.int64)
     both = _both_classes(y)
     nan = float("nan")
+    metrics = _metrics()
     return {
-        "auc": float(_metrics().roc_auc_score(y, s)) if both else nan,
-        "ap": float(_metrics().average_precision_score(y, s)) if both else nan,
-        "accuracy": float(_metrics().accuracy_score(y, pred)),
-        "balanced_accuracy": float(_metrics().balanced_accuracy_score(y, pred)),
-        "precision": float(_metrics().precision_score(y, pred, zero_division=0)),
-        "recall": float(_metrics().recall_score(y, pred, zero_division=0)),
-        "f1": float(_metrics().f1_score(y, pred, zero_division=0)),
+        "auc": float(metrics.roc_auc_score(y, s)) if both else nan,
+        "ap": float(metrics.average_precision_score(y, s)) if both else nan,
+        "accuracy": float(metrics.accuracy_score(y, pred)),
+        "balanced_accuracy": float(metrics.balanced_accuracy_score(y, pred)),
+        "precision": float(metrics.precision_score(y, pred, zero_division=0)),
+        "recall": float(metrics.recall_score(y, pred, zero_division=0)),
+        "f1": float(metrics.f1_score(y, pred, zero_division=0)),
         "eer": equal_error_rate(y, s)[0],
         "log_loss": log_loss(y, s),
         "n": int(y.size),

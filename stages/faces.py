@@ -101,10 +101,10 @@ class FaceDetector:
 
         Each box's neighbourhood (SEARCH_AREA x its side) is shrunk by a whole factor into a window of
         SEARCH_WINDOW to 2 x SEARCH_WINDOW pixels (a whole factor keeps OpenCV's area resize on its fast path),
-        where any face of 50 px or more is 50-100 px (smaller ones keep their size). There, R-Net + O-Net run straight on boxes
-        around the expected one (`_jitter`): cheap, and it keeps a marginal face (dark, turned) that P-Net finds at
-        some scales and misses at others. Only a window where that confirms nothing (the face moved further) gets
-        a full MTCNN pass."""
+        where any face of 50 px or more is 50-100 px (smaller ones keep their size). There, R-Net + O-Net run
+        straight on boxes around the expected one (`_jitter`): cheap, and it keeps a marginal face (dark, turned)
+        that P-Net finds at some scales and misses at others. Only a window where that confirms nothing (the face
+        moved further) gets a full MTCNN pass."""
         if not len(boxes):
             return []
         boxes = np.asarray(boxes, dtype=float).reshape(-1, 4)

@@ -227,11 +227,12 @@ class ClipCutter:
     """Cuts one video's aligned faces into per-track clips of `clip_len` consecutive sampled frames.
 
     A clip never spans a frame where its track was missing (the rule of the training dataset). Full clips leave as
-    soon as they are complete and do not overlap; with `clip_every` N only the 1st, N+1st, ... of each track go to
-    the model (the others' crops are dropped), which divides the model's work by N; a track that never fills one gives a single clip from its longest
-    run, padded with edge frames like the dataset's `short_tracks: pad`, at `finish`. Runs of tracks already dead
-    (unseen for more than track_max_gap frames) and shorter than min_track_len are dropped at once, so that a long
-    video full of spurious detections does not pile up crops that select_tracks would reject anyway.
+    soon as they are complete and do not overlap; with `clip_every` N only the 1st, N+1st, ... of each track leave
+    (the others' crops are dropped), which divides the model's work by N. A track that never fills a clip gives a
+    single clip from its longest run, padded with edge frames like the dataset's `short_tracks: pad`, at `finish`.
+    Runs of tracks already dead (unseen for more than track_max_gap frames) and shorter than min_track_len are
+    dropped at once, so that a long video full of spurious detections does not pile up crops that select_tracks
+    would reject anyway.
     """
 
     def __init__(self, clip_len: int, *, track_max_gap: int, min_track_len: int, clip_every: int = 1, **_):
@@ -304,8 +305,9 @@ class ClipModel:
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype | None,
                  temperature: float, tta_flip: bool):
-        # On CPU the weights themselves become bf16: autocast would convert every BatchNorm's input and output
-        # between bf16 and fp32 (measured: ~1.4x slower); inference needs no fp32 master weights.
+        # Takes the model over: its BatchNorms are folded, and on CPU the weights themselves become bf16 (autocast
+        # would convert every layer's input and output between bf16 and fp32, measured ~1.4x slower; inference
+        # needs no fp32 master weights).
         self.cast = dtype is not None and device.type == "cpu"
         model.fold_batchnorm()
         self.model = model.to(dtype) if self.cast else model
