@@ -218,6 +218,24 @@ def test_tracking_between_detections_follows_a_face_moving_its_own_width_per_fra
         assert truth[0] < centre[0] < truth[2] and truth[1] < centre[1] < truth[3]
 
 
+@pytest.mark.parametrize("box, shrink", [((-20.0, 30.0, 20.0, 70.0), 1),         # over the left edge, native size
+                                          ((250.0, 150.0, 370.0, 270.0), 2)])   # 120 px face, past the bottom right
+def test_search_windows_map_back_to_the_frame(box, shrink):
+    """frame point = window point x factor + corner, with what lies outside the frame black."""
+    yy, xx = np.mgrid[0:240, 0:320]
+    frame = np.stack([7 * xx % 256, 5 * yy % 256, (3 * xx + 11 * yy) % 256], axis=-1).astype(np.uint8)  # 1 px off shows
+    windows, corners, factors = FaceDetector._windows(frame, np.array([box]))
+    (window,), (x0, y0), k = windows, corners[0].astype(int), int(factors[0])
+    assert k == shrink and window.shape[0] == window.shape[1] >= 2.5 * (box[2] - box[0]) / k - 1
+    for wy, wx in [(0, 0), (5, 7), (window.shape[0] // 2, window.shape[1] // 2), (window.shape[0] - 1, 3)]:
+        fy, fx = y0 + wy * k, x0 + wx * k
+        if 0 <= fy and fy + k <= 240 and 0 <= fx and fx + k <= 320:
+            np.testing.assert_allclose(window[wy, wx], frame[fy:fy + k, fx:fx + k].reshape(-1, 3).mean(axis=0),
+                                       atol=1)
+        else:
+            assert (window[wy, wx] == 0).all()
+
+
 def test_select_tracks_drops_short_tracks_then_keeps_the_largest():
     lengths = {0: 10, 1: 2, 2: 10, 3: 7}
     sizes = {0: 900.0, 1: 5000.0, 2: 2500.0, 3: 1600.0}
