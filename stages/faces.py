@@ -32,7 +32,6 @@ FACE_SIDE = 108.0
 # face is then 50-100 px there, far above MTCNN's smallest, and may move more than its own width between frames.
 SEARCH_AREA = 2.5
 JITTER_SHIFTS = (-0.1, 0.0, 0.1)
-JITTER_SCALES = (1.0,)
 SEARCH_WINDOW = 128
 
 
@@ -110,8 +109,9 @@ class FaceDetector:
         boxes = np.asarray(boxes, dtype=float).reshape(-1, 4)
         windows, origins, shrink = self._windows(frame, boxes)
         expected = (boxes - np.tile(origins, 2)) / shrink[:, None]
-        found = self._mtcnn.refine(windows, np.concatenate([_jitter(box) for box in expected]),
-                                   np.repeat(np.arange(len(boxes)), len(JITTER_SHIFTS) ** 2 * len(JITTER_SCALES)))
+        candidates = [_jitter(box) for box in expected]
+        found = self._mtcnn.refine(windows, np.concatenate(candidates),
+                                   np.repeat(np.arange(len(boxes)), [len(c) for c in candidates]))
         lost = [i for i, (_, probs, _) in enumerate(found) if not (probs >= self.min_prob).any()]
         for i, faces in zip(lost, self._mtcnn.detect(windows[lost]) if lost else []):
             found[i] = faces
@@ -156,13 +156,11 @@ class FaceDetector:
 
 
 def _jitter(box: np.ndarray) -> np.ndarray:
-    """The box shifted by JITTER_SHIFTS of its side along x and y and scaled by JITTER_SCALES: the candidates
-    R-Net and O-Net look at for a face expected there."""
+    """The square around the box shifted by JITTER_SHIFTS of its side along x and y: the candidates R-Net and
+    O-Net look at for a face expected there (their box regression corrects the size)."""
     centre, side = (box[:2] + box[2:]) / 2, max(box[2] - box[0], box[3] - box[1])
-    shifts = np.array(np.meshgrid(JITTER_SHIFTS, JITTER_SHIFTS)).reshape(2, -1).T
-    out = [np.r_[centre + d * side - s * side / 2, centre + d * side + s * side / 2]
-           for s in JITTER_SCALES for d in shifts]
-    return np.array(out)
+    shifted = centre + np.array(np.meshgrid(JITTER_SHIFTS, JITTER_SHIFTS)).reshape(2, -1).T * side
+    return np.hstack([shifted - side / 2, shifted + side / 2])
 
 
 class FaceTracker:
@@ -182,10 +180,9 @@ class FaceTracker:
         self._missed: dict[int, int] = {}
         self._next_id = 0
 
-    def expected(self) -> tuple[list[int], list[np.ndarray]]:
+    def expected(self) -> list[np.ndarray]:
         """Where each live track's face should be in the next frame: its last box moved on at its last speed."""
-        tracks = list(self._last_box)
-        return tracks, [self._last_box[t] + self._velocity.get(t, 0) * (self._missed[t] + 1) for t in tracks]
+        return [box + self._velocity.get(t, 0) * (self._missed[t] + 1) for t, box in self._last_box.items()]
 
     def _scores(self, boxes: np.ndarray, last: np.ndarray) -> np.ndarray:
         """> 1 for overlapping pairs (ranked by IoU), in (0, 1) for nearby ones (ranked by closeness), 0 else."""
@@ -304,7 +301,7 @@ class FaceStream:
         faces). Confirmed faces win where both found one: the detector may miss a face a frame at a time (a dark or
         turned face), and a track's landmarks then all come from windows at a similar scale, which keeps them
         steady."""
-        _, expected = self._tracker.expected()
+        expected = self._tracker.expected()
         confirmed = self._detector.confirm(image, expected) if expected else []
         if confirmed and found:
             overlap = box_iou(torch.as_tensor(np.stack([d.box for d in found])),
