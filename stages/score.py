@@ -535,7 +535,7 @@ def load_finished(jsonl: Path, paths: set[str], digest: str, model_digest: str) 
         elif row["path"] in paths and (row.get("settings"), row.get("model_digest")) != (digest, model_digest):
             stale.add(row["path"])
     data = _jsonl_bytes(sorted(done.values(), key=lambda r: r["path"]))
-    if (jsonl.read_bytes() != data) if jsonl.is_file() else bool(done):
+    if not jsonl.is_file() or jsonl.read_bytes() != data:  # written even when empty: a shard may own no video
         atomic_write_bytes(jsonl, data)
     return done, len(stale - set(done))
 

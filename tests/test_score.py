@@ -254,6 +254,15 @@ def test_shards_write_their_own_files_and_a_plain_run_merges_them(root, checkpoi
     assert rows == {**jsonl(shards[0].jsonl), **jsonl(shards[1].jsonl)}
 
 
+def test_a_shard_that_owns_no_video_still_writes_both_files(root, checkpoint, tmp_path):
+    paths = set(pd.read_csv(run(checkpoint, [root / "bad"], tmp_path / "all.csv").csv).path)
+    idle = next(Shard(i, 64) for i in range(64) if not any(Shard(i, 64).owns(p) for p in paths))
+    summary = run(checkpoint, [root / "bad"], tmp_path / "scores.csv", shard=idle)
+    assert summary.jsonl.read_bytes() == b"" and pd.read_csv(summary.csv).empty
+    merged = run(checkpoint, [root / "bad"], tmp_path / "scores.csv")
+    assert (merged.scored, set(pd.read_csv(merged.csv).path)) == (3, paths)
+
+
 def test_checkpoint_from_train_scores_a_workspace_split(root, tmp_path):
     ws = tmp_path / "ws"
     shutil.copytree(root / "ws", ws)
