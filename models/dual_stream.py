@@ -24,7 +24,7 @@ class Stream(nn.Module):
         self.temporal = ConvLSTM(backbone.out_channels, filters, kernel_size)
         self.set_normalisation()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        backbone.to(memory_format=self.memory_format)
+        self.to(memory_format=self.memory_format)  # the ConvLSTM too: a weight in the other layout is copied per call
 
     def set_normalisation(self) -> None:
         """Normalising here (and nowhere in the data pipeline) ties it to the weights it belongs to. Not saved with
@@ -97,11 +97,11 @@ class DualStreamNet(nn.Module):
         logits = self.classifier(fused).squeeze(-1)
         return (logits, weights) if return_attention else logits
 
-    def fold_batchnorm(self) -> "DualStreamNet":
-        """For inference: see Backbone.fold_batchnorm."""
+    def for_inference(self) -> "DualStreamNet":
+        """See Backbone.for_inference."""
         self.eval()
-        self.hq.backbone.fold_batchnorm()
-        self.lq.backbone.fold_batchnorm()
+        self.hq.backbone.for_inference()
+        self.lq.backbone.for_inference()
         return self
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:

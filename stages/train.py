@@ -308,6 +308,7 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device) -> DualStreamN
     model.load_state_dict(ckpt["model"], assign=True)
     for stream in (model.hq, model.lq):
         stream.set_normalisation()
+        stream.to(memory_format=stream.memory_format)  # assign=True kept the layout the tensors were saved in
     left = [name for name, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
     if left:
         raise TrainError(f"checkpoint has no values for {', '.join(left[:3])}")

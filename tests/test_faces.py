@@ -94,7 +94,8 @@ def test_downscaled_detection_maps_back_to_full_resolution(cfg):
         (face,) = detector.detect([frame])[0]
         found[side] = face
     assert found[640].scale == 0.5 and found[1280].scale == 1.0
-    assert np.abs(found[640].box - found[1280].box).max() < 6
+    # Detector noise between two resolutions: a few pixels on this 115 px face (a mapping error would be ~100s)
+    assert np.abs(found[640].box - found[1280].box).max() < 8
     assert np.abs(found[640].landmarks - found[1280].landmarks).max() < 6
     # The astronaut's face sits at (481, 160)-(568, 275) in this frame, not at half those coordinates.
     assert 470 < found[640].box[0] < 495 and 150 < found[640].box[1] < 170

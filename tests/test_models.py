@@ -9,6 +9,7 @@ import timm
 import torch
 from efficientnet_pytorch import EfficientNet
 from safetensors.torch import save_file
+from torch import nn
 
 from dfpipe.models.backbones import build_backbone
 from dfpipe.models.convlstm import ConvLSTM, ConvLSTMCell
@@ -76,7 +77,7 @@ def test_efficientnet_pytorch_backbone_computes_exactly_the_original_network():
         torch.testing.assert_close(backbone(x), original.extract_features(x), rtol=1e-5, atol=1e-5)
 
 
-def test_folding_batchnorm_keeps_the_outputs_and_removes_every_batchnorm():
+def test_inference_form_keeps_the_outputs_and_removes_every_batchnorm():
     model = DualStreamNet.from_config(dict(load_config().model, hq_backbone="efficientnet-b0",
                                            convlstm_filters=[8, 4], mlp=[16, 8, 4])).eval()
     randomise_batchnorm(model.hq.backbone)
@@ -84,7 +85,7 @@ def test_folding_batchnorm_keeps_the_outputs_and_removes_every_batchnorm():
     hq, lq = torch.rand(2, 3, 3, 112, 112), torch.rand(2, 3, 3, 56, 56)
     with torch.no_grad():
         want = model.hq.backbone(hq[0]), model(hq, lq)
-        model.fold_batchnorm()
+        model.for_inference()
         got = model.hq.backbone(hq[0]), model(hq, lq)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert want[0].abs().mean() > 0.01  # the features are not all zero: the comparison means something
@@ -179,8 +180,8 @@ def test_convlstm_cell_matches_hand_computation():
     with torch.no_grad():
         for row, gate in enumerate("ifog"):
             wx, wh, b = weights[gate]
-            cell.conv.weight[row, :, 0, 0] = torch.tensor([wx, wh])
-            cell.conv.bias[row] = b
+            cell.input_conv.weight[row, 0, 0, 0], cell.hidden_conv.weight[row, 0, 0, 0] = wx, wh
+            cell.input_conv.bias[row] = b
 
     def sigmoid(v):
         return 1 / (1 + math.exp(-v))
@@ -208,6 +209,25 @@ def test_convlstm_stack_shapes_and_state_carry_over_time():
     out = net(x)
     assert out.shape == (2, 3, 7, 7)
     assert not torch.allclose(out, net(x.flip(1)))  # order of frames matters: state is carried
+
+
+def test_convlstm_equals_one_gate_conv_over_input_and_hidden_state_and_loads_its_weights():
+    # The textbook cell: one conv over [x_t, h_{t-1}]. Checkpoints written before the split hold that conv's tensors.
+    torch.manual_seed(0)
+    reference = [nn.Conv2d(5 + 6, 24, 3, padding=1).double(), nn.Conv2d(6 + 3, 12, 3, padding=1).double()]
+    net = ConvLSTM(5, [6, 3], 3).double()
+    net.load_state_dict({f"cells.{k}.conv.{name}": tensor for k, conv in enumerate(reference)
+                         for name, tensor in conv.state_dict().items()})
+    x = torch.rand(2, 4, 5, 7, 7, dtype=torch.float64)
+    sequence = list(x.unbind(1))
+    for conv, hidden in zip(reference, (6, 3)):
+        h = c = torch.zeros(2, hidden, 7, 7, dtype=torch.float64)
+        for t, x_t in enumerate(sequence):
+            i, f, o, g = conv(torch.cat([x_t, h], dim=1)).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = sequence[t] = torch.sigmoid(o) * torch.tanh(c)
+    with torch.no_grad():
+        assert torch.allclose(net(x), sequence[-1], rtol=0, atol=1e-12)
 
 
 def test_convlstm_cell_rejects_even_kernel():
@@ -238,7 +258,7 @@ def test_gradients_reach_both_backbones_and_convlstms():
         assert grads and any(g.abs().sum() > 0 for g in grads), type(part).__name__
     for stream in (model.hq, model.lq):
         for cell in stream.temporal.cells:
-            assert cell.conv.weight.grad.abs().sum() > 0
+            assert cell.input_conv.weight.grad.abs().sum() > 0 and cell.hidden_conv.weight.grad.abs().sum() > 0
 
 
 def test_backbone_and_head_parameters_partition_the_model():
