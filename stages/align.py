@@ -86,7 +86,8 @@ def _write_crops(out_dir: Path, track: int, index: int, hq: np.ndarray, lq: np.n
     names = (f"{track:02d}/{index:06d}_hq.jpg", f"{track:02d}/{index:06d}_lq.jpg")
     (out_dir / f"{track:02d}").mkdir(exist_ok=True)
     for name, crop in zip(names, (hq, lq)):
-        cv2.imwrite(str(out_dir / name), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+        cv2.imwrite(str(out_dir / name), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR),
+                    [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
     return names
 
 

@@ -151,8 +151,8 @@ class FaceDetector:
         return windows, corners.astype(float), shrink.astype(float)
 
     def _keep(self, boxes, probs, points, scale: float) -> list[Detection]:
-        return [Detection(box=b, prob=float(p), landmarks=l, scale=scale)
-                for b, p, l in zip(boxes, probs, points) if p >= self.min_prob]
+        return [Detection(box=b, prob=float(p), landmarks=marks, scale=scale)
+                for b, p, marks in zip(boxes, probs, points) if p >= self.min_prob]
 
 
 def _jitter(box: np.ndarray) -> np.ndarray:

@@ -638,7 +638,7 @@ def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str 
         device = resolve_device(cfg.score.device)
         predict = ClipModel(model_from_checkpoint(ckpt, device), device=device, dtype=amp_dtype(scoring.amp, device),
                             temperature=scoring.temperature, tta_flip=scoring.tta_flip)
-        del ckpt["model"]  # the model holds what it needs (cast, or moved to the GPU); the file's tensors can go
+        ckpt.clear()  # the model holds what it needs (cast, or moved to the GPU): the file's tensors and map can go
         detector = FaceDetector(**scoring.align)
         extra = {"settings": scoring.digest(), "model_digest": model_digest}
         with open(jsonl, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit="video", desc="score",

@@ -78,7 +78,10 @@ def test_margin_widens_the_crop(cfg, detector, head):
     (face,) = detector.detect([frame])[0]
     tight = template_points(224, 1.0)
     wide = template_points(224, 2.0)
-    eye_distance = lambda pts: np.linalg.norm(pts[1] - pts[0])
+
+    def eye_distance(pts):
+        return np.linalg.norm(pts[1] - pts[0])
+
     assert eye_distance(tight) == pytest.approx(2 * eye_distance(wide))
     hq_wide, _, _ = align_face(frame, face.landmarks, margin=2.0, hq_size=224, lq_size=112)
     # At margin 2 the crop reaches past the pasted patch into the grey canvas.

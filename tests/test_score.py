@@ -144,7 +144,7 @@ def test_streaming_clips_equal_the_staged_jpegs_and_their_probabilities(root, sc
     ckpt = score.load_checkpoint(root / "tiny.pt")
     model = score.model_from_checkpoint(ckpt, "cpu")
     staged_probs, own, others = [], [], []
-    for (video, track, prob, frames), h, l, p in zip(clips, hq, lq, probs):
+    for (video, track, prob, frames), h, low, p in zip(clips, hq, lq, probs):
         sampled = sorted(faces.frame_index[faces.video_id == video])
         assert track == 0 and frames == sampled[sampled.index(frames[0]):][:CLIP_LEN]  # consecutive sampled frames
         assert prob == p
@@ -152,7 +152,7 @@ def test_streaming_clips_equal_the_staged_jpegs_and_their_probabilities(root, sc
                                                                                           frames))
         # Equal up to two JPEG round trips (frames, then crops) and the sub-pixel landmark shifts the first one
         # causes, which is far nearer than the staged crops of the video's other frames are.
-        assert np.abs(h - jpeg_hq).mean() < 4 and np.abs(l - jpeg_lq).mean() < 4
+        assert np.abs(h - jpeg_hq).mean() < 4 and np.abs(low - jpeg_lq).mean() < 4
         all_staged = 255 * staged_clip(root / "ws", faces, video, sampled)[0][0].permute(0, 2, 3, 1).numpy()
         for crop, frame in zip(h, frames):
             diffs = np.abs(all_staged - crop).mean(axis=(1, 2, 3))
