@@ -144,7 +144,8 @@ def extract(input_path, work, dataset, stride, max_frames, jpeg_quality, decoder
 @click.option("--batch-size", type=int, default=None,
               help="Frames read per step; the ones due for full detection go to one detector call.")
 @click.option("--detect-every", type=click.IntRange(min=1), default=None,
-              help="Full detection on every Nth sampled frame; tracked faces are re-found on every frame.")
+              help="Full detection on every Nth sampled frame (and on frames with no live track); tracked "
+                   "faces are re-found on every frame.")
 @click.option("--detect-max-side", type=int, default=None,
               help="Frames are shrunk to at most this many pixels on their long side for detection.")
 @click.option("--min-face-size", type=int, default=None, help="Smallest face, in detection pixels.")

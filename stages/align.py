@@ -23,7 +23,7 @@ FACE_COLUMNS = ["video_id", "frame_index", "timestamp", "status", "track_id", "x
                 "landmarks", "scale", "mode", "hq_path", "lq_path", "hq_sha256", "lq_sha256"]
 
 SPEC = StageSpec(
-    name="align", version=2, area="faces", rows_table="faces.csv", row_columns=FACE_COLUMNS,
+    name="align", version=3, area="faces", rows_table="faces.csv", row_columns=FACE_COLUMNS,
     file_columns=[("hq_path", "hq_sha256"), ("lq_path", "lq_sha256")],
     info_columns=["mode", "frames", "frames_with_face", "tracks"],
 )

@@ -180,6 +180,11 @@ class FaceTracker:
         self._missed: dict[int, int] = {}
         self._next_id = 0
 
+    @property
+    def live(self) -> bool:
+        """Whether any track may still continue (seen within the last track_max_gap frames)."""
+        return bool(self._last_box)
+
     def expected(self) -> list[np.ndarray]:
         """Where each live track's face should be in the next frame: its last box moved on at its last speed."""
         return [box + self._velocity.get(t, 0) * (self._missed[t] + 1) for t, box in self._last_box.items()]
@@ -285,6 +290,8 @@ class FaceStream:
             found = dict(zip(keys, self._detector.detect([batch[k].image for k in keys])))
             seen += len(batch)
             for k, frame in enumerate(batch):
+                if k not in found and not self._tracker.live:  # nothing to follow: look on this frame too
+                    found[k] = self._detector.detect([frame.image])[0]
                 detections = self._follow(frame.image, found.get(k, []))
                 window.append(_Tracked(frame, detections, self._track(detections)))
             while len(window) - done > self._ahead:

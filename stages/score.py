@@ -176,7 +176,8 @@ class Scoring:
 
     def digest(self) -> str:
         params = {**self.__dict__, "align": {k: v for k, v in self.align.items()
-                                             if k not in align_stage.NOT_IN_FINGERPRINT}}
+                                             if k not in align_stage.NOT_IN_FINGERPRINT},
+                  "face_path": align_stage.SPEC.version}  # a changed face path gives other crops: rescore
         return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

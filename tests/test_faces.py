@@ -165,16 +165,17 @@ class StubDetector:
     """One face per frame at a position that drifts with the frame's pixel value; records which frames each
     method saw."""
 
-    def __init__(self):
+    def __init__(self, absent=(), lost=()):
         self.detected, self.confirmed = [], []
+        self.absent, self.lost = set(absent), set(lost)  # frames detect / confirm find nothing in
 
     def detect(self, frames):
         self.detected += [int(f[0, 0, 0]) for f in frames]
-        return [[fake_detection(10 + float(f[0, 0, 0]))] for f in frames]
+        return [[] if f[0, 0, 0] in self.absent else [fake_detection(10 + float(f[0, 0, 0]))] for f in frames]
 
     def confirm(self, frame, boxes):
         self.confirmed.append(int(frame[0, 0, 0]))
-        return [fake_detection(10 + float(frame[0, 0, 0]))]
+        return [] if frame[0, 0, 0] in self.lost else [fake_detection(10 + float(frame[0, 0, 0]))]
 
 
 def test_stream_buffers_at_most_a_batch_plus_the_window(cfg):
@@ -208,6 +209,18 @@ def test_full_detection_runs_on_every_nth_frame_and_tracking_fills_the_rest(cfg)
     assert detector.confirmed == list(range(1, 11))  # every frame after the first, once a track is live
     assert [[f.track_id for f in ff.faces] for ff in result] == [[0]] * 11
     assert faces.track_lengths == {0: 11}
+
+
+def test_frames_with_nothing_to_follow_are_always_detected(cfg):
+    """The face appears on frame 2 and is lost on frames 4-6 (longer than track_max_gap): until it is found, and
+    again once its track has ended, every frame is searched, not only the scheduled ones (0 and 8)."""
+    detector = StubDetector(absent={0, 1}, lost={4, 5, 6})
+    frames = [Frame(i, i / 10, np.full((120, 160, 3), i, np.uint8)) for i in range(11)]
+    faces = faces_in_frames(frames, detector, **{**cfg, "detect_every": 8, "batch_size": 3, "track_max_gap": 2})
+    result = [[f.track_id for f in ff.faces] for ff in faces]
+    assert sorted(detector.detected) == [0, 1, 2, 7, 8]
+    assert detector.confirmed == [3, 4, 5, 6, 8, 9, 10]
+    assert result == [[], [], [0], [0], [], [], [], [1], [1], [1], [1]]
 
 
 def test_tracking_between_detections_follows_a_face_moving_its_own_width_per_frame(cfg, detector, head):
