@@ -4,7 +4,7 @@ clip.
 Staged path: `dfpipe extract` + `dfpipe align` (frames and crops written as JPEG) + the model over the crops in the
 same non-overlapping clips. Goals: score-video is faster than the staged path, and its peak RSS does not grow with
 the video's length (the long clip is the short one looped, so only the length differs).
-Every measurement runs in a fresh process, so each peak RSS (ru_maxrss) is that measurement's alone.
+Every measurement runs in a fresh process, so each peak RSS (VmHWM) is that measurement's alone.
 
 Usage: python benchmarks/bench_score.py [--seconds 10] [--long-seconds 300] [--model default|tiny] [--stride N]
                                         [--batch-size B] [--clip-every N] [--clips N] [--repeats N]
@@ -92,7 +92,13 @@ def make_checkpoint(path: Path, model_kind: str, stride: int) -> Path:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak (VmHWM). Not ru_maxrss: Linux carries that across exec, so a child started by this
+    benchmark would report the parent's size at the fork (the parent holds the model it has just saved)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def config(batch_size: str, clip_every: str):
