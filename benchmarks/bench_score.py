@@ -78,13 +78,7 @@ def make_checkpoint(path: Path, model_kind: str, stride: int) -> Path:
     cfg = load_config()
     model_cfg = {**cfg.model, **(TINY if model_kind == "tiny" else {})}
     model = DualStreamNet.from_config(model_cfg)
-    # Like `dfpipe train`'s best.pt, it carries AdamW's state too (twice the model's size), which scoring never reads.
-    optimizer = torch.optim.AdamW(model.parameters())
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_config": model_cfg,
-                "config": cfg.to_dict(),
+    torch.save({"model": model.state_dict(), "model_config": model_cfg, "config": cfg.to_dict(),
                 "extract": {"stride": stride}, "align": cfg.align.to_dict(), "clip_len": cfg.dataset.clip_len,
                 "calibration": {"temperature": 1.0, "threshold": 0.5, "aggregate": "mean"},
                 "dfpipe_version": "bench", "pairs_digest": ""}, path)

@@ -163,6 +163,7 @@ def test_best_checkpoint_is_plain_data_with_calibration(trained, workspace):
     assert 0.05 <= calibration["temperature"] <= 20 and 0 < calibration["threshold"] < 1
     assert calibration["aggregate"] in RULES
     assert load_checkpoint(run_dir / "last.pt")["calibration"] is None  # only best.pt is calibrated
+    assert "optimizer" not in ckpt and "optimizer" in load_checkpoint(run_dir / "last.pt")  # only last.pt resumes
     assert json.loads((run_dir / "run.json").read_text())["pairs_digest"] == ckpt["pairs_digest"]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["epochs"] == EPOCHS
 
