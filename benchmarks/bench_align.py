@@ -7,11 +7,12 @@ LQ crops), over 16 consecutive sampled frames per clip (1.6 s of video at stride
 finding >= 99% of the faces the baseline finds (box IoU >= 0.5). Recall is printed twice: over every baseline
 face, and over the faces at least as large as the smallest face dfpipe is set to find (align.min_face_size at the
 detection scale); the full-resolution baseline also reports 20 px background faces.
-Usage: python benchmarks/bench_align.py [VIDEO ...]  (default: 1080p/720p clips from ../shared/data)
+Usage: python benchmarks/bench_align.py [--set align.KEY=VALUE ...] [VIDEO ...]
+  (default videos: 1080p/720p clips from ../shared/data; --set measures another trade-off, e.g. align.detect_every=1)
 """
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from facenet_pytorch import MTCNN
 from torchvision.ops import box_iou
 
-from dfpipe.pipeline.config import load_config
+from dfpipe.pipeline.config import load_config, parse_override
 from dfpipe.stages.faces import FaceDetector, FaceStream
 from dfpipe.stages.video import FrameReader
 
@@ -70,11 +71,16 @@ def recall(reference: list[np.ndarray], found: list[np.ndarray]) -> tuple[int, i
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("videos", nargs="*", type=Path)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for dfpipe's side, as `dfpipe align --set`")
+    args = parser.parse_args()
     torch.set_grad_enabled(False)
-    paths = [Path(p) for p in sys.argv[1:]] or [SHARED / v for v in DEFAULT_VIDEOS if (SHARED / v).exists()]
+    paths = args.videos or [SHARED / v for v in DEFAULT_VIDEOS if (SHARED / v).exists()]
     if not paths:
-        sys.exit("no videos: pass some, or provide ../shared/data")
-    cfg = load_config()
+        parser.exit(1, "no videos: pass some, or provide ../shared/data\n")
+    cfg = load_config(overrides=[parse_override(o) for o in args.overrides])
     align_cfg = dict(cfg.align)
     detector = FaceDetector(**align_cfg)
     mtcnn = MTCNN(keep_all=True, device=detector.device)
@@ -101,7 +107,7 @@ def main() -> None:
         print(f"{path.name:32s} {w_}x{h_}  baseline {1000 * (t2 - t1) / len(frames):7.0f} ms/frame  "
               f"dfpipe {1000 * (t1 - t0) / len(frames):6.0f} ms/frame  faces found {h}/{t}")
     print(f"frames: {n_frames}  device: {detector.device}  detect_every: {cfg.align.detect_every}  "
-          f"detect_max_side: {cfg.align.detect_max_side}")
+          f"detect_max_side: {cfg.align.detect_max_side}  min_face_size: {cfg.align.min_face_size}")
     print(f"speed-up dfpipe vs out-of-the-box MTCNN: {t_base / t_ours:.1f}x   (goal >= 20x)")
     print(f"faces found of the baseline's (IoU >= 0.5): {hits}/{total} = {100 * hits / max(total, 1):.1f}%"
           f"   (goal >= 99%)")

@@ -273,7 +273,7 @@ class ClipCutter:
         for track in [t for t in self._runs if self._last_seen[t] != position]:
             self._end(track)
         for track in [t for t in self._short if position - self._last_seen[t] > self.track_max_gap
-                      and len(self.face_frames[track]) < self.min_track_len]:
+                      and len(self.face_frames[t]) < self.min_track_len]:
             del self._short[track]
         return done
 
