@@ -39,7 +39,7 @@ def main() -> None:
     reference = DualStreamNet.from_config(dict(cfg.model, channels_last=False)).eval()
     fast = DualStreamNet.from_config(dict(cfg.model, channels_last=True)).eval()
     fast.load_state_dict(reference.state_dict())
-    scoring = copy.deepcopy(fast).for_inference().to(torch.bfloat16)
+    scoring = copy.deepcopy(fast).for_inference(torch.bfloat16)
     hq = torch.rand(BATCH, STEPS, 3, cfg.align.hq_size, cfg.align.hq_size)
     lq = torch.rand(BATCH, STEPS, 3, cfg.align.lq_size, cfg.align.lq_size)
 

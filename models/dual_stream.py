@@ -93,15 +93,22 @@ class DualStreamNet(nn.Module):
         _check_clips("lq", lq)
         if hq.shape[0] != lq.shape[0]:
             raise ValueError(f"hq and lq batch sizes differ ({hq.shape[0]} vs {lq.shape[0]})")
-        fused, weights = self.fusion(self.hq(hq), self.lq(lq))
-        logits = self.classifier(fused).squeeze(-1)
+        features = self.hq(hq), self.lq(lq)
+        # The head runs in fp32 even under bf16 autocast or with bf16 streams: a bf16 logit keeps 8 bits of
+        # mantissa, so near-equal clips would tie exactly, flattening AUC, thresholds and temperature fitting.
+        with torch.autocast(hq.device.type, enabled=False):
+            fused, weights = self.fusion(*(f.float() for f in features))
+            logits = self.classifier(fused).squeeze(-1)
         return (logits, weights) if return_attention else logits
 
-    def for_inference(self) -> "DualStreamNet":
-        """See Backbone.for_inference."""
+    def for_inference(self, dtype: torch.dtype | None = None) -> "DualStreamNet":
+        """See Backbone.for_inference; `dtype` casts the streams' weights (bf16 on CPU, where autocast would convert
+        every layer's input and output, measured ~1.4x slower). The head stays fp32 (see forward)."""
         self.eval()
-        self.hq.backbone.for_inference()
-        self.lq.backbone.for_inference()
+        for stream in (self.hq, self.lq):
+            stream.backbone.for_inference()
+            if dtype is not None:
+                stream.to(dtype)
         return self
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:

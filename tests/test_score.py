@@ -412,8 +412,11 @@ def test_checkpoint_model_is_the_trained_model_and_bf16_scoring_stays_close(chec
     bf16 = score.ClipModel(score.model_from_checkpoint(ckpt, "cpu"), device=torch.device("cpu"),
                            dtype=torch.bfloat16, temperature=temperature, tta_flip=False)
     assert next(bf16.model.parameters()).dtype == torch.bfloat16  # cast, not autocast: no BatchNorm round trips
+    assert {p.dtype for p in bf16.model.classifier.parameters()} == {torch.float32}
     probs = bf16(hq, lq)
     assert probs.shape == (3,) and ((probs >= 0) & (probs <= 1)).all()
+    logits = torch.logit(torch.from_numpy(probs)).float() * temperature
+    assert not torch.equal(logits.bfloat16().float(), logits)  # fp32 logits: clips do not tie on bf16's grid
     # The fixture's calibration (a tiny temperature for a barely trained model) magnifies any rounding in the
     # probabilities, so bf16 is compared where its rounding shows: the streams' features.
     with torch.no_grad():
