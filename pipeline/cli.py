@@ -215,7 +215,8 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
               help="RUN_DIR/best.pt from `dfpipe train`.")
 @click.option("--out", default="scores.csv", show_default=True, type=click.Path(dir_okay=False),
-              help="Per-video CSV; scores.jsonl, metrics.json and plots go beside it.")
+              help="Per-video CSV of this call's videos; scores.jsonl (every video ever scored into this "
+                   "output, the record reruns resume from), metrics.json and plots go beside it.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CSV path,label or a DFDC metadata.json: adds metrics.json and plots.")
 @click.option("--work", type=click.Path(file_okay=False), default=None,

@@ -517,9 +517,10 @@ def _reusable(row: dict, digest: str, model_digest: str) -> bool:
 def load_finished(jsonl: Path, paths: set[str], digest: str, model_digest: str) -> tuple[dict[str, dict], int]:
     """Rows an earlier run (or a shard) finished with these settings, and how many of `paths` had rows with others.
 
-    Our own JSON lines are compacted to the reusable rows (stale settings, errors and a torn line gone) and receive
-    the reusable rows of the sibling files (the shards' and the unsharded run's), so after a merge run the plain
-    `.jsonl` holds every video on its own.
+    Our own JSON lines are compacted (for `paths`: only reusable rows; stale settings, errors and a torn line go)
+    and receive the reusable rows of the sibling files (the shards' and the unsharded run's), so after a merge run
+    the plain `.jsonl` holds every video on its own. Rows of videos outside this call stay as they are: an earlier
+    call into the same output scored them, and they are not this call's to judge.
     """
     base = jsonl.name.split(".shard-")[0].removesuffix(".jsonl")
     candidates = [*sorted(jsonl.parent.glob(f"{base}.shard-*-of-*.jsonl")), jsonl.with_name(f"{base}.jsonl")]
@@ -533,7 +534,8 @@ def load_finished(jsonl: Path, paths: set[str], digest: str, model_digest: str) 
             done[row["path"]] = row
         elif row["path"] in paths and (row.get("settings"), row.get("model_digest")) != (digest, model_digest):
             stale.add(row["path"])
-    data = _jsonl_bytes(sorted(done.values(), key=lambda r: r["path"]))
+    others = {r["path"]: r for r in own if r["path"] not in paths}
+    data = _jsonl_bytes(sorted({**others, **done}.values(), key=lambda r: r["path"]))
     if not jsonl.is_file() or jsonl.read_bytes() != data:  # written even when empty: a shard may own no video
         atomic_write_bytes(jsonl, data)
     return done, len(stale - set(done))

@@ -227,9 +227,15 @@ def test_rerun_skips_finished_videos_and_changed_settings_rescore(root, checkpoi
     one = root / "data/real/real_000.mp4"
     flipped = run(checkpoint, [one], tmp_path / "out/scores.csv", cfg=config(tta_flip=True))
     assert (flipped.scored, flipped.rescored) == (1, 1) and len(model_calls) == 1
-    assert jsonl(tmp_path / "out/scores.jsonl")[str(one)]["score"] != jsonl(summary.jsonl)[str(one)]["score"]
+    rows, first = jsonl(tmp_path / "out/scores.jsonl"), jsonl(summary.jsonl)
+    assert rows[str(one)]["score"] != first[str(one)]["score"]
+    # the other six videos were not in this call: their rows stay, and a call over all seven still reuses them
+    assert len(rows) == 7 and all(rows[p] == first[p] for p in rows if p != str(one))
+    assert list(pd.read_csv(flipped.csv).path) == [str(one)]  # the CSV reports this call
     # unlabelled now: the earlier call's metrics and plots must not stay beside the new scores
     assert not (tmp_path / "out/metrics.json").exists() and not (tmp_path / "out/scores_plots").exists()
+    back = run(checkpoint, [root / "data", root / "bad"], tmp_path / "out/scores.csv")
+    assert (back.scored, back.reused, back.rescored) == (1, 6, 1) and len(model_calls) == 2
 
 
 def test_fallback_score_fills_unscorable_videos(root, checkpoint):
