@@ -17,6 +17,8 @@ from typing import Iterable, Mapping
 import pandas as pd
 
 TMP_PREFIX = ".tmp-"
+_UMASK = os.umask(0o022)  # reading the umask means setting it: put it straight back
+os.umask(_UMASK)
 
 
 def fsync_dir(path: Path) -> None:
@@ -32,6 +34,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's private 0600 would hide manifests and checkpoints from the team
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
 
-from dfpipe.manifests.table import read_table, write_table
+from dfpipe.manifests.table import atomic_write_bytes, read_table, write_table
 from dfpipe.manifests.units import (StageSpec, Unit, UnitError, UnitOutput, count_states, load_state,
                                     run_stage, verify)
 from dfpipe.manifests.workspace import Shard, Workspace, WorkspaceError, safe_name
@@ -150,3 +152,13 @@ def test_table_roundtrip_is_byte_stable(tmp_path):
     data = (tmp_path / "t.csv").read_bytes()
     write_table(tmp_path / "u.csv", read_table(tmp_path / "t.csv", cols), cols)
     assert (tmp_path / "u.csv").read_bytes() == data
+
+
+def test_atomic_writes_get_the_mode_of_any_new_file(tmp_path):
+    """Not mkstemp's private 0600: a team reads a shared workspace's manifests and checkpoints."""
+    atomic_write_bytes(tmp_path / "t.csv", b"a\n")
+    (tmp_path / "plain").write_bytes(b"")
+    mode = stat.S_IMODE((tmp_path / "t.csv").stat().st_mode)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask
