@@ -18,6 +18,8 @@ from typing import Callable, Iterable
 
 import pandas as pd
 
+from ..manifests.workspace import safe_name
+
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
 SPLITS = ("train", "val", "test")
 ROW_KEYS = ("video_id", "path", "label", "source_id", "group", "split", "dataset", "method")
@@ -91,6 +93,14 @@ def _finish(root: Path, layout: str, drafts: list[dict], notes: list[str]) -> Di
         raise DiscoveryError(f"{root}: video_id '{duplicate}' is shared by {' and '.join(paths)}")
     for d in drafts:
         _check_id(d["video_id"], d["path"])
+    folders: dict[str, list[dict]] = {}
+    for d in drafts:
+        folders.setdefault(safe_name(d["video_id"]), []).append(d)
+    clash = next((ds for ds in folders.values() if len(ds) > 1), None)
+    if clash is not None:  # e.g. 'a/b' and 'a__b': one would overwrite the other's frames and crops
+        raise DiscoveryError(f"{root}: video_ids {' and '.join(repr(d['video_id']) for d in clash)} would share the "
+                             f"output folder '{safe_name(clash[0]['video_id'])}' ({' and '.join(d['path'] for d in clash)}"
+                             "); rename one of the files")
     groups = _union_groups([d.pop("identities") for d in drafts])
     rows = sorted(({**d, "group": f"{layout}:{g}", "dataset": layout} for d, g in zip(drafts, groups)),
                   key=lambda r: r["video_id"])
@@ -369,6 +379,8 @@ def read_user_csv(path: Path, required: tuple[str, ...], header: str) -> pd.Data
 def _read_table(path: Path) -> pd.DataFrame:
     """The CSV with every optional column present and every cell a stripped string; rejects bad cells by line."""
     table = read_user_csv(path, ("path", "label"), "path,label[,source,split,group]")
+    if table.empty:
+        raise DiscoveryError(f"{path}: no videos listed (a header and no rows)")
     table = table.reindex(columns=["path", "label", "source", "split", "group"], fill_value="")
     table = table.apply(lambda col: col.str.strip())
     checks = (("path", table["path"] == "", "empty path"),

@@ -289,6 +289,13 @@ def test_csv_id_that_would_escape_the_workspace_is_rejected(tmp_path):
         discover(tmp_path / "l.csv")
 
 
+def test_ids_that_would_share_an_output_folder_are_rejected(tmp_path):
+    touch(tmp_path, "a/b.mp4", "a__b.mp4")
+    (tmp_path / "l.csv").write_text("path,label\na/b.mp4,real\na__b.mp4,fake\n")
+    with pytest.raises(DiscoveryError, match=r"video_ids 'a/b' and 'a__b' would share the output folder 'a__b'"):
+        discover(tmp_path / "l.csv")
+
+
 @pytest.mark.parametrize("text, reason", [
     ("file,label\na.mp4,real\n", "missing column(s) path"),
     ("path,kind\na.mp4,real\n", "missing column(s) label"),
@@ -296,6 +303,7 @@ def test_csv_id_that_would_escape_the_workspace_is_rejected(tmp_path):
     ("path,label,split\na.mp4,real,holdout\n", "row 1: split 'holdout' is not train, val, test or empty"),
     ("path,label\na.mp4,real\na.mp4,fake\n", "row 2: path 'a.mp4' is listed twice"),
     ("", "cannot read as CSV"),
+    ("path,label\n", "no videos listed"),
 ])
 def test_csv_bad_input_names_file_and_reason(tmp_path, text, reason):
     touch(tmp_path, "a.mp4")
