@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from pathlib import Path
 
 import click
 
@@ -181,7 +182,9 @@ def align(work, device, batch_size, detect_every, detect_max_side, min_face_size
 @work_option
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
               help="Run folder: config.yaml, metrics.csv, last.pt, best.pt.")
-@click.option("--resume", is_flag=True, help="Continue from RUN_DIR/last.pt.")
+@click.option("--resume", is_flag=True,
+              help="Continue from RUN_DIR/last.pt with the run's RUN_DIR/config.yaml (unless --config is given); "
+                   "only the epochs, early-stop patience, workers and device may change.")
 @click.option("--epochs", type=int, default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
@@ -200,6 +203,8 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
     Runs on CPU or CUDA, single process or `torchrun --nproc_per_node N -m dfpipe.pipeline.cli train ...`.
     """
     from ..stages.train import run_train
+    if resume and config_file is None and (Path(run_dir) / "config.yaml").is_file():
+        config_file = Path(run_dir) / "config.yaml"
     cfg = make_config(config_file, overrides, **{
         "train.epochs": epochs, "train.batch_size": batch_size, "train.workers": workers, "train.device": device,
         "model.hq_backbone": hq_backbone, "model.lq_backbone": lq_backbone, "model.pretrained_hq": pretrained_hq,
@@ -270,16 +275,22 @@ def _stages():
     return [("extract", ex.SPEC, ex.status_units), ("align", al.SPEC, al.status_units)]
 
 
+def existing_workspace(work):
+    """status and verify only read: a mistyped --work must not pass as an empty workspace (or create one)."""
+    from ..manifests.workspace import Workspace
+    ws = Workspace(work)
+    if not ws.manifests.is_dir():
+        raise click.ClickException(f"{ws.root}: not a dfpipe workspace (no manifests/ folder)")
+    return ws
+
+
 @main.command()
 @work_option
 @command
 def status(work):
     """Per stage: how many units are done, stale, failed or pending."""
     from ..manifests.units import count_states, load_params
-    from ..manifests.workspace import Workspace
-    ws = Workspace(work)
-    if not ws.manifests.is_dir():
-        raise click.ClickException(f"{ws.root}: not a dfpipe workspace (no manifests/ folder)")
+    ws = existing_workspace(work)
     click.echo(f"{'stage':<10}{'done':>8}{'stale':>8}{'failed':>8}{'pending':>9}")
     for name, spec, units_fn in _stages():
         params = load_params(ws, spec)
@@ -295,8 +306,7 @@ def status(work):
 def verify(work):
     """Re-hash every recorded output file; report missing or changed ones (the next run redoes their units)."""
     from ..manifests.units import verify as verify_stage
-    from ..manifests.workspace import Workspace
-    ws = Workspace(work)
+    ws = existing_workspace(work)
     bad = False
     for name, spec, _ in _stages():
         report = verify_stage(ws, spec)

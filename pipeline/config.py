@@ -6,8 +6,9 @@ and a key that does not exist in the defaults is an error (a typo must not silen
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -41,10 +42,121 @@ def _merge(base: dict, update: Mapping, where: str) -> None:
     for key, value in update.items():
         if key not in base:
             raise ConfigError(f"unknown config key '{where}{key}'")
-        if isinstance(base[key], dict) and isinstance(value, Mapping):
+        if isinstance(base[key], dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"'{where}{key}' is a section, not a value: set its keys "
+                                  f"(e.g. {where}{key}.{next(iter(base[key]))}=...)")
             _merge(base[key], value, f"{where}{key}.")
         else:
             base[key] = value
+
+
+# ---------------------------------------------------------------- what each value may be
+# Checked once when the config is loaded, so a bad value is one line naming the key before any work starts (not
+# the same Python error for every video in a worker). Keys not listed here must have the type of their default.
+
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _at_least(low: float, *, integer: bool = True) -> Rule:
+    kind = _is_int if integer else _is_number
+    return (lambda v: kind(v) and v >= low), f"{'an integer' if integer else 'a number'} >= {low:g}"
+
+
+def _between(low: float, high: float, *, open_high: bool = False) -> Rule:
+    return ((lambda v: _is_number(v) and low <= v and (v < high if open_high else v <= high)),
+            f"a number in [{low:g}, {high:g}{')' if open_high else ']'}")
+
+
+def _positive() -> Rule:
+    return (lambda v: _is_number(v) and v > 0), "a number > 0"
+
+
+def _one_of(*names: str) -> Rule:
+    return (lambda v: v in names), f"one of {', '.join(names)}"
+
+
+def _or_null(rule: Rule) -> Rule:
+    return (lambda v: v is None or rule[0](v)), f"{rule[1]} or null"
+
+
+def _list_of(rule: Rule, length: int | None = None) -> Rule:
+    size = f"{length} " if length else ""
+    return ((lambda v: isinstance(v, list) and len(v) >= 1 and (length is None or len(v) == length)
+             and all(rule[0](x) for x in v)), f"a list of {size}values, each {rule[1]}")
+
+
+COUNT, POSITIVE, NON_NEGATIVE = _at_least(0), _at_least(1), _at_least(0, integer=False)
+FRACTION, PROBABILITY = _between(0, 1, open_high=True), _between(0, 1)
+DEVICE = _one_of("auto", "cpu", "cuda")
+WEIGHT_FILE = _or_null(((lambda v: isinstance(v, str) and bool(v)), "a weight file path"))
+RULES: dict[str, Rule] = {
+    "extract.stride": POSITIVE, "extract.max_frames": _or_null(POSITIVE), "extract.jpeg_quality": _between(1, 100),
+    "extract.decoder": _one_of("auto", "decord", "pyav"), "extract.workers": COUNT,
+    "extract.timeout": _or_null(_positive()),
+    "align.device": DEVICE, "align.batch_size": POSITIVE, "align.detect_every": POSITIVE,
+    # 12 px is P-Net's window: smaller faces are found by detecting at a larger detect_max_side instead
+    "align.detect_max_side": _at_least(12), "align.min_face_size": _at_least(12),
+    "align.thresholds": _list_of(PROBABILITY, 3), "align.min_prob": PROBABILITY,
+    "align.track_iou": _between(0, 1), "align.track_max_gap": COUNT, "align.track_max_shift": NON_NEGATIVE,
+    "align.min_track_len": POSITIVE, "align.max_faces": _or_null(POSITIVE), "align.smooth_window": POSITIVE,
+    "align.margin": _at_least(0.5, integer=False), "align.hq_size": _at_least(16), "align.lq_size": _at_least(8),
+    "align.jpeg_quality": _between(1, 100),
+    "pairs.val_fraction": FRACTION, "pairs.test_fraction": FRACTION,
+    "dataset.clip_len": POSITIVE, "dataset.short_tracks": _one_of("skip", "pad"),
+    "dataset.val_clips_per_track": POSITIVE,
+    **{f"dataset.augment.{k}": PROBABILITY for k in ("flip", "affine", "color_jitter", "jpeg", "blur", "noise",
+                                                      "cutout")},
+    "model.convlstm_filters": _list_of(POSITIVE), "model.convlstm_kernel": POSITIVE,
+    "model.mlp": _list_of(POSITIVE), "model.dropout": (lambda v: v == [] or _list_of(FRACTION)[0](v),
+                                                        _list_of(FRACTION)[1]),
+    "model.pretrained_hq": WEIGHT_FILE, "model.pretrained_lq": WEIGHT_FILE,
+    "train.device": DEVICE, "train.epochs": POSITIVE, "train.batch_size": POSITIVE, "train.workers": COUNT,
+    "train.lr_backbone": NON_NEGATIVE, "train.lr_head": NON_NEGATIVE, "train.weight_decay": NON_NEGATIVE,
+    "train.scheduler": _one_of("plateau", "cosine", "onecycle"), "train.plateau_factor": _between(0, 1),
+    "train.plateau_patience": COUNT, "train.warmup_epochs": COUNT, "train.early_stop_patience": POSITIVE,
+    "train.grad_clip": _or_null(_positive()), "train.accumulate": POSITIVE, "train.amp": _one_of("auto", "off"),
+    "train.freeze_backbone_epochs": COUNT, "train.loss": _one_of("bce", "focal", "smooth"),
+    "train.label_smoothing": FRACTION, "train.focal_gamma": NON_NEGATIVE,
+    "train.steps_per_epoch": _or_null(POSITIVE),
+    "score.device": DEVICE, "score.batch_size": _or_null(POSITIVE),
+    "score.aggregate": _or_null(_one_of("mean", "median", "max", "topk", "confident")), "score.topk": POSITIVE,
+    "score.confident_high": PROBABILITY, "score.confident_low": PROBABILITY,
+    "score.confident_fraction": PROBABILITY, "score.clip_every": POSITIVE,
+    "score.threshold": _or_null(PROBABILITY), "score.fallback_score": _or_null(PROBABILITY),
+    "score.suspicious_frames": COUNT,
+    "demo.n_real": POSITIVE, "demo.n_fake": POSITIVE, "demo.frames": POSITIVE, "demo.width": _at_least(64),
+    "demo.height": _at_least(64), "demo.fps": POSITIVE,
+}
+
+
+def _default_type(default: Any) -> Rule:
+    if isinstance(default, bool):
+        return (lambda v: isinstance(v, bool)), "true or false"
+    if _is_int(default):
+        return _is_int, "an integer"
+    if isinstance(default, float):
+        return _is_number, "a number"
+    return (lambda v: isinstance(v, type(default))), f"a {type(default).__name__}"
+
+
+def _validate(cfg: dict, defaults: dict, where: str = "") -> None:
+    for key, value in cfg.items():
+        name = f"{where}{key}"
+        if isinstance(value, dict):
+            _validate(value, defaults[key], f"{name}.")
+            continue
+        check, what = RULES.get(name) or _default_type(defaults[key])
+        if not check(value):
+            raise ConfigError(f"{name}: must be {what}, got {value!r}")
 
 
 def parse_override(text: str) -> dict:
@@ -65,6 +177,7 @@ def parse_override(text: str) -> dict:
 def load_config(path: str | Path | None = None, overrides: list[Mapping] | None = None) -> Config:
     with open(DEFAULTS_PATH) as f:
         cfg = yaml.safe_load(f)
+    defaults = copy.deepcopy(cfg)
     if path is not None:
         try:
             with open(path) as f:
@@ -78,4 +191,5 @@ def load_config(path: str | Path | None = None, overrides: list[Mapping] | None 
         _merge(cfg, user, "")
     for update in overrides or []:
         _merge(cfg, update, "")
+    _validate(cfg, defaults)
     return _wrap(cfg)

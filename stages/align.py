@@ -16,7 +16,7 @@ from ..manifests.units import StageSpec, Unit, UnitError, UnitOutput, load_state
 from ..manifests.workspace import Shard, Workspace
 from ..pipeline.workers import prefetch
 from . import extract
-from .faces import FaceDetector, FaceStream, align_face, select_tracks
+from .faces import FaceDetector, FaceStream, align_face, resolve_device, select_tracks
 from .video import Frame
 
 FACE_COLUMNS = ["video_id", "frame_index", "timestamp", "status", "track_id", "x1", "y1", "x2", "y2", "prob",
@@ -150,6 +150,7 @@ def align_pair(ws: Workspace, unit: Unit, out_dir: Path, source_rows: list[dict]
 def run_align(ws: Workspace, cfg, *, shard: Shard = Shard(), retry_failed: bool = False, progress: bool = True):
     """Sources and unpaired videos first; then fakes cropped with their source's freshly recorded tracks."""
     align_cfg = dict(cfg.align)
+    resolve_device(cfg.align.device)  # an unusable device is one error now, not one per video
     params = params_of(cfg)
     units = plan_units(ws, cfg.align.pair_aware)
     detector = None

@@ -98,9 +98,9 @@ def _finish(root: Path, layout: str, drafts: list[dict], notes: list[str]) -> Di
         folders.setdefault(safe_name(d["video_id"]), []).append(d)
     clash = next((ds for ds in folders.values() if len(ds) > 1), None)
     if clash is not None:  # e.g. 'a/b' and 'a__b': one would overwrite the other's frames and crops
-        raise DiscoveryError(f"{root}: video_ids {' and '.join(repr(d['video_id']) for d in clash)} would share the "
-                             f"output folder '{safe_name(clash[0]['video_id'])}' ({' and '.join(d['path'] for d in clash)}"
-                             "); rename one of the files")
+        ids, paths = (" and ".join(repr(d["video_id"]) for d in clash), " and ".join(d["path"] for d in clash))
+        raise DiscoveryError(f"{root}: video_ids {ids} would share the output folder "
+                             f"'{safe_name(clash[0]['video_id'])}' ({paths}); rename one of the files")
     groups = _union_groups([d.pop("identities") for d in drafts])
     rows = sorted(({**d, "group": f"{layout}:{g}", "dataset": layout} for d, g in zip(drafts, groups)),
                   key=lambda r: r["video_id"])

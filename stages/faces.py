@@ -66,7 +66,11 @@ class FrameFaces:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{device}': no CUDA GPU is usable here (torch.cuda.is_available() is False); "
+                         "use --device auto or cpu")
+    return resolved
 
 
 class FaceDetector:

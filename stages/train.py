@@ -341,6 +341,24 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+# What a resumed run may change: how long it goes on and where it runs. Anything else (clip length, model, learning
+# rate, ...) would make its later epochs incomparable with the earlier ones that best-epoch selection weighs them
+# against.
+RESUMABLE = ("train.epochs", "train.early_stop_patience", "train.workers", "train.device")
+
+
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """`key (run: x, now: y)` for each training setting (pairs, dataset, model, train) that differs."""
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+    old, new = (flat({k: c.get(k, {}) for k in ("pairs", "dataset", "model", "train")}) for c in (saved, now))
+    return [f"{k} (run: {old.get(k)!r}, now: {new.get(k)!r})" for k in sorted(old.keys() | new.keys())
+            if k not in RESUMABLE and old.get(k) != new.get(k)]
+
+
 def write_run_files(run_dir: Path, cfg, digest: str, ctx: Ranks, resume: bool) -> None:
     """config.yaml (the resolved config) and run.json (provenance); a resume appends its start time."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -515,6 +533,10 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks) -> dict:
         ckpt = load_checkpoint(last_path)
         if ckpt["pairs_digest"] != digest:
             raise TrainError(f"{last_path}: the training pairs changed since this run started; start a new run")
+        changed = changed_settings(ckpt["config"], cfg.to_dict())
+        if changed:
+            raise TrainError(f"{last_path}: a resumed run keeps its settings (only {', '.join(sorted(RESUMABLE))} "
+                             f"may change); these differ: {'; '.join(changed)}")
         if per_update and ckpt["config"]["train"]["epochs"] != t.epochs:
             raise TrainError(f"{last_path}: the {t.scheduler} schedule was planned for "
                              f"{ckpt['config']['train']['epochs']} epochs; resume with the same train.epochs")

@@ -20,6 +20,7 @@ import yaml
 from torchvision.io import write_jpeg
 from torchvision.transforms.v2 import functional as TF
 
+from conftest import dfpipe
 from dfpipe.manifests.table import read_table
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
@@ -194,6 +195,19 @@ def test_killed_and_resumed_run_reproduces_the_uninterrupted_metrics(trained, wo
     run_train(workspace, tmp_path, tiny_cfg(), resume=True)
     assert (tmp_path / "metrics.csv").read_bytes() == (run_dir / "metrics.csv").read_bytes()
     assert len(json.loads((tmp_path / "run.json").read_text())["resumed"]) == 1
+
+
+def test_resume_refuses_changed_training_settings_and_the_cli_resumes_with_the_runs_config(trained, workspace,
+                                                                                          tmp_path):
+    run_train(workspace, tmp_path, tiny_cfg(epochs=1), resume=False)
+    with pytest.raises(TrainError, match=r"these differ: dataset\.clip_len \(run: 4, now: 3\); "
+                                         r"train\.lr_head \(run: .*, now: 0\.5\)"):
+        run_train(workspace, tmp_path, load_config(overrides=[
+            tiny_cfg(epochs=2).to_dict(), {"dataset": {"clip_len": 3}, "train": {"lr_head": 0.5}}]), resume=True)
+    assert len(metrics(tmp_path)) == 1  # nothing was trained or rewritten
+    # Without --config, `--resume` takes the run's own config.yaml (its tiny model, not the defaults' B4).
+    proc = dfpipe("train", "--work", workspace, "--run", tmp_path, "--resume", "--epochs", 2)
+    assert len(metrics(tmp_path)) == 2 and "best_epoch" in proc.stdout
 
 
 def test_refuses_to_overwrite_a_run_resume_nothing_or_train_without_manifests(trained, workspace, tmp_path):

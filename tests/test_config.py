@@ -1,0 +1,83 @@
+"""The one config object: defaults, overrides, and the up-front check of every value."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from conftest import dfpipe
+from dfpipe.pipeline.config import DEFAULTS_PATH, RULES, ConfigError, load_config, parse_override
+from dfpipe.stages.faces import resolve_device
+
+
+def flat_keys(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        keys |= flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
+    return keys
+
+
+def test_every_rule_names_a_real_key_and_the_defaults_pass_them():
+    defaults = flat_keys(yaml.safe_load(DEFAULTS_PATH.read_text()))
+    assert set(RULES) <= defaults  # a misspelt rule would never check anything
+    cfg = load_config()
+    assert cfg.align.margin == 1.3 and cfg.train.lr_head == 1e-3
+
+
+def test_overrides_and_nullable_values():
+    cfg = load_config(overrides=[parse_override("score.threshold=0.3"), parse_override("extract.max_frames=null"),
+                                 parse_override("align.thresholds=[0.5, 0.6, 0.7]")])
+    assert (cfg.score.threshold, cfg.extract.max_frames, cfg.align.thresholds) == (0.3, None, [0.5, 0.6, 0.7])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("extract.stride=abc", "extract.stride: must be an integer >= 1, got 'abc'"),
+    ("extract.stride=0", "extract.stride: must be an integer >= 1, got 0"),
+    ("extract.stride=2.5", "extract.stride: must be an integer >= 1, got 2.5"),
+    ("extract.decoder=foo", "extract.decoder: must be one of auto, decord, pyav, got 'foo'"),
+    ("extract.timeout=-1", "extract.timeout: must be a number > 0 or null, got -1"),
+    ("extract.max_frames=0", "extract.max_frames: must be an integer >= 1 or null, got 0"),
+    ("align.thresholds=abc", "align.thresholds: must be a list of 3 values, each a number in [0, 1], got 'abc'"),
+    ("align.thresholds=[0.6, 0.7]", "align.thresholds: must be a list of 3 values"),
+    ("align.min_face_size=0", "align.min_face_size: must be an integer >= 12, got 0"),
+    ("align.smooth_window=true", "align.smooth_window: must be an integer >= 1, got True"),
+    ("model.mlp=[]", "model.mlp: must be a list of values, each an integer >= 1, got []"),
+    ("dataset.clip_len=0", "dataset.clip_len: must be an integer >= 1, got 0"),
+    ("train.batch_size=0", "train.batch_size: must be an integer >= 1, got 0"),
+    ("train.channels=3", "unknown config key 'train.channels'"),
+    ("score.threshold=1.5", "score.threshold: must be a number in [0, 1] or null, got 1.5"),
+    ("score.threshold=.nan", "score.threshold: must be a number in [0, 1] or null, got nan"),
+    ("score.tta_flip=3", "score.tta_flip: must be true or false, got 3"),
+    ("extract=3", "'extract' is a section, not a value: set its keys (e.g. extract.stride=...)"),
+])
+def test_a_bad_value_is_one_line_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[parse_override(override)])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_a_bad_value_in_a_config_file_is_rejected_too(tmp_path):
+    (tmp_path / "c.yaml").write_text("align:\n  margin: -1\n")
+    with pytest.raises(ConfigError, match=r"align\.margin: must be a number >= 0\.5, got -1"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_cli_rejects_a_bad_value_before_any_work(tmp_path):
+    (tmp_path / "v.csv").write_text("path,label\nv.mp4,real\n")
+    proc = dfpipe("extract", tmp_path / "v.csv", "--work", tmp_path / "ws", "--set", "extract.stride=abc",
+                  check=False)
+    assert proc.returncode == 2 and proc.stderr == "error: extract.stride: must be an integer >= 1, got 'abc'\n"
+    assert not (tmp_path / "ws").exists()
+    proc = dfpipe("score-video", tmp_path / "v.mp4", "--checkpoint", tmp_path / "x.pt", "--threshold", "1.5",
+                  "--out", tmp_path / "s.csv", check=False)
+    assert proc.returncode == 2 and "score.threshold: must be a number in [0, 1]" in proc.stderr
+    assert not list(tmp_path.glob("s.*"))
+    proc = dfpipe("verify", "--work", tmp_path / "typo", check=False)
+    assert proc.returncode == 1 and "not a dfpipe workspace" in proc.stderr and not (tmp_path / "typo").exists()
+
+
+def test_an_unusable_cuda_device_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda': no CUDA GPU is usable here"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
