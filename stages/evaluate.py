@@ -6,6 +6,7 @@ fold or a folder of fakes only): the metrics that need both classes come back Na
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -77,22 +78,24 @@ def binary_metrics(y_true, y_score, *, threshold: float) -> dict:
     y, s = _binary_inputs(y_true, y_score, "binary_metrics", probabilities=True)
     pred = (s >= threshold).astype(np.int64)
     both = _both_classes(y)
-    nan = float("nan")
     metrics = _metrics()
-    return {
-        "auc": float(metrics.roc_auc_score(y, s)) if both else nan,
-        "ap": float(metrics.average_precision_score(y, s)) if both else nan,
-        "accuracy": float(metrics.accuracy_score(y, pred)),
-        "balanced_accuracy": float(metrics.balanced_accuracy_score(y, pred)),
-        "precision": float(metrics.precision_score(y, pred, zero_division=0)),
-        "recall": float(metrics.recall_score(y, pred, zero_division=0)),
-        "f1": float(metrics.f1_score(y, pred, zero_division=0)),
-        "eer": equal_error_rate(y, s)[0],
-        "log_loss": log_loss(y, s),
-        "n": int(y.size),
-        "n_real": int((y == 0).sum()),
-        "n_fake": int(y.sum()),
-    }
+    nan = float("nan")
+    with warnings.catch_warnings():  # one class only: the undefined metrics are NaN or 0 by design, said here
+        warnings.simplefilter("ignore", UserWarning)
+        return {
+            "auc": float(metrics.roc_auc_score(y, s)) if both else nan,
+            "ap": float(metrics.average_precision_score(y, s)) if both else nan,
+            "accuracy": float(metrics.accuracy_score(y, pred)),
+            "balanced_accuracy": float(metrics.balanced_accuracy_score(y, pred)),
+            "precision": float(metrics.precision_score(y, pred, zero_division=0)),
+            "recall": float(metrics.recall_score(y, pred, zero_division=0)),
+            "f1": float(metrics.f1_score(y, pred, zero_division=0)),
+            "eer": equal_error_rate(y, s)[0],
+            "log_loss": log_loss(y, s),
+            "n": int(y.size),
+            "n_real": int((y == 0).sum()),
+            "n_fake": int(y.sum()),
+        }
 
 
 def fit_temperature(logits, labels) -> float:

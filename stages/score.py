@@ -8,9 +8,11 @@ batch, and only the current clips are ever held, so memory stays flat however lo
 
 Output: one JSON line per video, appended and fsynced as soon as the video is finished, is the resumable record; the
 CSV is rewritten atomically from it at the end, sorted by path. A rerun with the same checkpoint file and scoring
-settings skips every video already recorded (errors are retried); any other setting rescores. Under ``--shard I/N``
-each shard owns the videos whose path hashes to it and writes ``<out>.shard-I-of-N.csv/.jsonl``; a later run without
-``--shard`` reads every shard's JSON lines as finished work, so it only merges them (and writes the metrics).
+settings skips every video already recorded (errors are retried); a change of only the aggregation rule, threshold,
+fallback or suspicious-frame count re-decides from the recorded clip scores; any other setting rescores. Under
+``--shard I/N`` each shard owns the videos whose path hashes to it and writes ``<out>.shard-I-of-N.csv/.jsonl``; a
+later run without ``--shard`` reads every shard's JSON lines as finished work, so it only merges them (and writes
+the metrics).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ CSV_COLUMNS = ["path", "score", "label", "threshold", "status", "reason", "frame
 CHECKPOINT_KEYS = ("extract", "align", "clip_len", "calibration")
 RULE_KEYS = ("topk", "confident_high", "confident_low", "confident_fraction")
 LABEL_VALUES = {"real": 0, "fake": 1}
+DECISION = ("rule", "rule_params", "threshold", "fallback_score", "suspicious_frames")  # Scoring fields
 # uint8 HQ and LQ crop batches (B, T, H, W, 3) -> probabilities (B,)
 Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -175,10 +178,21 @@ class Scoring:
     clip_every: int
 
     def digest(self) -> str:
-        params = {**self.__dict__, "align": {k: v for k, v in self.align.items()
-                                             if k not in align_stage.NOT_IN_FINGERPRINT},
-                  "face_path": align_stage.SPEC.version}  # a changed face path gives other crops: rescore
-        return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return _digest(self._params())
+
+    def clips_digest(self) -> str:
+        """What the clips and their probabilities depend on: rows that share it differ only in the decision made
+        from those probabilities (DECISION), which `decide` redoes from the stored clip scores, without decoding."""
+        return _digest(self._params(skip=DECISION))
+
+    def _params(self, skip: tuple[str, ...] = ()) -> dict:
+        return {**{k: v for k, v in self.__dict__.items() if k not in skip},
+                "align": {k: v for k, v in self.align.items() if k not in align_stage.NOT_IN_FINGERPRINT},
+                "face_path": align_stage.SPEC.version}  # a changed face path gives other crops: rescore
+
+
+def _digest(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def scoring_settings(ckpt: dict, cfg, checkpoint: str | Path) -> Scoring:
@@ -419,22 +433,31 @@ def _result(job: _Job, scoring: Scoring) -> dict:
         status = "no_face"
         reason = (f"no face track of at least {scoring.align['min_track_len']} sampled frames" if job.face_frames
                   else "no face found") + f" in {job.frames_sampled} sampled frames"
+    tracks = sorted({c.track for c in clips}) if status == "ok" else []
+    with_face = set().union(*(job.face_frames.get(t, []) for t in tracks))
+    return decide({"path": job.video.path, "status": status, "reason": reason, "frames_sampled": job.frames_sampled,
+                   "frames_with_face": len(with_face), "tracks": len(tracks), "clips": len(clips),
+                   "seconds": round(job.seconds, 3),
+                   "clip_probs": [[c.track, c.prob, list(c.frames)] for c in clips]}, scoring)
+
+
+def decide(row: dict, scoring: Scoring) -> dict:
+    """The row with its score, label and most suspicious frames made from its clips' probabilities by the
+    scoring's rule, threshold and fallback (the DECISION fields): one code for a freshly scored video and for a
+    stored row whose clips still hold but whose decision settings changed."""
+    clips = row["clip_probs"]
     score, per_track = None, {}
-    if status == "ok":
-        score, per_track = video_score({t: [c.prob for c in clips if c.track == t] for t in sorted(job.kept)
-                                        if any(c.track == t for c in clips)}, scoring.rule, **scoring.rule_params)
+    if row["status"] == "ok":
+        score, per_track = video_score({t: [p for u, p, _ in clips if u == t] for t in sorted({c[0] for c in clips})},
+                                       scoring.rule, **scoring.rule_params)
     elif scoring.fallback_score is not None:
         score = float(scoring.fallback_score)
-    ranked = sorted(clips, key=lambda c: (-c.prob, c.frames[0]))
-    suspicious = list(dict.fromkeys(c.frames[0] for c in ranked))[:scoring.suspicious_frames]
-    with_face = set().union(*(job.face_frames.get(t, []) for t in per_track))
-    return {"path": job.video.path, "score": score,
+    ranked = sorted(clips, key=lambda c: (-c[1], c[2][0]))
+    suspicious = list(dict.fromkeys(frames[0] for _, _, frames in ranked))[:scoring.suspicious_frames]
+    return {**row, "score": score,
             "label": "" if score is None else ("fake" if score >= scoring.threshold else "real"),
-            "threshold": scoring.threshold, "status": status, "reason": reason,
-            "frames_sampled": job.frames_sampled, "frames_with_face": len(with_face), "tracks": len(per_track),
-            "clips": len(clips), "track_scores": {str(t): p for t, p in per_track.items()},
-            "suspicious_frames": suspicious, "seconds": round(job.seconds, 3),
-            "clip_probs": [[c.track, c.prob, list(c.frames)] for c in clips]}
+            "threshold": scoring.threshold, "track_scores": {str(t): p for t, p in per_track.items()},
+            "suspicious_frames": suspicious}
 
 
 def score_videos(videos: Iterable[VideoInput], scoring: Scoring, predict: Predict, detector: FaceDetector, *,
@@ -509,13 +532,15 @@ def _jsonl_bytes(rows: Iterable[dict]) -> bytes:
     return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
 
 
-def _reusable(row: dict, digest: str, model_digest: str) -> bool:
-    return (row.get("settings") == digest and row.get("model_digest") == model_digest
+def _reusable(row: dict, key: str, digest: str, model_digest: str) -> bool:
+    return (row.get(key) == digest and row.get("model_digest") == model_digest
             and row.get("status") != "error" and row.get("file") == _file_key(row["path"]))
 
 
-def load_finished(jsonl: Path, paths: set[str], digest: str, model_digest: str) -> tuple[dict[str, dict], int]:
-    """Rows an earlier run (or a shard) finished with these settings, and how many of `paths` had rows with others.
+def load_finished(jsonl: Path, paths: set[str], scoring: Scoring,
+                  model_digest: str) -> tuple[dict[str, dict], int, int]:
+    """Rows an earlier run (or a shard) finished with these settings, how many of `paths` had rows with others
+    (to rescore), and how many of those were re-decided from their stored clip scores instead (see `decide`).
 
     Our own JSON lines are compacted (for `paths`: only reusable rows; stale settings, errors and a torn line go)
     and receive the reusable rows of the sibling files (the shards' and the unsharded run's), so after a merge run
@@ -527,18 +552,22 @@ def load_finished(jsonl: Path, paths: set[str], digest: str, model_digest: str) 
     siblings = [p for p in candidates if p != jsonl and p.is_file()]
     own = _read_jsonl(jsonl) if jsonl.is_file() else []
     other = [r for p in siblings for r in _read_jsonl(p) if r["path"] in paths]
+    digest, clips_digest = scoring.digest(), scoring.clips_digest()
     done: dict[str, dict] = {}
-    stale = set()
+    stale, redecided = set(), set()
     for row in other + own:
-        if _reusable(row, digest, model_digest):
+        if _reusable(row, "settings", digest, model_digest):
             done[row["path"]] = row
+        elif row["path"] in paths and _reusable(row, "clips_settings", clips_digest, model_digest):
+            done[row["path"]] = {**decide(row, scoring), "settings": digest}
+            redecided.add(row["path"])
         elif row["path"] in paths and (row.get("settings"), row.get("model_digest")) != (digest, model_digest):
             stale.add(row["path"])
     others = {r["path"]: r for r in own if r["path"] not in paths}
     data = _jsonl_bytes(sorted({**others, **done}.values(), key=lambda r: r["path"]))
     if not jsonl.is_file() or jsonl.read_bytes() != data:  # written even when empty: a shard may own no video
         atomic_write_bytes(jsonl, data)
-    return done, len(stale - set(done))
+    return done, len(stale - set(done)), len(redecided)
 
 
 def _append(f, row: dict) -> None:
@@ -625,13 +654,22 @@ def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str 
     """Score every input video not already scored with these settings; write CSV, JSON lines and, with labels,
     metrics.json and plots beside the CSV (not for a shard: the merging run writes them)."""
     videos = [v for v in list_inputs(inputs, labels=labels, work=work, split=split) if shard.owns(v.path)]
+    if labels and videos and not any(v.label for v in videos):
+        tqdm.write(f"score-video: {labels} labels none of the {len(videos)} videos (matched by path, then by file "
+                   "name): no metrics")
     ckpt = load_checkpoint(checkpoint)
     scoring = scoring_settings(ckpt, cfg, checkpoint)
     model_digest = sha256_file(Path(checkpoint))[:16]
     csv_path, jsonl = output_paths(out, shard)
-    jsonl.parent.mkdir(parents=True, exist_ok=True)
-    done, rescored = load_finished(jsonl, {v.path for v in videos}, scoring.digest(), model_digest)
+    try:
+        jsonl.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. a part of the folder is a file
+        raise ScoreError(f"{csv_path}: cannot create its folder ({e.strerror}: {e.filename})") from None
+    done, rescored, redecided = load_finished(jsonl, {v.path for v in videos}, scoring, model_digest)
     todo = [v for v in videos if v.path not in done]
+    if redecided:
+        tqdm.write(f"score-video: {redecided} video(s) re-decided from their stored clip scores (only the "
+                   "aggregation, threshold or fallback changed)")
     if rescored:
         tqdm.write(f"score-video: {rescored} video(s) were scored with another checkpoint or other settings; "
                    "rescoring them")
@@ -641,7 +679,7 @@ def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str 
                             temperature=scoring.temperature, tta_flip=scoring.tta_flip)
         ckpt.clear()  # the model holds what it needs (cast, or moved to the GPU): the file's tensors and map can go
         detector = FaceDetector(**scoring.align)
-        extra = {"settings": scoring.digest(), "model_digest": model_digest}
+        extra = {"settings": scoring.digest(), "clips_settings": scoring.clips_digest(), "model_digest": model_digest}
         with open(jsonl, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit="video", desc="score",
                                                            disable=not progress) as bar:
             for row in score_videos(todo, scoring, predict, detector, batch_size=model_batch(cfg.score.batch_size,

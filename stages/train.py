@@ -19,6 +19,7 @@ import os
 import random
 import subprocess
 import time
+import zipfile
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -284,6 +285,8 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise TrainError(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):  # else torch's own complaint is about mmap, which misleads
+        raise TrainError(f"{path}: not a checkpoint (torch.save writes a zip archive; this file is not one)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, foreign pickle, ...: all the same to the user
@@ -553,8 +556,11 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks) -> dict:
     if ctx.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_files(run_dir, cfg, digest, ctx, resume)
+        finished = start_epoch >= t.epochs or early["bad_epochs"] >= t.early_stop_patience
+        plan = (f"no epoch left to run (finished at epoch {start_epoch}): recalibrating best.pt" if finished
+                else f"epochs {start_epoch + 1}-{t.epochs}")
         tqdm.write(f"train: {train_loader.dataset.stats['clips']} train clips, {len(val_loader.dataset)} val clips, "
-                   f"{steps} batches/epoch x {ctx.world} rank(s) on {ctx.device}, epochs {start_epoch + 1}-{t.epochs}")
+                   f"{steps} batches/epoch x {ctx.world} rank(s) on {ctx.device}, {plan}")
     meta = {"config": cfg.to_dict(), "model_config": cfg.model.to_dict(), "extract": {"stride": stride},
             "align": align_params(ws, cfg), "clip_len": cfg.dataset.clip_len, "calibration": None,
             "dfpipe_version": __version__, "pairs_digest": digest}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -49,7 +50,9 @@ def test_perfect_separation():
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_single_class_gives_nan_not_error():
-    m = binary_metrics([1, 1, 1], [0.0, 0.6, 0.9], threshold=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no sklearn warnings on the user's terminal
+        m = binary_metrics([1, 1, 1], [0.0, 0.6, 0.9], threshold=0.5)
     assert math.isnan(m["auc"]) and math.isnan(m["ap"]) and math.isnan(m["eer"])
     assert m["recall"] == pytest.approx(2 / 3)
     # a probability of exactly 0 for a fake is clipped, so the loss is large but finite

@@ -238,6 +238,40 @@ def test_rerun_skips_finished_videos_and_changed_settings_rescore(root, checkpoi
     assert (back.scored, back.reused, back.rescored) == (1, 6, 1) and len(model_calls) == 2
 
 
+def test_an_output_below_a_file_is_a_one_line_error(root, checkpoint, tmp_path):
+    (tmp_path / "taken.csv").write_text("x\n")
+    with pytest.raises(score.ScoreError, match=r"taken.csv/scores.csv: cannot create its folder \(File exists"):
+        run(checkpoint, [root / "bad"], tmp_path / "taken.csv/scores.csv")
+    assert (tmp_path / "taken.csv").read_text() == "x\n"
+
+
+def test_labels_that_match_no_video_are_reported(root, checkpoint, tmp_path, capsys):
+    (tmp_path / "labels.csv").write_text("path,label\nelsewhere.mp4,fake\n")
+    summary = run(checkpoint, [root / "bad"], tmp_path / "scores.csv", labels=str(tmp_path / "labels.csv"))
+    assert summary.metrics is None
+    assert f"{tmp_path / 'labels.csv'} labels none of the 3 videos" in capsys.readouterr().out
+
+
+def test_a_new_rule_or_threshold_is_decided_from_the_stored_clip_scores(root, checkpoint, scored, model_calls,
+                                                                         tmp_path, monkeypatch):
+    summary, _ = scored
+    shutil.copytree(root / "out", tmp_path / "out")
+    inputs = [root / "data", root / "bad"]
+    cfg = config(aggregate="max", threshold=0.3, suspicious_frames=1, fallback_score=0.9)
+    with monkeypatch.context() as m:
+        m.setattr(score, "FrameReader", lambda *a, **k: pytest.fail("a video was decoded again"))
+        again = run(checkpoint, inputs, tmp_path / "out/scores.csv", cfg=cfg)
+    assert model_calls == [] and (again.scored, again.reused, again.rescored) == (0, 7, 0)
+    fresh = run(checkpoint, inputs, tmp_path / "fresh/scores.csv", cfg=cfg)
+    assert fresh.scored == 7
+    decided, scored_anew, before = jsonl(again.jsonl), jsonl(fresh.jsonl), jsonl(summary.jsonl)
+    for path, row in scored_anew.items():  # the same rows as scoring from scratch with the new settings
+        assert {k: v for k, v in decided[path].items() if k != "seconds"} == {k: v for k, v in row.items()
+                                                                              if k != "seconds"}
+    assert {r["score"] for r in decided.values()} != {r["score"] for r in before.values()}
+    assert [r["score"] for r in decided.values() if r["status"] != "ok"] == [0.9] * 3
+
+
 def test_fallback_score_fills_unscorable_videos(root, checkpoint):
     summary = run(checkpoint, [root / "bad"], root / "fallback/scores.csv", cfg=config(fallback_score=0.75))
     table = pd.read_csv(summary.csv, keep_default_na=False)

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pandas as pd
@@ -208,6 +209,8 @@ def test_resume_refuses_changed_training_settings_and_the_cli_resumes_with_the_r
     # Without --config, `--resume` takes the run's own config.yaml (its tiny model, not the defaults' B4).
     proc = dfpipe("train", "--work", workspace, "--run", tmp_path, "--resume", "--epochs", 2)
     assert len(metrics(tmp_path)) == 2 and "best_epoch" in proc.stdout
+    proc = dfpipe("train", "--work", workspace, "--run", tmp_path, "--resume", "--epochs", 2)
+    assert "no epoch left to run (finished at epoch 2)" in proc.stdout and len(metrics(tmp_path)) == 2
 
 
 def test_refuses_to_overwrite_a_run_resume_nothing_or_train_without_manifests(trained, workspace, tmp_path):
@@ -264,10 +267,15 @@ def test_paired_source_crops_join_the_batch_as_reals():
 
 def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
     path = tmp_path / "last.pt"
-    path.write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(TrainError, match="not a readable checkpoint") as err:
+    for data in (b"PK\x03\x04 truncated", b"path,label\n", b""):
+        path.write_bytes(data)
+        with pytest.raises(TrainError, match="not a checkpoint .torch.save writes a zip archive") as err:
+            load_checkpoint(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+    with zipfile.ZipFile(path, "w") as z:  # a zip, but not torch's
+        z.writestr("notes.txt", "hello")
+    with pytest.raises(TrainError, match="not a readable checkpoint"):
         load_checkpoint(path)
-    assert str(path) in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(TrainError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "absent.pt")
 
