@@ -13,6 +13,7 @@ from .config import load_config, parse_override
 
 EXIT_FAILED_UNITS = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
 def _user_error(exc: BaseException) -> bool:
@@ -35,6 +36,9 @@ def command(fn):
             return fn(*args, **kwargs)
         except click.exceptions.Exit:
             raise
+        except KeyboardInterrupt:  # finished work is recorded as it completes: say so instead of "Aborted!"
+            click.echo("\ninterrupted: finished work is kept; rerun the same command to complete the rest", err=True)
+            sys.exit(EXIT_INTERRUPTED)
         except Exception as e:  # noqa: BLE001
             if not _user_error(e):
                 raise
@@ -257,6 +261,11 @@ def score_video(paths, checkpoint, out, labels, work, split, aggregate, threshol
         raise click.UsageError("give video files, folders or a CSV list, or --work DIR --split SPLIT")
     if bool(work) != bool(split):
         raise click.UsageError("--work and --split go together")
+    ignored = sorted({o.split("=", 1)[0].strip() for o in overrides if o.strip().startswith("align.")}
+                     - {"align.batch_size"})
+    if ignored:
+        click.echo(f"note: faces are cropped with the checkpoint's align settings, as in training; ignoring "
+                   f"{', '.join(ignored)}", err=True)
     cfg = make_config(config_file, overrides, **{
         "score.aggregate": aggregate, "score.threshold": threshold, "score.tta_flip": tta_flip,
         "score.clip_every": clip_every,

@@ -5,7 +5,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import dfpipe
 from dfpipe.pipeline.config import DEFAULTS_PATH, RULES, ConfigError, load_config, parse_override
 from dfpipe.stages.faces import resolve_device
 
@@ -60,20 +59,6 @@ def test_a_bad_value_in_a_config_file_is_rejected_too(tmp_path):
     (tmp_path / "c.yaml").write_text("align:\n  margin: -1\n")
     with pytest.raises(ConfigError, match=r"align\.margin: must be a number >= 0\.5, got -1"):
         load_config(tmp_path / "c.yaml")
-
-
-def test_cli_rejects_a_bad_value_before_any_work(tmp_path):
-    (tmp_path / "v.csv").write_text("path,label\nv.mp4,real\n")
-    proc = dfpipe("extract", tmp_path / "v.csv", "--work", tmp_path / "ws", "--set", "extract.stride=abc",
-                  check=False)
-    assert proc.returncode == 2 and proc.stderr == "error: extract.stride: must be an integer >= 1, got 'abc'\n"
-    assert not (tmp_path / "ws").exists()
-    proc = dfpipe("score-video", tmp_path / "v.mp4", "--checkpoint", tmp_path / "x.pt", "--threshold", "1.5",
-                  "--out", tmp_path / "s.csv", check=False)
-    assert proc.returncode == 2 and "score.threshold: must be a number in [0, 1]" in proc.stderr
-    assert not list(tmp_path.glob("s.*"))
-    proc = dfpipe("verify", "--work", tmp_path / "typo", check=False)
-    assert proc.returncode == 1 and "not a dfpipe workspace" in proc.stderr and not (tmp_path / "typo").exists()
 
 
 def test_an_unusable_cuda_device_is_refused(monkeypatch):
