@@ -98,7 +98,7 @@ class Workspace:
         lock_dir = self.manifests / "locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
         path = lock_dir / f"{name}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides, as for every file
         try:
             try:
                 fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)

@@ -188,7 +188,8 @@ def align(work, device, batch_size, detect_every, detect_max_side, min_face_size
               help="Run folder: config.yaml, metrics.csv, last.pt, best.pt.")
 @click.option("--resume", is_flag=True,
               help="Continue from RUN_DIR/last.pt with the run's RUN_DIR/config.yaml (unless --config is given); "
-                   "only the epochs, early-stop patience, workers and device may change.")
+                   "only the epochs (not under the cosine or onecycle schedule, which is planned for them), "
+                   "early-stop patience, workers and device may change.")
 @click.option("--epochs", type=int, default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
@@ -286,10 +287,10 @@ def _stages():
 
 def existing_workspace(work):
     """status and verify only read: a mistyped --work must not pass as an empty workspace (or create one)."""
-    from ..manifests.workspace import Workspace
+    from ..manifests.workspace import Workspace, WorkspaceError
     ws = Workspace(work)
     if not ws.manifests.is_dir():
-        raise click.ClickException(f"{ws.root}: not a dfpipe workspace (no manifests/ folder)")
+        raise WorkspaceError(f"{ws.root}: not a dfpipe workspace (no manifests/ folder)")
     return ws
 
 

@@ -7,12 +7,31 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import yaml
 
 DEFAULTS_PATH = Path(__file__).with_name("defaults.yaml")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as configs are written: `3e-4` is a number (YAML 1.1 wants `3.0e-4`) and only true/false are booleans
+    (YAML 1.1 also reads on/off/yes/no, so `amp: off` would be False)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def read_yaml(text) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 class ConfigError(ValueError):
@@ -103,8 +122,9 @@ RULES: dict[str, Rule] = {
     "extract.decoder": _one_of("auto", "decord", "pyav"), "extract.workers": COUNT,
     "extract.timeout": _or_null(_positive()),
     "align.device": DEVICE, "align.batch_size": POSITIVE, "align.detect_every": POSITIVE,
-    # 12 px is P-Net's window: smaller faces are found by detecting at a larger detect_max_side instead
-    "align.detect_max_side": _at_least(12), "align.min_face_size": _at_least(12),
+    # below P-Net's 12 px window the frame is enlarged by 12 / min_face_size: past 2x, a larger detect_max_side
+    # finds the same faces for less
+    "align.detect_max_side": _at_least(12), "align.min_face_size": _at_least(6),
     "align.thresholds": _list_of(PROBABILITY, 3), "align.min_prob": PROBABILITY,
     "align.track_iou": _between(0, 1), "align.track_max_gap": COUNT, "align.track_max_shift": NON_NEGATIVE,
     "align.min_track_len": POSITIVE, "align.max_faces": _or_null(POSITIVE), "align.smooth_window": POSITIVE,
@@ -121,7 +141,8 @@ RULES: dict[str, Rule] = {
     "model.pretrained_hq": WEIGHT_FILE, "model.pretrained_lq": WEIGHT_FILE,
     "train.device": DEVICE, "train.epochs": POSITIVE, "train.batch_size": POSITIVE, "train.workers": COUNT,
     "train.lr_backbone": NON_NEGATIVE, "train.lr_head": NON_NEGATIVE, "train.weight_decay": NON_NEGATIVE,
-    "train.scheduler": _one_of("plateau", "cosine", "onecycle"), "train.plateau_factor": _between(0, 1),
+    "train.scheduler": _one_of("plateau", "cosine", "onecycle"),
+    "train.plateau_factor": ((lambda v: _is_number(v) and 0 < v < 1), "a number in (0, 1)"),
     "train.plateau_patience": COUNT, "train.warmup_epochs": COUNT, "train.early_stop_patience": POSITIVE,
     "train.grad_clip": _or_null(_positive()), "train.accumulate": POSITIVE, "train.amp": _one_of("auto", "off"),
     "train.freeze_backbone_epochs": COUNT, "train.loss": _one_of("bce", "focal", "smooth"),
@@ -148,11 +169,30 @@ def _default_type(default: Any) -> Rule:
     return (lambda v: isinstance(v, type(default))), f"a {type(default).__name__}"
 
 
-def _validate(cfg: dict, defaults: dict, where: str = "") -> None:
+# Values that are only wrong together: (check over the whole config, what must hold).
+TOGETHER: list[tuple[Callable[[dict], bool], str]] = [
+    (lambda c: len(c["model"]["dropout"]) == len(c["model"]["mlp"]) - 1,
+     "model.dropout needs one value per hidden layer of model.mlp (len(mlp) - 1)"),
+    (lambda c: c["model"]["convlstm_kernel"] % 2 == 1, "model.convlstm_kernel must be odd (it keeps the grid size)"),
+    (lambda c: c["pairs"]["val_fraction"] + c["pairs"]["test_fraction"] < 1,
+     "pairs.val_fraction + pairs.test_fraction must leave videos to train on (sum < 1)"),
+    (lambda c: c["score"]["confident_low"] <= c["score"]["confident_high"],
+     "score.confident_low must not exceed score.confident_high"),
+]
+
+
+def _validate(cfg: dict, defaults: dict) -> None:
+    _check_values(cfg, defaults)
+    for check, what in TOGETHER:
+        if not check(cfg):
+            raise ConfigError(what)
+
+
+def _check_values(cfg: dict, defaults: dict, where: str = "") -> None:
     for key, value in cfg.items():
         name = f"{where}{key}"
         if isinstance(value, dict):
-            _validate(value, defaults[key], f"{name}.")
+            _check_values(value, defaults[key], f"{name}.")
             continue
         check, what = RULES.get(name) or _default_type(defaults[key])
         if not check(value):
@@ -164,7 +204,7 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not KEY=VALUE")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw)
+    value = read_yaml(raw)
     out: dict = {}
     node = out
     parts = key.strip().split(".")
@@ -176,19 +216,23 @@ def parse_override(text: str) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[Mapping] | None = None) -> Config:
     with open(DEFAULTS_PATH) as f:
-        cfg = yaml.safe_load(f)
+        cfg = read_yaml(f)
     defaults = copy.deepcopy(cfg)
     if path is not None:
         try:
             with open(path) as f:
-                user = yaml.safe_load(f) or {}
+                user = read_yaml(f) or {}
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(user, Mapping):
             raise ConfigError(f"{path}: a config file must be a mapping of sections")
-        _merge(cfg, user, "")
+        try:
+            _merge(cfg, user, "")
+            _validate(cfg, defaults)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
     for update in overrides or []:
         _merge(cfg, update, "")
     _validate(cfg, defaults)

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from ..manifests.table import read_table, write_table
 from ..manifests.units import StageSpec, Unit, UnitError, UnitOutput, run_stage, sha256_file
 from ..manifests.workspace import Shard, Workspace
-from .discover import discover
+from .discover import Discovery, discover
 from .video import FrameReader, VideoError, probe
 
 VIDEO_COLUMNS = ["video_id", "path", "label", "source_id", "group", "split", "dataset", "method",
@@ -32,9 +32,8 @@ def params_of(cfg) -> dict:
     return {k: cfg.extract[k] for k in ("stride", "max_frames", "jpeg_quality", "decoder")}
 
 
-def build_videos_table(ws: Workspace, input_path: str | Path, dataset: str, progress: bool = True):
-    """Discover the videos and describe each one; sha256 and probe are reused while size and mtime match."""
-    found = discover(input_path, dataset)
+def build_videos_table(ws: Workspace, found: Discovery, progress: bool = True) -> list[dict]:
+    """Describe each discovered video; sha256 and probe are reused while size and mtime match."""
     old = {r["path"]: r for r in read_table(ws.manifest("videos.csv"), VIDEO_COLUMNS).to_dict("records")}
     rows = []
     for row in tqdm(found.rows, desc="hashing", unit="video", disable=not progress, leave=False):
@@ -58,7 +57,7 @@ def build_videos_table(ws: Workspace, input_path: str | Path, dataset: str, prog
                 pass
         rows.append(row)
     write_table(ws.manifest("videos.csv"), rows, VIDEO_COLUMNS)
-    return found, rows
+    return rows
 
 
 def units_of(videos: list[dict]) -> list[Unit]:
@@ -91,8 +90,9 @@ def extract_video(unit: Unit, out_dir: Path, *, stride: int, max_frames: int | N
 
 def run_extract(ws: Workspace, input_path: str | Path, cfg, *, dataset: str = "auto", shard: Shard = Shard(),
                 retry_failed: bool = False, progress: bool = True):
+    found = discover(input_path, dataset)  # first: a bad input must not leave an empty workspace behind
     ws.init()
-    found, videos = build_videos_table(ws, input_path, dataset, progress)
+    videos = build_videos_table(ws, found, progress)
     params = params_of(cfg)
     summary = run_stage(ws, SPEC, params, units_of(videos),
                         lambda unit, out: extract_video(unit, out, **params),

@@ -153,7 +153,7 @@ def list_inputs(inputs: list[str], *, labels: str | None, work: str | None, spli
         label = (known.label if known else None) or v.label or extra.get(v.path) or extra.get(Path(v.path).name)
         videos[v.path] = VideoInput(v.path, label)
     if not videos:
-        raise ScoreError(f"no video found in {', '.join(inputs) or work}")
+        raise ScoreError(f"no video found in {', '.join(inputs) or f'the {split} split of {work}'}")
     return [videos[p] for p in sorted(videos)]
 
 
@@ -338,7 +338,7 @@ class ClipModel:
 
     def _probs(self, hq: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None and not self.cast):
-            logits = self.model(hq, lq).float()
+            logits = self.model(hq, lq).double()  # an fp32 sigmoid near 0.5 rounds to steps of 6e-8: ties
         return torch.sigmoid(logits / self.temperature)
 
     def __call__(self, hq: np.ndarray, lq: np.ndarray) -> np.ndarray:
@@ -508,15 +508,23 @@ def output_paths(out: str | Path, shard: Shard) -> tuple[Path, Path]:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    """Rows of one JSON-lines file; a torn last line (a crash mid-append) is ignored, the rerun redoes its video."""
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    """Rows of one JSON-lines file. A torn last line (a crash mid-append: no newline yet) is dropped quietly; any
+    other line that is not a record is dropped with a warning. Either way the rerun scores that video again."""
+    rows, bad = [], []
+    data = path.read_bytes()
+    lines = data.splitlines()
+    for number, line in enumerate(lines, 1):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "path" in row:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("path"), str):
             rows.append(row)
+        elif line.strip() and (number < len(lines) or data.endswith(b"\n")):
+            bad.append(number)
+    if bad:
+        tqdm.write(f"score-video: {path}: line(s) {', '.join(map(str, bad[:5]))} are not score records; ignored "
+                   "(their videos are scored again when listed)")
     return rows
 
 

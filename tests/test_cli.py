@@ -18,7 +18,7 @@ def test_cli_rejects_a_bad_value_before_any_work(tmp_path):
     assert proc.returncode == 2 and "score.threshold: must be a number in [0, 1]" in proc.stderr
     assert not list(tmp_path.glob("s.*"))
     proc = dfpipe("verify", "--work", tmp_path / "typo", check=False)
-    assert proc.returncode == 1 and "not a dfpipe workspace" in proc.stderr and not (tmp_path / "typo").exists()
+    assert proc.returncode == 2 and "not a dfpipe workspace" in proc.stderr and not (tmp_path / "typo").exists()
 
 
 def test_ctrl_c_exits_130_saying_a_rerun_completes_the_work(capsys):

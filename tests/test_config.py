@@ -38,7 +38,7 @@ def test_overrides_and_nullable_values():
     ("extract.max_frames=0", "extract.max_frames: must be an integer >= 1 or null, got 0"),
     ("align.thresholds=abc", "align.thresholds: must be a list of 3 values, each a number in [0, 1], got 'abc'"),
     ("align.thresholds=[0.6, 0.7]", "align.thresholds: must be a list of 3 values"),
-    ("align.min_face_size=0", "align.min_face_size: must be an integer >= 12, got 0"),
+    ("align.min_face_size=0", "align.min_face_size: must be an integer >= 6, got 0"),
     ("align.smooth_window=true", "align.smooth_window: must be an integer >= 1, got True"),
     ("model.mlp=[]", "model.mlp: must be a list of values, each an integer >= 1, got []"),
     ("dataset.clip_len=0", "dataset.clip_len: must be an integer >= 1, got 0"),
@@ -55,10 +55,35 @@ def test_a_bad_value_is_one_line_naming_the_key(override, message):
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
 
 
-def test_a_bad_value_in_a_config_file_is_rejected_too(tmp_path):
+def test_a_bad_value_in_a_config_file_is_named_with_the_file(tmp_path):
     (tmp_path / "c.yaml").write_text("align:\n  margin: -1\n")
-    with pytest.raises(ConfigError, match=r"align\.margin: must be a number >= 0\.5, got -1"):
+    with pytest.raises(ConfigError) as e:
         load_config(tmp_path / "c.yaml")
+    assert str(e.value) == f"{tmp_path / 'c.yaml'}: align.margin: must be a number >= 0.5, got -1"
+    (tmp_path / "c.yaml").write_text("align:\n  margn: 1.3\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown config key 'align\.margn'"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_yaml_reads_numbers_and_words_as_people_write_them(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  lr_head: 3e-4\n  amp: off\n")
+    cfg = load_config(tmp_path / "c.yaml", overrides=[parse_override("train.lr_backbone=1E-5")])
+    assert (cfg.train.lr_head, cfg.train.lr_backbone, cfg.train.amp) == (3e-4, 1e-5, "off")
+    with pytest.raises(ConfigError, match="score.tta_flip: must be true or false, got 'yes'"):
+        load_config(overrides=[parse_override("score.tta_flip=yes")])
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"model": {"mlp": [16, 8, 4], "dropout": [0.5]}}, "model.dropout needs one value per hidden layer"),
+    ({"model": {"convlstm_kernel": 4}}, "model.convlstm_kernel must be odd"),
+    ({"pairs": {"val_fraction": 0.5, "test_fraction": 0.5}}, "pairs.val_fraction + pairs.test_fraction"),
+    ({"score": {"confident_low": 0.9, "confident_high": 0.8}}, "score.confident_low must not exceed"),
+    ({"train": {"plateau_factor": 1}}, "train.plateau_factor: must be a number in (0, 1), got 1"),
+])
+def test_values_that_are_only_wrong_together_are_caught_at_load(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert str(e.value).startswith(message)
 
 
 def test_an_unusable_cuda_device_is_refused(monkeypatch):

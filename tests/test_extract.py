@@ -172,6 +172,7 @@ def test_missing_input_is_a_one_line_error(tmp_path):
     out = dfpipe("extract", tmp_path, "--work", tmp_path / "ws", check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and str(tmp_path) in out.stderr
+    assert not (tmp_path / "ws").exists()  # a rejected input leaves no empty workspace for status/verify to accept
 
 
 def test_concurrent_extracts_do_not_corrupt_the_workspace(tmp_path):

@@ -162,3 +162,7 @@ def test_atomic_writes_get_the_mode_of_any_new_file(tmp_path):
     umask = os.umask(0o022)
     os.umask(umask)
     assert mode == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o666 & ~umask
+    ws = Workspace(tmp_path / "ws").init()
+    with ws.lock("toy"):  # a teammate's shard must be able to take the same lock
+        locks = list((tmp_path / "ws").rglob("*.lock"))
+        assert locks and all(stat.S_IMODE(lock.stat().st_mode) == mode for lock in locks)

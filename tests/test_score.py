@@ -245,6 +245,18 @@ def test_an_output_below_a_file_is_a_one_line_error(root, checkpoint, tmp_path):
     assert (tmp_path / "taken.csv").read_text() == "x\n"
 
 
+def test_a_damaged_record_line_is_reported_and_only_its_video_rescored(root, checkpoint, scored, model_calls,
+                                                                        tmp_path, capsys):
+    shutil.copytree(root / "out", tmp_path / "out")
+    lines = (tmp_path / "out/scores.jsonl").read_bytes().splitlines(keepends=True)
+    lost = json.loads(lines[1])["path"]
+    (tmp_path / "out/scores.jsonl").write_bytes(b"".join([lines[0], b"garbage \xff\n", *lines[2:]]))
+    again = run(checkpoint, [root / "data", root / "bad"], tmp_path / "out/scores.csv")
+    assert "scores.jsonl: line(s) 2 are not score records" in capsys.readouterr().out
+    assert (again.scored, again.reused) == (1, 6) and set(jsonl(again.jsonl)) == set(jsonl(scored[0].jsonl))
+    assert lost in jsonl(again.jsonl)
+
+
 def test_labels_that_match_no_video_are_reported(root, checkpoint, tmp_path, capsys):
     (tmp_path / "labels.csv").write_text("path,label\nelsewhere.mp4,fake\n")
     summary = run(checkpoint, [root / "bad"], tmp_path / "scores.csv", labels=str(tmp_path / "labels.csv"))
@@ -457,6 +469,7 @@ def test_checkpoint_model_is_the_trained_model_and_bf16_scoring_stays_close(chec
     assert probs.shape == (3,) and ((probs >= 0) & (probs <= 1)).all()
     logits = torch.logit(torch.from_numpy(probs)).float() * temperature
     assert not torch.equal(logits.bfloat16().float(), logits)  # fp32 logits: clips do not tie on bf16's grid
+    assert not np.array_equal(probs.astype(np.float32), probs)  # nor on fp32's, where a sigmoid near 0.5 rounds
     # The fixture's calibration (a tiny temperature for a barely trained model) magnifies any rounding in the
     # probabilities, so bf16 is compared where its rounding shows: the streams' features.
     with torch.no_grad():
