@@ -566,6 +566,7 @@ def load_finished(jsonl: Path, paths: set[str], scoring: Scoring,
     for row in other + own:
         if _reusable(row, "settings", digest, model_digest):
             done[row["path"]] = row
+            redecided.discard(row["path"])  # a later row already holds this decision
         elif row["path"] in paths and _reusable(row, "clips_settings", clips_digest, model_digest):
             done[row["path"]] = {**decide(row, scoring), "settings": digest}
             redecided.add(row["path"])
