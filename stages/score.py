@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import chain
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -324,6 +325,13 @@ class ClipModel:
         # DualStreamNet.for_inference); on CUDA autocast does the casting.
         self.cast = dtype is not None and device.type == "cpu"
         self.model = model.for_inference(dtype if self.cast else None)
+        if self.cast:
+            # The cast made bf16 copies, but what it left alone (the fp32 head, integer buffers) still views the
+            # checkpoint's memory map, which would keep the map, and every page of it the cast read (~230 MB for
+            # B4+B0), resident: copy those out too.
+            for tensor in chain(self.model.parameters(), self.model.buffers()):
+                if tensor.dtype != dtype:
+                    tensor.data = tensor.data.clone()
         self.device = device
         self.dtype = dtype
         self.temperature = temperature

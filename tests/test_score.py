@@ -449,6 +449,7 @@ def test_flip_tta_averages_the_clip_and_its_mirror(checkpoint):
 
 def test_checkpoint_model_is_the_trained_model_and_bf16_scoring_stays_close(checkpoint):
     ckpt = score.load_checkpoint(checkpoint)
+    mapped = {t.untyped_storage().data_ptr() for t in ckpt["model"].values()}  # the file's memory map
     model = score.model_from_checkpoint(ckpt, "cpu")
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     reference = DualStreamNet.from_config(ckpt["model_config"]).eval()
@@ -465,6 +466,9 @@ def test_checkpoint_model_is_the_trained_model_and_bf16_scoring_stays_close(chec
                            dtype=torch.bfloat16, temperature=temperature, tta_flip=False)
     assert next(bf16.model.parameters()).dtype == torch.bfloat16  # cast, not autocast: no BatchNorm round trips
     assert {p.dtype for p in bf16.model.classifier.parameters()} == {torch.float32}
+    # and nothing of the model still views the checkpoint's memory map (which would keep ~all of it resident)
+    assert [n for n, t in [*bf16.model.named_parameters(), *bf16.model.named_buffers()]
+            if t.untyped_storage().data_ptr() in mapped] == []
     probs = bf16(hq, lq)
     assert probs.shape == (3,) and ((probs >= 0) & (probs <= 1)).all()
     logits = torch.logit(torch.from_numpy(probs)).float() * temperature
