@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable
@@ -87,20 +86,20 @@ def _draft(video_id: str, path: Path, label: str, identities: list[str], *, sour
 def _finish(root: Path, layout: str, drafts: list[dict], notes: list[str]) -> Discovery:
     if not drafts:
         raise DiscoveryError(f"{root}: no videos found ({layout} layout)")
-    duplicate = next((vid for vid, n in Counter(d["video_id"] for d in drafts).items() if n > 1), None)
-    if duplicate is not None:
-        paths = [d["path"] for d in drafts if d["video_id"] == duplicate]
-        raise DiscoveryError(f"{root}: video_id '{duplicate}' is shared by {' and '.join(paths)}")
-    for d in drafts:
-        _check_id(d["video_id"], d["path"])
+    # One output folder per video: the same id twice, or ids that safe_name maps alike ('a/b' and 'a__b'), would
+    # overwrite each other's frames and crops.
     folders: dict[str, list[dict]] = {}
     for d in drafts:
         folders.setdefault(safe_name(d["video_id"]), []).append(d)
     clash = next((ds for ds in folders.values() if len(ds) > 1), None)
-    if clash is not None:  # e.g. 'a/b' and 'a__b': one would overwrite the other's frames and crops
-        ids, paths = (" and ".join(repr(d["video_id"]) for d in clash), " and ".join(d["path"] for d in clash))
-        raise DiscoveryError(f"{root}: video_ids {ids} would share the output folder "
-                             f"'{safe_name(clash[0]['video_id'])}' ({paths}); rename one of the files")
+    if clash is not None:
+        ids, paths = sorted({d["video_id"] for d in clash}), " and ".join(d["path"] for d in clash)
+        if len(ids) == 1:
+            raise DiscoveryError(f"{root}: video_id '{ids[0]}' is shared by {paths}")
+        raise DiscoveryError(f"{root}: video_ids {' and '.join(map(repr, ids))} would share the output folder "
+                             f"'{safe_name(ids[0])}' ({paths}); rename one of the files")
+    for d in drafts:
+        _check_id(d["video_id"], d["path"])
     groups = _union_groups([d.pop("identities") for d in drafts])
     rows = sorted(({**d, "group": f"{layout}:{g}", "dataset": layout} for d, g in zip(drafts, groups)),
                   key=lambda r: r["video_id"])
