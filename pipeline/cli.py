@@ -298,16 +298,18 @@ def existing_workspace(work):
 @work_option
 @command
 def status(work):
-    """Per stage: how many units are done, stale, failed or pending."""
+    """Per stage: how many videos are done, stale, failed, pending, or waiting for an earlier stage."""
     from ..manifests.units import count_states, load_params
     ws = existing_workspace(work)
-    click.echo(f"{'stage':<10}{'done':>8}{'stale':>8}{'failed':>8}{'pending':>9}")
+    click.echo(f"{'stage':<10}{'done':>8}{'stale':>8}{'failed':>8}{'pending':>9}{'waiting':>9}")
+    videos = None
     for name, spec, units_fn in _stages():
         params = load_params(ws, spec)
         units = units_fn(ws)
+        videos = len(units) if videos is None else videos  # the first stage has a unit for every video
         counts = count_states(ws, spec, params, units) if params is not None else {"pending": len(units)}
         click.echo(f"{name:<10}{counts.get('done', 0):>8}{counts.get('stale', 0):>8}"
-                   f"{counts.get('failed', 0):>8}{counts.get('pending', 0):>9}")
+                   f"{counts.get('failed', 0):>8}{counts.get('pending', 0):>9}{videos - len(units):>9}")
 
 
 @main.command()

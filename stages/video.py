@@ -20,6 +20,9 @@ import numpy as np
 
 try:
     import decord
+    # decord's own FFmpeg logs to stderr ("partial file" on a truncated file); its errors reach us as exceptions,
+    # which become the video's one-line reason, so the log only adds lines the user cannot place
+    decord.logging.set_level(decord.logging.QUIET)
 except ImportError:  # decord ships wheels for Linux x86-64 only; elsewhere auto means PyAV alone
     decord = None
 
@@ -86,6 +89,8 @@ def probe(path: str | Path) -> dict:
             kinds = " and ".join(sorted({s.type for s in container.streams}))
             raise VideoError(path, f"no video stream ({kinds} only)" if kinds else "no video stream")
         stream = container.streams.video[0]
+        if stream.codec_context is None:  # a track whose sample description is missing: the header was cut
+            raise VideoError(path, "video stream without a codec (damaged or truncated header)")
         fps = float(stream.average_rate or stream.guessed_rate or 0)
         if stream.duration:
             duration = float(stream.duration * stream.time_base)

@@ -76,7 +76,7 @@ def test_align_rerun_skips_and_margin_change_redoes(extracted, tmp_path):
     out = dfpipe("align", "--work", ws, "--quiet", "--margin", "1.5", check=False)
     assert "0 already done, 4 processed" in out.stdout
     status = dfpipe("status", "--work", ws).stdout.splitlines()
-    assert status[2].split() == ["align", "4", "0", "1", "0"]
+    assert status[2].split() == ["align", "4", "0", "1", "0", "0"]
 
 
 def test_one_reextracted_video_redoes_only_its_units(extracted, tmp_path):

@@ -45,7 +45,7 @@ def test_extract_writes_sampled_frames_with_their_content(tmp_path):
     fake = videos.set_index("video_id").loc["fake/fake_0"]
     assert fake.label == "fake" and fake.frames == 10 and fake.width == 64 and len(fake.sha256) == 64
     status = dfpipe("status", "--work", ws).stdout
-    assert status.splitlines()[1].split() == ["extract", "2", "0", "0", "0"]
+    assert status.splitlines()[1].split() == ["extract", "2", "0", "0", "0", "0"]
 
 
 def test_sigkill_at_random_moments_then_rerun_is_byte_identical(tmp_path):
@@ -137,6 +137,8 @@ def test_bad_inputs_fail_alone_with_one_line_reasons(tmp_path, monkeypatch):
     truncated = make_clip(real / "truncated.mp4", n=60, width=128, height=96)
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     (real / "random.mp4").write_bytes(np.random.default_rng(0).bytes(50_000))
+    clip = make_clip(tmp_path / "clip.mp4", n=9).read_bytes()  # header cut before the track's codec description
+    (real / "nocodec.mp4").write_bytes(clip[:clip.find(b"stsd") - 4])
     _audio_only(real / "audio.mp4")
     cv2.imwrite(str(real / "image.png"), np.full((48, 64, 3), 128, np.uint8))
     os.rename(real / "image.png", real / "image.mp4")
@@ -154,7 +156,8 @@ def test_bad_inputs_fail_alone_with_one_line_reasons(tmp_path, monkeypatch):
     _, summary = extract_mod.run_extract(ws, data, load_config(), progress=False)
     reasons = dict(summary.failed)
     expected = {"zero": "empty", "truncated": "", "random": "", "audio": "no video stream",
-                "image": "image", "dangling": "not found", "vanishing": "not found"}
+                "image": "image", "dangling": "not found", "vanishing": "not found",
+                "nocodec": "truncated header"}
     assert sorted(reasons) == sorted(f"real/{k}" for k in expected)
     for name, word in expected.items():
         reason = reasons[f"real/{name}"]
@@ -166,6 +169,10 @@ def test_bad_inputs_fail_alone_with_one_line_reasons(tmp_path, monkeypatch):
     assert (units.loc[[f"real/{k}" for k in expected], "status"] == "failed").all()
     cli = dfpipe("extract", data, "--work", tmp_path / "ws2", "--quiet", check=False)
     assert cli.returncode == 1 and "Traceback" not in cli.stderr and "failed real/zero:" in cli.stderr
+    # align has not run: its 2 extracted videos are pending, the 7 that extract failed wait for it (the vanished
+    # one is gone)
+    rows = [line.split() for line in dfpipe("status", "--work", tmp_path / "ws2").stdout.splitlines()]
+    assert rows[1:] == [["extract", "2", "0", "7", "0", "0"], ["align", "0", "0", "0", "2", "7"]]
 
 
 def test_missing_input_is_a_one_line_error(tmp_path):
