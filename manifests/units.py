@@ -122,12 +122,12 @@ def _read_journal(path: Path) -> list[tuple[int, str, Record]]:
     out = []
     with open(path, "rb") as f:
         for line in f:
-            if not line.endswith(b"\n"):
-                break  # a record cut by a crash was never acknowledged; its unit will be redone
-            try:
-                d = json.loads(line)
+            try:  # a record cut by a crash was never acknowledged: its unit is redone
+                d = json.loads(line) if line.endswith(b"\n") else None
             except ValueError:
-                break
+                d = None
+            if d is None:
+                continue
             out.append((d["seq"], d["unit"], Record(d["status"], d["fingerprint"], d["reason"], d["info"],
                                                     d["rows"])))
     return out
@@ -136,6 +136,21 @@ def _read_journal(path: Path) -> list[tuple[int, str, Record]]:
 def load_state(ws: Workspace, spec: StageSpec, *, merge: bool = True,
                keep: Iterable[str] | None = None) -> dict[str, Record]:
     """Every unit's latest record. With ``merge``, journals are folded into the tables when nobody writes."""
+    records, journals = _read_state(ws, spec)
+    if merge and (journals or keep is not None):
+        held = ws.try_lock(spec.name)
+        if held is not None:
+            try:
+                # read again under the lock: a writer may have appended (and let go) since the first read, and
+                # compacting deletes the journals
+                records, journals = _read_state(ws, spec)
+                _compact(ws, spec, records, journals, keep)
+            finally:
+                held.__exit__(None, None, None)
+    return records
+
+
+def _read_state(ws: Workspace, spec: StageSpec) -> tuple[dict[str, Record], list[Path]]:
     unit_col = spec.row_columns[0]
     records: dict[str, Record] = {}
     units = read_table(ws.manifest(f"{spec.name}.csv"), spec.unit_columns)
@@ -149,14 +164,7 @@ def load_state(ws: Workspace, spec: StageSpec, *, merge: bool = True,
     entries = sorted((e for j in journals for e in _read_journal(j)), key=lambda e: e[0])
     for _, unit, rec in entries:
         records[unit] = rec
-    if merge and (journals or keep is not None):
-        held = ws.try_lock(spec.name)
-        if held is not None:
-            try:
-                _compact(ws, spec, records, journals, keep)
-            finally:
-                held.__exit__(None, None, None)
-    return records
+    return records, journals
 
 
 def _compact(ws: Workspace, spec: StageSpec, records: dict[str, Record], journals: list[Path],
@@ -185,7 +193,15 @@ class Journal:
     def __init__(self, ws: Workspace, spec: StageSpec, shard: Shard):
         _journal_dir(ws).mkdir(parents=True, exist_ok=True)
         self.path = _journal_dir(ws) / f"{spec.name}.{shard.name}.jsonl"
-        self._f = open(self.path, "ab")
+        self._f = open(self.path, "a+b")  # writes always append; the read is for the check below
+        self._drop_torn_tail()
+
+    def _drop_torn_tail(self) -> None:
+        """A crash mid-append leaves a line without its newline; the next record must not be glued onto it."""
+        self._f.seek(0)
+        data = self._f.read()
+        if data and not data.endswith(b"\n"):
+            self._f.truncate(data.rfind(b"\n") + 1)
 
     def append(self, unit: str, rec: Record) -> None:
         line = json.dumps({"seq": time.time_ns(), "unit": unit, "status": rec.status,

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from dfpipe.manifests.table import atomic_write_bytes, read_table, write_table
-from dfpipe.manifests.units import (StageSpec, Unit, UnitError, UnitOutput, count_states, load_state,
-                                    run_stage, verify)
+from dfpipe.manifests.units import (Journal, Record, StageSpec, Unit, UnitError, UnitOutput, count_states,
+                                    load_state, run_stage, verify)
 from dfpipe.manifests.workspace import Shard, Workspace, WorkspaceError, safe_name
 
 SPEC = StageSpec(name="toy", version=1, area="out", rows_table="toy_rows.csv",
@@ -120,6 +120,36 @@ def test_partial_journal_line_is_ignored(tmp_path):
     journal = ws.manifests / "journal" / "toy.0-of-1.jsonl"
     journal.write_text(json.dumps({"seq": 1, "unit": "b"})[:20])  # a crash in the middle of an append
     assert set(load_state(ws, SPEC, merge=False)) == {"a"}
+
+
+def test_a_rerun_after_a_torn_journal_line_keeps_its_records(tmp_path):
+    """The rerun appends to the same journal: its first record must not be glued onto the torn line (which made it,
+    and every record after it, unreadable: the work was done but never counted)."""
+    ws, calls = Workspace(tmp_path / "ws"), []
+    run_stage(ws, SPEC, {}, units("a"), make_work(calls), progress=False)
+    journal = ws.manifests / "journal" / "toy.0-of-1.jsonl"
+    journal.write_text(json.dumps({"seq": 1, "unit": "x"})[:20])
+    run_stage(ws, SPEC, {}, units("a", "b", "c"), make_work(calls), progress=False)
+    run_stage(ws, SPEC, {}, units("a", "b", "c"), make_work(calls), progress=False)
+    assert calls == ["a", "b", "c"]
+    assert set(read_table(ws.manifest("toy.csv"), SPEC.unit_columns).video_id) == {"a", "b", "c"}
+
+
+def test_a_merge_reads_the_journals_again_once_it_holds_the_lock(tmp_path, monkeypatch):
+    """Another shard may append its last record (and let go of the stage) between a merge's first read and its
+    lock; compacting deletes the journals, so a merge of the first read would lose that record."""
+    ws, calls = Workspace(tmp_path / "ws"), []
+    run_stage(ws, SPEC, {}, units("a"), make_work(calls), progress=False)
+    Journal(ws, SPEC, Shard(0, 2)).append("c", Record("done", "f", "", {"count": 0}))
+    take = ws.try_lock
+
+    def late_writer(name):
+        Journal(ws, SPEC, Shard(1, 2)).append("b", Record("done", "f", "", {"count": 0}))
+        return take(name)
+    monkeypatch.setattr(ws, "try_lock", late_writer)
+    assert set(load_state(ws, SPEC)) == {"a", "b", "c"}
+    assert set(read_table(ws.manifest("toy.csv"), SPEC.unit_columns).video_id) == {"a", "b", "c"}
+    assert not list((ws.manifests / "journal").glob("*.jsonl"))
 
 
 def test_units_that_left_the_input_are_dropped_with_their_files(tmp_path):
