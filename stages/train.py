@@ -39,9 +39,11 @@ from torchvision.ops import sigmoid_focal_loss
 from tqdm import tqdm
 
 from ..manifests.table import atomic_write_bytes, read_table, write_table
+from ..manifests.units import load_state
 from ..manifests.workspace import Workspace
 from ..models.dual_stream import DualStreamNet
 from ..pipeline import __version__
+from . import align as align_stage
 from . import pairs as pairs_mod
 from .aggregate import choose_rule
 from .dataset import BalancedSampler, SequenceDataset, collate_clips
@@ -114,8 +116,12 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def read_faces(path: Path) -> pd.DataFrame:
-    """faces.csv with integer frame_index/track_id: the dataset orders frames numerically ('12' < '3' as text)."""
+def faces_table(ws: Workspace) -> pd.DataFrame:
+    """faces.csv, with what a sharded or interrupted align left in its journals folded in first (those crops are on
+    disk and recorded, just not yet in the table), and integer frame_index/track_id: the dataset orders frames
+    numerically ('12' < '3' as text)."""
+    load_state(ws, align_stage.SPEC)
+    path = ws.manifest("faces.csv")
     faces = read_table(_require(path, "run dfpipe align first"), FACE_COLUMNS)
     try:
         return faces.assign(frame_index=faces.frame_index.astype(np.int64),
@@ -171,12 +177,14 @@ def make_loaders(root: Path, faces: pd.DataFrame, labels: dict[str, dict[str, in
 
 def batch_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hq, lq, labels on the device; paired source-real crops (dataset.paired) join the batch as extra reals."""
-    hq, lq, y = batch["hq"], batch["lq"], batch["label"]
+    def to(t: torch.Tensor) -> torch.Tensor:  # before any cat: a cat on the host is unpinned memory again
+        return t.to(device, non_blocking=True)
+    hq, lq, y = to(batch["hq"]), to(batch["lq"]), to(batch["label"])
     if "pair_index" in batch:
-        hq = torch.cat([hq, batch["hq_real"]])
-        lq = torch.cat([lq, batch["lq_real"]])
-        y = torch.cat([y, torch.zeros(len(batch["pair_index"]))])
-    return (hq.to(device, non_blocking=True), lq.to(device, non_blocking=True), y.to(device, non_blocking=True))
+        hq = torch.cat([hq, to(batch["hq_real"])])
+        lq = torch.cat([lq, to(batch["lq_real"])])
+        y = torch.cat([y, y.new_zeros(len(batch["pair_index"]))])
+    return hq, lq, y
 
 
 # ---------------------------------------------------------------- optimisation
@@ -387,11 +395,19 @@ def train_one_epoch(net, loader, optimizer, scheduler, scaler, criterion, *, ctx
     net.train()
     loss_sum, correct, count = 0.0, 0, 0
     has_grad = False
+    last = None
     lrs = [g["lr"] for g in optimizer.param_groups]
     bar = tqdm(islice(loader, steps), total=steps, desc=desc, unit="batch", leave=False, disable=not ctx.main)
     for i, batch in enumerate(bar):
         update = (i + 1) % accumulate == 0 or i + 1 == steps
-        if batch is not None:  # None: no clip of the batch could be read (the dataset logged which)
+        weight = 1.0
+        if batch is None and update and ctx.world > 1 and last is not None:
+            # None: no clip of the batch could be read (the dataset logged which). Under DDP every rank must still
+            # join the update's gradient all-reduce, or the others wait for it forever and the weights part ways:
+            # this rank runs its last batch again with weight 0.
+            batch, weight = last, 0.0
+        if batch is not None:
+            last = batch
             hq, lq, y = batch_inputs(batch, ctx.device)
             # Under DDP, gradients are all-reduced only on the batch that completes an update.
             sync = nullcontext() if update or ctx.world == 1 else net.no_sync()
@@ -399,16 +415,18 @@ def train_one_epoch(net, loader, optimizer, scheduler, scaler, criterion, *, ctx
                 with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None):
                     logits = net(hq, lq).float()
                 loss = criterion(logits, y)
-                scaler.scale(loss / accumulate).backward()
+                scaler.scale(loss * weight / accumulate).backward()
             has_grad = True
-            loss_sum += loss.item() * len(y)
-            correct += int(((logits > 0) == (y > 0.5)).sum())
-            count += len(y)
-            bar.set_postfix(loss=f"{loss_sum / count:.4f}")
+            if weight:
+                loss_sum += loss.item() * len(y)
+                correct += int(((logits > 0) == (y > 0.5)).sum())
+                count += len(y)
+                bar.set_postfix(loss=f"{loss_sum / count:.4f}")
         if update and has_grad:
             lrs = [g["lr"] for g in optimizer.param_groups]
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -509,7 +527,7 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks) -> dict:
     # 1. pairs, splits and labels (rank 0 decides and writes; everyone gets its table)
     stride = extract_stride(ws)
     videos = read_table(_require(ws.manifest("videos.csv"), "run dfpipe extract first"), VIDEO_COLUMNS)
-    faces = read_faces(ws.manifest("faces.csv"))
+    faces = from_main(faces_table(ws) if ctx.main else None, ctx)
     pairs = from_main(update_pairs(ws, videos, faces, cfg.pairs) if ctx.main else None, ctx)
     digest = pairs_mod.pairs_digest(pairs)
     labels = split_labels(pairs, videos)
@@ -546,7 +564,8 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if scaler.is_enabled() and ckpt["scaler"]:  # a run resumed on another device may change precision
+            scaler.load_state_dict(ckpt["scaler"])
         early, history, start_epoch = ckpt["early_stop"], ckpt["history"], ckpt["epoch"]
         if len(ckpt["rng"]) == ctx.world:
             set_rng_state(ckpt["rng"][ctx.rank])

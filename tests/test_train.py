@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,14 +23,17 @@ from torchvision.io import write_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import dfpipe
-from dfpipe.manifests.table import read_table
+from dfpipe.manifests.table import read_table, write_table
+from dfpipe.manifests.units import Journal, Record
+from dfpipe.manifests.workspace import Shard, Workspace
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
+from dfpipe.stages import align
 from dfpipe.stages import pairs as pairs_mod
 from dfpipe.stages.aggregate import RULES
 from dfpipe.stages.dataset import SequenceDataset, collate_clips
-from dfpipe.stages.train import (METRIC_COLUMNS, TrainError, amp_dtype, batch_inputs, load_checkpoint, make_criterion,
-                                 make_scheduler, model_from_checkpoint, run_train)
+from dfpipe.stages.train import (METRIC_COLUMNS, TrainError, amp_dtype, batch_inputs, faces_table, load_checkpoint,
+                                 make_criterion, make_scheduler, model_from_checkpoint, run_train)
 
 TINY = "test_efficientnet"
 HQ, LQ = 64, 32
@@ -80,7 +84,7 @@ def make_workspace(root, per_class: int, val_per_class: int):
                 row.update({f"{stream}_path": rel, f"{stream}_sha256": f"{video_id}-{frame}-{stream}"})
             faces.append(row)
     pd.DataFrame(videos).to_csv(root / "manifests/videos.csv", index=False)
-    pd.DataFrame(faces).to_csv(root / "manifests/faces.csv", index=False)
+    write_table(root / "manifests/faces.csv", faces, align.FACE_COLUMNS)
     (root / "manifests/extract.params.json").write_text(json.dumps({"stride": STRIDE}))
     return root
 
@@ -265,6 +269,20 @@ def test_paired_source_crops_join_the_batch_as_reals():
     assert y.tolist() == [1.0, 0.0, 0.0] and hq[2].eq(0).all() and hq[:2].eq(1).all()
 
 
+def test_train_reads_the_faces_an_unmerged_align_journal_holds(workspace, tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    shutil.copytree(workspace, ws.root)
+    faces = read_table(ws.manifest("faces.csv"), align.FACE_COLUMNS)
+    late = "real_03"  # recorded by a shard of align whose journal nobody has merged yet
+    write_table(ws.manifest("align.csv"), [{"video_id": v, "status": "done", "fingerprint": "f"}
+                                           for v in sorted(set(faces.video_id) - {late})], align.SPEC.unit_columns)
+    write_table(ws.manifest("faces.csv"), faces[faces.video_id != late].to_dict("records"), align.FACE_COLUMNS)
+    Journal(ws, align.SPEC, Shard(1, 2)).append(late, Record("done", "f", "",
+                                                             rows=faces[faces.video_id == late].to_dict("records")))
+    got = faces_table(ws)
+    assert sorted(set(got.video_id)) == sorted(set(faces.video_id)) and len(got) == len(faces)
+
+
 def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
     path = tmp_path / "last.pt"
     for data in (b"PK\x03\x04 truncated", b"path,label\n", b""):
@@ -338,6 +356,52 @@ def test_two_process_ddp_run_writes_one_checkpoint_set(workspace, tmp_path):
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
     assert done.stdout.count("epoch 1/1") == 1  # rank 0 alone reports
     assert load_checkpoint(run_dir / "best.pt")["calibration"]["aggregate"] in RULES
+
+
+DDP_UNREADABLE_BATCH = """
+import datetime, sys, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from dfpipe.stages.train import Ranks, train_one_epoch
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=45))
+rank = dist.get_rank()
+torch.manual_seed(0)
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 1)
+    def forward(self, hq, lq):
+        return self.fc(hq.mean(dim=(1, 3, 4)) + lq.mean(dim=(1, 3, 4))).squeeze(1)
+def batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {"hq": torch.rand(2, 2, 3, 4, 4, generator=g), "lq": torch.rand(2, 2, 3, 2, 2, generator=g),
+            "label": torch.tensor([0.0, 1.0])}
+net = DistributedDataParallel(Toy())
+loader = [batch(rank), batch(10) if rank == 0 else None]  # rank 1 could read no clip of its second batch
+optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+stats = train_one_epoch(net, loader, optimizer, None, torch.amp.GradScaler("cpu", enabled=False),
+                        torch.nn.BCEWithLogitsLoss(), ctx=Ranks(rank, 2, torch.device("cpu")), dtype=None, steps=2,
+                        accumulate=1, grad_clip=None, desc="t")
+weights = torch.cat([p.detach().flatten() for p in net.parameters()])
+both = [torch.zeros_like(weights) for _ in range(2)]
+dist.all_gather(both, weights)
+if rank == 0:
+    print("clips", stats["clips"], "same weights", torch.equal(*both), flush=True)
+del net, optimizer  # as in run_train: the DDP model goes before its process group
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_rank_without_a_readable_batch_still_joins_the_update(tmp_path):
+    """Without it the other rank waits in the gradient all-reduce (here until the 45 s timeout; in a real run
+    forever) and the ranks' weights part ways."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_UNREADABLE_BATCH)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(driver)], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "clips 6 same weights True" in done.stdout  # the stand-in batch adds no clip to the stats
 
 
 def test_amp_auto_uses_bf16_only_on_cpus_that_have_it(monkeypatch):
