@@ -66,6 +66,8 @@ def _merge(base: dict, update: Mapping, where: str) -> None:
                 raise ConfigError(f"'{where}{key}' is a section, not a value: set its keys "
                                   f"(e.g. {where}{key}.{next(iter(base[key]))}=...)")
             _merge(base[key], value, f"{where}{key}.")
+        elif isinstance(value, Mapping):
+            raise ConfigError(f"'{where}{key}' is a value, not a section")
         else:
             base[key] = value
 
@@ -114,6 +116,7 @@ def _list_of(rule: Rule, length: int | None = None) -> Rule:
 
 
 COUNT, POSITIVE, NON_NEGATIVE = _at_least(0), _at_least(1), _at_least(0, integer=False)
+SEED = ((lambda v: _is_int(v) and 0 <= v < 2 ** 32), "an integer from 0 to 2**32 - 1")  # numpy's range
 FRACTION, PROBABILITY = _between(0, 1, open_high=True), _between(0, 1)
 DEVICE = _one_of("auto", "cpu", "cuda")
 WEIGHT_FILE = _or_null(((lambda v: isinstance(v, str) and bool(v)), "a weight file path"))
@@ -154,7 +157,8 @@ RULES: dict[str, Rule] = {
     "score.confident_fraction": PROBABILITY, "score.clip_every": POSITIVE,
     "score.threshold": _or_null(PROBABILITY), "score.fallback_score": _or_null(PROBABILITY),
     "score.suspicious_frames": COUNT,
-    "demo.n_real": POSITIVE, "demo.n_fake": POSITIVE, "demo.frames": POSITIVE, "demo.width": _at_least(64),
+    **{f"{section}.seed": SEED for section in ("pairs", "train", "demo")},
+    "demo.n_real": POSITIVE, "demo.n_fake": COUNT, "demo.frames": POSITIVE, "demo.width": _at_least(64),
     "demo.height": _at_least(64), "demo.fps": POSITIVE,
 }
 
@@ -204,7 +208,10 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not KEY=VALUE")
     key, raw = text.split("=", 1)
-    value = read_yaml(raw)
+    try:
+        value = read_yaml(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': not valid YAML ({str(e).splitlines()[0]})") from None
     out: dict = {}
     node = out
     parts = key.strip().split(".")

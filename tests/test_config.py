@@ -25,8 +25,10 @@ def test_every_rule_names_a_real_key_and_the_defaults_pass_them():
 
 def test_overrides_and_nullable_values():
     cfg = load_config(overrides=[parse_override("score.threshold=0.3"), parse_override("extract.max_frames=null"),
-                                 parse_override("align.thresholds=[0.5, 0.6, 0.7]")])
+                                 parse_override("align.thresholds=[0.5, 0.6, 0.7]"), parse_override("demo.n_fake=0"),
+                                 parse_override("train.grad_clip=null")])
     assert (cfg.score.threshold, cfg.extract.max_frames, cfg.align.thresholds) == (0.3, None, [0.5, 0.6, 0.7])
+    assert (cfg.demo.n_fake, cfg.train.grad_clip) == (0, None)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -48,6 +50,10 @@ def test_overrides_and_nullable_values():
     ("score.threshold=.nan", "score.threshold: must be a number in [0, 1] or null, got nan"),
     ("score.tta_flip=3", "score.tta_flip: must be true or false, got 3"),
     ("extract=3", "'extract' is a section, not a value: set its keys (e.g. extract.stride=...)"),
+    ("extract.stride.x=1", "'extract.stride' is a value, not a section"),
+    ("model.mlp=[1,2", "override 'model.mlp=[1,2': not valid YAML"),
+    ("train.seed=-1", "train.seed: must be an integer from 0 to 2**32 - 1, got -1"),
+    ("demo.seed=4294967296", "demo.seed: must be an integer from 0 to 2**32 - 1, got 4294967296"),
 ])
 def test_a_bad_value_is_one_line_naming_the_key(override, message):
     with pytest.raises(ConfigError) as e:
