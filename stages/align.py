@@ -51,7 +51,7 @@ def plan_units(ws: Workspace, pair_aware: bool) -> list[Unit]:
         rows = sorted(rec.rows, key=lambda r: int(r["frame_index"]))
         digest, source = _frames_digest(rows), None
         src = videos.get(vid, {}).get("source_id", "")
-        if pair_aware and videos.get(vid, {}).get("label") == "fake" and src in done:
+        if pair_aware and videos.get(vid, {}).get("label") == "fake" and src in done and src in videos:
             src_rows = sorted(done[src].rows, key=lambda r: int(r["frame_index"]))
             same_size = all(videos[vid][k] == videos[src][k] for k in ("width", "height"))
             same_frames = [r["frame_index"] for r in rows] == [r["frame_index"] for r in src_rows]

@@ -100,6 +100,8 @@ class MTCNN:
             pick = batched_nms(found[:, :4], found[:, 4], inds, 0.5)
             boxes.append(found[pick])
             image_inds.append(inds[pick])
+        if not boxes:  # frames smaller than the smallest face: no pyramid level, no candidate
+            return torch.zeros(0, 5, device=self.device), torch.zeros(0, dtype=torch.int64, device=self.device)
         boxes, image_inds = torch.cat(boxes), torch.cat(image_inds)
         pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
         boxes, image_inds = boxes[pick], image_inds[pick]

@@ -100,3 +100,9 @@ def test_refine_confirms_a_face_near_a_box_and_nothing_on_a_blank_frame(ours):
 def test_frames_without_candidates_give_empty_results(ours):
     (boxes, probs, points), = ours.detect(np.zeros((1, 120, 160, 3), np.uint8))
     assert boxes.shape == (0, 4) and probs.shape == (0,) and points.shape == (0, 5, 2)
+
+
+def test_frames_smaller_than_the_smallest_face_have_no_faces(ours):
+    """No pyramid level fits a 16 px frame when faces start at 20 px: an empty result, not an error."""
+    found = ours.detect(np.zeros((2, 16, 16, 3), dtype=np.uint8))
+    assert [len(boxes) for boxes, _, _ in found] == [0, 0]
