@@ -124,11 +124,13 @@ def demo_data(out, n_real, n_fake, seed, config_file, overrides):
 @click.option("--timeout", type=float, default=None, help="Seconds per video before its worker is killed.")
 @shard_option
 @click.option("--retry-failed", is_flag=True, help="Retry videos that failed in an earlier run.")
+@click.option("--prune", is_flag=True,
+              help="Delete the frames and crops of videos extracted earlier that are no longer in INPUT.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @config_options
 @command
 def extract(input_path, work, dataset, stride, max_frames, jpeg_quality, decoder, workers, timeout, shard,
-            retry_failed, quiet, config_file, overrides):
+            retry_failed, prune, quiet, config_file, overrides):
     """Decode every video of INPUT and keep every stride-th frame as JPEG under DIR/frames/."""
     from ..manifests.workspace import Shard, Workspace
     from ..stages.extract import run_extract
@@ -136,7 +138,7 @@ def extract(input_path, work, dataset, stride, max_frames, jpeg_quality, decoder
         "extract.stride": stride, "extract.max_frames": max_frames, "extract.jpeg_quality": jpeg_quality,
         "extract.decoder": decoder, "extract.workers": workers, "extract.timeout": timeout})
     found, summary = run_extract(Workspace(work), input_path, cfg, dataset=dataset, shard=Shard.parse(shard),
-                                 retry_failed=retry_failed, progress=not quiet)
+                                 retry_failed=retry_failed, prune=prune, progress=not quiet)
     click.echo(f"dataset layout: {found.layout} ({len(found.rows)} videos)")
     for note in found.notes:
         click.echo(f"  note: {note}")

@@ -8,8 +8,8 @@ import cv2
 from tqdm import tqdm
 
 from ..manifests.table import read_table, write_table
-from ..manifests.units import StageSpec, Unit, UnitError, UnitOutput, run_stage, sha256_file
-from ..manifests.workspace import Shard, Workspace
+from ..manifests.units import StageSpec, Unit, UnitError, UnitOutput, load_state, run_stage, sha256_file
+from ..manifests.workspace import Shard, Workspace, WorkspaceError
 from .discover import Discovery, discover
 from .video import FrameReader, VideoError, probe
 
@@ -89,8 +89,15 @@ def extract_video(unit: Unit, out_dir: Path, *, stride: int, max_frames: int | N
 
 
 def run_extract(ws: Workspace, input_path: str | Path, cfg, *, dataset: str = "auto", shard: Shard = Shard(),
-                retry_failed: bool = False, progress: bool = True):
+                retry_failed: bool = False, prune: bool = False, progress: bool = True):
+    """Videos that are no longer in INPUT lose their frames and crops, so that needs `prune`: a narrower or
+    mistyped INPUT (a subfolder of the dataset) must not delete finished work."""
     found = discover(input_path, dataset)  # first: a bad input must not leave an empty workspace behind
+    gone = sorted(vid for vid, rec in load_state(ws, SPEC, merge=False).items() if rec.status == "done"
+                  and vid not in {row["video_id"] for row in found.rows})
+    if gone and not prune:
+        raise WorkspaceError(f"{ws.root}: {len(gone)} video(s) extracted earlier are not in {input_path} (e.g. "
+                             f"{gone[0]}); give the earlier INPUT, or pass --prune to delete their frames and crops")
     ws.init()
     videos = build_videos_table(ws, found, progress)
     params = params_of(cfg)

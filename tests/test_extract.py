@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -233,3 +234,19 @@ def test_ffpp_c40_tree(shared_data, tmp_path):
         assert row.label == t.label.lower()
     frames = frames_table(ws)
     assert frames.groupby("video_id").size().eq(2).all() and len(frames) == 100
+
+
+def test_a_narrower_input_keeps_finished_videos_unless_pruned(tmp_path):
+    """A subfolder given by mistake must not delete the frames (and, through align, the crops) of the rest."""
+    data = make_dataset(tmp_path / "data", n_real=2, n_fake=2, frames=6)
+    ws = tmp_path / "ws"
+    dfpipe("extract", data, "--work", ws, "--quiet")
+    before = snapshot(ws)
+    narrower = tmp_path / "narrower"
+    shutil.copytree(data / "real", narrower / "real")
+    out = dfpipe("extract", narrower, "--work", ws, "--quiet", check=False)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert "2 video(s) extracted earlier are not in" in out.stderr and "(e.g. fake/fake_0)" in out.stderr
+    assert snapshot(ws) == before
+    dfpipe("extract", narrower, "--work", ws, "--quiet", "--prune")
+    assert sorted(p.name for p in (ws / "frames").iterdir()) == ["real__real_0", "real__real_1"]
