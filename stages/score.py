@@ -630,9 +630,10 @@ def evaluate(rows: list[dict], labels: dict[str, str], threshold: float) -> dict
 
 def write_evaluation(rows: list[dict], labels: dict[str, str | None], metrics: dict | None, threshold: float,
                      csv_path: Path) -> None:
-    """metrics.json and `<stem>_plots/` beside the CSV; without labels, those of an earlier call are removed, so
-    they can never be read as describing the new scores."""
-    metrics_path, plots = csv_path.with_name("metrics.json"), csv_path.with_name(f"{csv_path.stem}_plots")
+    """`<stem>_metrics.json` and `<stem>_plots/` beside the CSV (named after it, so outputs sharing a folder keep
+    their own); without labels, those of an earlier call are removed, so they can never be read as describing the
+    new scores."""
+    metrics_path, plots = (csv_path.with_name(f"{csv_path.stem}_{name}") for name in ("metrics.json", "plots"))
     scored = [r for r in rows if labels[r["path"]] and r["score"] is not None]
     if metrics is None:
         metrics_path.unlink(missing_ok=True)
@@ -669,7 +670,7 @@ class ScoreSummary:
 def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str | None, work: str | None,
               split: str | None, shard: Shard, progress: bool) -> ScoreSummary:
     """Score every input video not already scored with these settings; write CSV, JSON lines and, with labels,
-    metrics.json and plots beside the CSV (not for a shard: the merging run writes them)."""
+    <stem>_metrics.json and plots beside the CSV (not for a shard: the merging run writes them)."""
     videos = [v for v in list_inputs(inputs, labels=labels, work=work, split=split) if shard.owns(v.path)]
     if labels and videos and not any(v.label for v in videos):
         tqdm.write(f"score-video: {labels} labels none of the {len(videos)} videos (matched by path, then by file "

@@ -197,7 +197,7 @@ def test_batches_span_video_boundaries(scored):
 
 def test_metrics_and_plots_match_sklearn(root, scored):
     summary, _ = scored
-    metrics = json.loads((root / "out/metrics.json").read_text())
+    metrics = json.loads((root / "out/scores_metrics.json").read_text())
     rows = jsonl(summary.jsonl)
     y = [int(v.startswith("fake")) for v in DEMO]
     s = [rows[str(root / f"data/{v}.mp4")]["score"] for v in DEMO]
@@ -233,7 +233,7 @@ def test_rerun_skips_finished_videos_and_changed_settings_rescore(root, checkpoi
     assert len(rows) == 7 and all(rows[p] == first[p] for p in rows if p != str(one))
     assert list(pd.read_csv(flipped.csv).path) == [str(one)]  # the CSV reports this call
     # unlabelled now: the earlier call's metrics and plots must not stay beside the new scores
-    assert not (tmp_path / "out/metrics.json").exists() and not (tmp_path / "out/scores_plots").exists()
+    assert not (tmp_path / "out/scores_metrics.json").exists() and not (tmp_path / "out/scores_plots").exists()
     back = run(checkpoint, [root / "data", root / "bad"], tmp_path / "out/scores.csv")
     assert (back.scored, back.reused, back.rescored) == (1, 6, 1) and len(model_calls) == 2
 
@@ -327,7 +327,7 @@ def test_checkpoint_from_train_scores_a_workspace_split(root, tmp_path):
     videos = pd.read_csv(ws / "manifests/videos.csv").set_index("path")
     assert len(table) >= 1 and (table.status == "ok").all() and table.score.between(0, 1).all()
     assert list(table.true_label) == [videos.loc[p, "label"] for p in table.path]
-    assert (tmp_path / "metrics.json").is_file()
+    assert (tmp_path / "scores_metrics.json").is_file()
 
 
 # ---------------------------------------------------------------- inputs
