@@ -14,6 +14,8 @@ from dfpipe.stages.evaluate import log_loss
 
 # Simplest first: choose_rule keeps the earlier rule when two fit the validation videos equally well.
 RULES = ("mean", "median", "topk", "max", "confident")
+# The `score:` settings the rules read; training stores them beside the rule it chose with them.
+RULE_KEYS = ("topk", "confident_high", "confident_low", "confident_fraction")
 
 # The share of confidently-real clips that lets `confident` trust them, as in selimsef's rule (0.9 * sz).
 _CONFIDENT_REAL_FRACTION = 0.9

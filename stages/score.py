@@ -39,7 +39,7 @@ from ..manifests.workspace import Shard, Workspace
 from ..pipeline.workers import one_line, prefetch
 from . import align as align_stage
 from . import pairs as pairs_mod
-from .aggregate import RULES, video_score
+from .aggregate import RULE_KEYS, RULES, video_score
 from .dataset import clip_positions
 from .discover import CSV_LABELS, VIDEO_EXTENSIONS, read_user_csv
 from .evaluate import binary_metrics, write_plots
@@ -51,7 +51,6 @@ STATUSES = ("ok", "no_face", "undecodable", "empty", "error")
 CSV_COLUMNS = ["path", "score", "label", "threshold", "status", "reason", "frames_sampled", "frames_with_face",
                "tracks", "clips", "track_scores", "suspicious_frames", "seconds", "model_digest", "true_label"]
 CHECKPOINT_KEYS = ("extract", "align", "clip_len", "calibration")
-RULE_KEYS = ("topk", "confident_high", "confident_low", "confident_fraction")
 LABEL_VALUES = {"real": 0, "fake": 1}
 DECISION = ("rule", "rule_params", "threshold", "fallback_score", "suspicious_frames")  # Scoring fields
 # uint8 HQ and LQ crop batches (B, T, H, W, 3) -> probabilities (B,)
@@ -204,6 +203,8 @@ def scoring_settings(ckpt: dict, cfg, checkpoint: str | Path) -> Scoring:
     s = cfg.score
     calibration = ckpt["calibration"] or {}
     rule = s.aggregate or calibration.get("aggregate")
+    # the checkpoint's rule comes with the parameters it was chosen with; a rule given here, with the ones given here
+    rule_params = calibration.get("rule_params") if not s.aggregate else None
     threshold = s.threshold if s.threshold is not None else calibration.get("threshold")
     if rule is None or threshold is None:
         raise ScoreError(f"{checkpoint}: checkpoint is not calibrated (last.pt?): use best.pt, or give both "
@@ -216,7 +217,8 @@ def scoring_settings(ckpt: dict, cfg, checkpoint: str | Path) -> Scoring:
                    decoder=cfg.extract.decoder,
                    # settings newer than the checkpoint keep their defaults
                    align={**cfg.align, **ckpt["align"], "device": s.device, "batch_size": cfg.align.batch_size},
-                   clip_len=int(ckpt["clip_len"]), rule=rule, rule_params={k: s[k] for k in RULE_KEYS},
+                   clip_len=int(ckpt["clip_len"]), rule=rule,
+                   rule_params=rule_params or {k: s[k] for k in RULE_KEYS},
                    # an uncalibrated checkpoint scores with the plain sigmoid of its logits
                    temperature=float(calibration.get("temperature", 1.0)), threshold=float(threshold),
                    tta_flip=bool(s.tta_flip), fallback_score=s.fallback_score,

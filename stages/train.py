@@ -45,7 +45,7 @@ from ..models.dual_stream import DualStreamNet
 from ..pipeline import __version__
 from . import align as align_stage
 from . import pairs as pairs_mod
-from .aggregate import choose_rule
+from .aggregate import RULE_KEYS, choose_rule
 from .dataset import BalancedSampler, SequenceDataset, collate_clips
 from .evaluate import binary_metrics, fit_temperature, fit_threshold
 from .faces import resolve_device
@@ -475,8 +475,9 @@ def calibrate(pred: pd.DataFrame, score_cfg) -> dict:
     threshold = fit_threshold(pred.label, pred.prob)
     videos = [{int(t): g.prob.tolist() for t, g in clips.groupby("track_id")} for _, clips in pred.groupby("video_id")]
     labels = pred.groupby("video_id").label.first().tolist()
-    rule = choose_rule(videos, labels, **score_cfg)
-    return {"temperature": temperature, "threshold": threshold, "aggregate": rule}
+    params = {k: score_cfg[k] for k in RULE_KEYS}
+    rule = choose_rule(videos, labels, **params)
+    return {"temperature": temperature, "threshold": threshold, "aggregate": rule, "rule_params": params}
 
 
 def wrap(model: DualStreamNet, ctx: Ranks):

@@ -506,3 +506,14 @@ def test_shared_videos_all_get_a_status(shared_data, tmp_path):
     ok = table[table.status == "ok"]
     assert len(ok) >= 10 and ok.score.astype(float).between(0, 1).all()
     assert (table[table.status != "ok"].score == "").all()
+
+
+def test_the_checkpoints_rule_is_applied_with_the_parameters_it_was_chosen_with():
+    ckpt = {"extract": {"stride": 3}, "align": {}, "clip_len": 4,
+            "calibration": {"temperature": 1.0, "threshold": 0.5, "aggregate": "topk",
+                            "rule_params": {"topk": 1, "confident_high": 0.7, "confident_low": 0.3,
+                                            "confident_fraction": 0.5}}}
+    settings = score.scoring_settings(ckpt, load_config(), "best.pt")
+    assert (settings.rule, settings.rule_params["topk"], settings.rule_params["confident_high"]) == ("topk", 1, 0.7)
+    chosen = load_config(overrides=[{"score": {"aggregate": "topk", "topk": 2}}])
+    assert score.scoring_settings(ckpt, chosen, "best.pt").rule_params["topk"] == 2  # a rule given, its parameters

@@ -30,7 +30,7 @@ from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import align
 from dfpipe.stages import pairs as pairs_mod
-from dfpipe.stages.aggregate import RULES
+from dfpipe.stages.aggregate import RULE_KEYS, RULES
 from dfpipe.stages.dataset import SequenceDataset, collate_clips
 from dfpipe.stages.train import (METRIC_COLUMNS, TrainError, amp_dtype, batch_inputs, faces_table, load_checkpoint,
                                  make_criterion, make_scheduler, model_from_checkpoint, run_train)
@@ -168,6 +168,7 @@ def test_best_checkpoint_is_plain_data_with_calibration(trained, workspace):
     assert calibration == summary["calibration"]
     assert 0.05 <= calibration["temperature"] <= 20 and 0 < calibration["threshold"] < 1
     assert calibration["aggregate"] in RULES
+    assert calibration["rule_params"] == {k: load_config().score[k] for k in RULE_KEYS}  # what the rule was chosen with
     assert load_checkpoint(run_dir / "last.pt")["calibration"] is None  # only best.pt is calibrated
     assert "optimizer" not in ckpt and "optimizer" in load_checkpoint(run_dir / "last.pt")  # only last.pt resumes
     assert json.loads((run_dir / "run.json").read_text())["pairs_digest"] == ckpt["pairs_digest"]
