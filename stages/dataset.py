@@ -260,6 +260,11 @@ class SequenceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.clips)
 
+    def __iter__(self) -> Iterator[dict | None]:
+        # explicit: indices past the end are valid (repeat draws, see __getitem__), so the old protocol of
+        # indexing until an IndexError would never end
+        return (self[i] for i in range(len(self)))
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
@@ -282,7 +287,9 @@ class SequenceDataset(Dataset):
         return {"hq_real": [self.real_crops[k][0] for k in keys], "lq_real": [self.real_crops[k][1] for k in keys]}
 
     def __getitem__(self, index: int) -> dict | None:
-        seg_index, start = self.clips[index]
+        """An index past the end is a repeat draw of `index % len(self)` (BalancedSampler oversampling): its own
+        seed gives the repeat another random start and augmentation, not a copy of the first draw."""
+        seg_index, start = self.clips[index % len(self.clips)]
         segment = self.segments[seg_index]
         gen = seeded_generator(self.seed, self.epoch, index)
         if start is None:
@@ -329,7 +336,7 @@ class BalancedSampler(Sampler[int]):
     Each class is shuffled (the same way on every rank) and dealt out to the ranks, so ranks draw from disjoint items
     whenever a class has at least ``num_replicas`` items; each rank then takes the same number of items of each class
     from its share, cycling through fresh permutations of a share smaller than that number (oversampling the minority
-    class instead of truncating the majority's epoch).
+    class instead of truncating the majority's epoch); see `_draw` for how a repeat is told apart.
     """
 
     def __init__(self, dataset: SequenceDataset, *, seed: int, num_replicas: int = 1, rank: int = 0):
@@ -341,6 +348,7 @@ class BalancedSampler(Sampler[int]):
             if len(members) == 0:
                 raise ValueError(f"BalancedSampler: the dataset has no {name} clips to balance")
         self.per_class = math.ceil(len(labels) / (2 * num_replicas))
+        self.size = len(labels)
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
@@ -353,9 +361,11 @@ class BalancedSampler(Sampler[int]):
         self.epoch = epoch
 
     def _draw(self, share: np.ndarray, gen: torch.Generator) -> np.ndarray:
+        """Round r of a share smaller than per_class is offset by r * len(dataset): the dataset reads it as a repeat
+        draw of the same clip with a seed of its own."""
         rounds = math.ceil(self.per_class / len(share))
-        return np.concatenate([share[torch.randperm(len(share), generator=gen).numpy()]
-                               for _ in range(rounds)])[:self.per_class]
+        return np.concatenate([share[torch.randperm(len(share), generator=gen).numpy()] + r * self.size
+                               for r in range(rounds)])[:self.per_class]
 
     def __iter__(self) -> Iterator[int]:
         common = seeded_generator(self.seed, self.epoch)

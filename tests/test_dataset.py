@@ -215,9 +215,10 @@ def test_balanced_sampler_draws_both_labels_equally_on_disjoint_ranks():
     draws = [list(s) for s in ranks]
     assert [len(d) for d in draws] == [len(s) for s in ranks] == [18, 18]
     for d in draws:
-        assert sum(labels[i] for i in d) == 9
-    assert not set(draws[0]) & set(draws[1])
-    assert set(draws[0] + draws[1]) >= set(range(30, 36))                   # every fake is drawn
+        assert sum(labels[i % 36] for i in d) == 9
+        assert len(set(d)) == len(d)                                        # a repeat draw has an index of its own
+    assert not {i % 36 for i in draws[0]} & {i % 36 for i in draws[1]}
+    assert {i % 36 for i in draws[0] + draws[1]} >= set(range(30, 36))      # every fake is drawn
     assert list(ranks[0]) == draws[0]
     ranks[0].set_epoch(1)
     assert list(ranks[0]) != draws[0]
@@ -226,8 +227,14 @@ def test_balanced_sampler_draws_both_labels_equally_on_disjoint_ranks():
 def test_balanced_sampler_on_the_dataset(workspace):
     ds = make(workspace, train=True, short_tracks="pad")
     assert ds.item_labels.count(0) == 3 and ds.item_labels.count(1) == 2
-    drawn = [ds.item_labels[i] for i in BalancedSampler(ds, seed=0)]
+    indices = list(BalancedSampler(ds, seed=0))
+    drawn = [ds.item_labels[i % len(ds)] for i in indices]
     assert len(drawn) == 6 and drawn.count(1) == 3
+    # the fakes' second round reads the same clips with other random starts (or augmentation), not copies
+    repeat = next(i for i in indices if i >= len(ds))
+    first, again = ds[repeat % len(ds)], ds[repeat]
+    assert (first["video_id"], first["track_id"]) == (again["video_id"], again["track_id"])
+    assert first["start"] != again["start"] or not torch.equal(first["hq"], again["hq"])
     with pytest.raises(ValueError, match="no fake clips"):
         BalancedSampler(SimpleNamespace(item_labels=[0, 0]), seed=0)
 
