@@ -33,6 +33,10 @@ def _die_with_parent() -> None:
 
 
 def _child(fn: Callable, item: Any, conn) -> None:
+    # Ctrl-C reaches the whole process group; it is the parent's to handle (it kills the workers and exits), not a
+    # reason to record this item as failed. The parent blocked it across the fork: ignore it, then unblock.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _die_with_parent()
     try:
         result = (True, fn(item))
@@ -64,7 +68,13 @@ def run_parallel(fn: Callable[[Any], Any], items: Iterable[Any], *, workers: int
                 item = queue.popleft()
                 recv, send = ctx.Pipe(duplex=False)
                 proc = ctx.Process(target=_child, args=(fn, item, send), daemon=True)
-                proc.start()
+                # A Ctrl-C during the fork would land in Python's after-fork hooks, where it is only printed
+                # ("Exception ignored") and the run goes on: held back until the fork is done.
+                mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                try:
+                    proc.start()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 send.close()
                 running[recv] = (proc, item, time.monotonic())
             for conn in mp.connection.wait(list(running), timeout=0.2):
