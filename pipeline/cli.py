@@ -37,7 +37,9 @@ def command(fn):
         except click.exceptions.Exit:
             raise
         except KeyboardInterrupt:  # finished work is recorded as it completes: say so instead of "Aborted!"
-            click.echo("\ninterrupted: finished work is kept; rerun the same command to complete the rest", err=True)
+            how = ("rerun it with --resume to go on from the last finished epoch" if fn.__name__ == "train"
+                   else "rerun the same command to complete the rest")
+            click.echo(f"\ninterrupted: finished work is kept; {how}", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except Exception as e:  # noqa: BLE001
             if not _user_error(e):
@@ -170,7 +172,7 @@ def extract(input_path, work, dataset, stride, max_frames, jpeg_quality, decoder
 def align(work, device, batch_size, detect_every, detect_max_side, min_face_size, margin, max_faces,
           min_track_len, jpeg_quality, pair_aware, shard, retry_failed, quiet, config_file, overrides):
     """Detect, track and align faces in the extracted frames: HQ 224 and LQ 112 crops under DIR/faces/."""
-    from ..manifests.workspace import Shard, Workspace
+    from ..manifests.workspace import Shard, Workspace, WorkspaceError
     from ..stages.align import run_align
     cfg = make_config(config_file, overrides, **{
         "align.device": device, "align.batch_size": batch_size, "align.detect_every": detect_every,
@@ -179,7 +181,7 @@ def align(work, device, batch_size, detect_every, detect_max_side, min_face_size
         "align.min_track_len": min_track_len, "align.jpeg_quality": jpeg_quality, "align.pair_aware": pair_aware})
     ws = Workspace(work)
     if not ws.manifest("frames.csv").exists():
-        raise click.ClickException(f"{ws.root}: no extracted frames; run `dfpipe extract INPUT --work {work}`")
+        raise WorkspaceError(f"{ws.root}: no extracted frames; run `dfpipe extract INPUT --work {work}`")
     summary = run_align(ws, cfg, shard=Shard.parse(shard), retry_failed=retry_failed, progress=not quiet)
     finish(summary)
 
@@ -264,16 +266,17 @@ def score_video(paths, checkpoint, out, labels, work, split, aggregate, threshol
         raise click.UsageError("give video files, folders or a CSV list, or --work DIR --split SPLIT")
     if bool(work) != bool(split):
         raise click.UsageError("--work and --split go together")
-    ignored = sorted({o.split("=", 1)[0].strip() for o in overrides if o.strip().startswith("align.")}
-                     - {"align.batch_size"})
-    if ignored:
-        click.echo(f"note: faces are cropped with the checkpoint's align settings, as in training; ignoring "
-                   f"{', '.join(ignored)}", err=True)
     cfg = make_config(config_file, overrides, **{
         "score.aggregate": aggregate, "score.threshold": threshold, "score.tta_flip": tta_flip,
         "score.clip_every": clip_every,
         "score.fallback_score": fallback_score, "score.device": device, "score.batch_size": batch_size,
         "extract.max_frames": max_frames})
+    defaults = load_config()
+    ignored = [f"align.{k}" for k in cfg.align if k != "batch_size" and cfg.align[k] != defaults.align[k]]
+    ignored += ["extract.stride"] * (cfg.extract.stride != defaults.extract.stride)
+    if ignored:  # from --set or --config alike
+        click.echo(f"note: frames are sampled and faces cropped with the checkpoint's settings, as in training; "
+                   f"ignoring {', '.join(ignored)}", err=True)
     summary = run_score(list(paths), checkpoint, cfg, out=out, labels=labels, work=work, split=split,
                         shard=Shard.parse(shard), progress=not quiet)
     click.echo(summary.line())

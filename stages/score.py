@@ -512,6 +512,8 @@ def score_videos(videos: Iterable[VideoInput], scoring: Scoring, predict: Predic
 def output_paths(out: str | Path, shard: Shard) -> tuple[Path, Path]:
     """(csv, jsonl) of this run: `scores.csv` + `scores.jsonl`, or `scores.shard-0-of-2.csv` + `.jsonl`."""
     out = Path(out)
+    if out.suffix.lower() != ".csv":  # the record is the same name with .jsonl: --out x.jsonl would overwrite it
+        raise ScoreError(f"--out {out}: expected a .csv path (the per-video record goes beside it as .jsonl)")
     if shard.count > 1:
         out = out.with_name(f"{out.stem}.shard-{shard.name}{out.suffix}")
     return out, out.with_suffix(".jsonl")
@@ -673,6 +675,7 @@ def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str 
               split: str | None, shard: Shard, progress: bool) -> ScoreSummary:
     """Score every input video not already scored with these settings; write CSV, JSON lines and, with labels,
     <stem>_metrics.json and plots beside the CSV (not for a shard: the merging run writes them)."""
+    csv_path, jsonl = output_paths(out, shard)
     videos = [v for v in list_inputs(inputs, labels=labels, work=work, split=split) if shard.owns(v.path)]
     if labels and videos and not any(v.label for v in videos):
         tqdm.write(f"score-video: {labels} labels none of the {len(videos)} videos (matched by path, then by file "
@@ -680,7 +683,6 @@ def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str 
     ckpt = load_checkpoint(checkpoint)
     scoring = scoring_settings(ckpt, cfg, checkpoint)
     model_digest = sha256_file(Path(checkpoint))[:16]
-    csv_path, jsonl = output_paths(out, shard)
     try:
         jsonl.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # e.g. a part of the folder is a file

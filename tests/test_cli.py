@@ -31,8 +31,28 @@ def test_ctrl_c_exits_130_saying_a_rerun_completes_the_work(capsys):
     assert e.value.code == EXIT_INTERRUPTED == 130
     assert "rerun the same command to complete the rest" in capsys.readouterr().err
 
+    @command
+    def train():  # the same command again would refuse the run folder: the way on is --resume
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit):
+        train()
+    assert "rerun it with --resume" in capsys.readouterr().err
+
 
 def test_score_video_says_which_align_overrides_it_ignores(tmp_path):
     proc = dfpipe("score-video", tmp_path / "v.mp4", "--checkpoint", tmp_path / "x.pt", "--out", tmp_path / "s.csv",
                   "--set", "align.min_face_size=40", "--set", "align.batch_size=4", check=False)
     assert "ignoring align.min_face_size\n" in proc.stderr  # batch_size is honoured: frames per detection step
+    (tmp_path / "c.yaml").write_text("align:\n  margin: 1.5\nextract:\n  stride: 5\n")
+    proc = dfpipe("score-video", tmp_path / "v.mp4", "--checkpoint", tmp_path / "x.pt", "--out", tmp_path / "s.csv",
+                  "--config", tmp_path / "c.yaml", check=False)
+    assert "ignoring align.margin, extract.stride\n" in proc.stderr
+    proc = dfpipe("score-video", tmp_path / "v.mp4", "--checkpoint", tmp_path / "x.pt", "--out",
+                  tmp_path / "s.jsonl", check=False)
+    assert proc.returncode == 2 and "expected a .csv path" in proc.stderr
+
+
+def test_align_without_extracted_frames_is_a_usage_error(tmp_path):
+    proc = dfpipe("align", "--work", tmp_path / "nothing", check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "no extracted frames" in proc.stderr
