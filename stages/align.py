@@ -10,6 +10,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
+from torchvision.ops import box_iou
 
 from ..manifests.table import read_table
 from ..manifests.units import StageSpec, Unit, UnitError, UnitOutput, load_state, run_stage
@@ -23,13 +25,15 @@ FACE_COLUMNS = ["video_id", "frame_index", "timestamp", "status", "track_id", "x
                 "landmarks", "scale", "mode", "hq_path", "lq_path", "hq_sha256", "lq_sha256"]
 
 SPEC = StageSpec(
-    name="align", version=3, area="faces", rows_table="faces.csv", row_columns=FACE_COLUMNS,
+    name="align", version=4, area="faces", rows_table="faces.csv", row_columns=FACE_COLUMNS,
     file_columns=[("hq_path", "hq_sha256"), ("lq_path", "lq_sha256")],
     info_columns=["mode", "frames", "frames_with_face", "tracks"],
 )
 
 # settings that cannot change a crop (where it runs, how many frames go to the detector at once)
 NOT_IN_FINGERPRINT = ("device", "batch_size")
+# frames of a fake on which `lines_up` checks that it is frame-aligned with its source before cropping it so
+PAIR_CHECK_FRAMES = 3
 
 
 def params_of(cfg) -> dict:
@@ -128,12 +132,41 @@ def align_detect(ws: Workspace, unit: Unit, out_dir: Path, detector: FaceDetecto
     return _finish(unit, rows, mode)
 
 
-def align_pair(ws: Workspace, unit: Unit, out_dir: Path, source_rows: list[dict], align_cfg: dict) -> UnitOutput:
-    """Crop a fake with its source's landmarks, frame by frame: real and fake crops are pixel-aligned."""
+def _faces_at(rows: list[dict]) -> dict[int, list[dict]]:
     faces_at: dict[int, list[dict]] = {}
-    for r in source_rows:
+    for r in rows:
         if r["status"] == "face":
             faces_at.setdefault(int(r["frame_index"]), []).append(r)
+    return faces_at
+
+
+def _box(row: dict) -> list[float]:
+    return [float(row[k]) for k in ("x1", "y1", "x2", "y2")]
+
+
+def lines_up(ws: Workspace, unit: Unit, source_rows: list[dict], detector: FaceDetector) -> bool:
+    """Whether the fake shows its faces where its source does, on PAIR_CHECK_FRAMES frames spread over the video.
+
+    The same frame size and sampled frames make a pair only in datasets whose fakes are made from the real video
+    frame by frame (FF++, DFDC); two unrelated shots at 1920x1080 would otherwise get background crops labelled
+    fake. A frame agrees when a face the detector re-finds near the source's boxes overlaps one of them (IoU >= 0.5)
+    and disagrees when the faces it finds do not; at least one frame must agree and none disagree."""
+    faces_at = _faces_at(source_rows)
+    indices = sorted(faces_at)
+    picks = {indices[k * (len(indices) - 1) // max(1, PAIR_CHECK_FRAMES - 1)] for k in range(PAIR_CHECK_FRAMES)}
+    verdicts = []
+    for frame in _read_frames(ws, [f for f in unit.payload["frames"] if f[0] in picks]):
+        boxes = np.array([_box(r) for r in faces_at[frame.index]])
+        found = detector.confirm(frame.image, boxes)
+        if found:
+            overlap = box_iou(torch.as_tensor(np.stack([d.box for d in found])), torch.as_tensor(boxes))
+            verdicts.append(bool((overlap >= 0.5).any()))
+    return bool(verdicts) and all(verdicts)
+
+
+def align_pair(ws: Workspace, unit: Unit, out_dir: Path, source_rows: list[dict], align_cfg: dict) -> UnitOutput:
+    """Crop a fake with its source's landmarks, frame by frame: real and fake crops are pixel-aligned."""
+    faces_at = _faces_at(source_rows)
     rows = []
     for frame in _read_frames(ws, unit.payload["frames"]):
         for r in faces_at.get(frame.index, []):
@@ -141,8 +174,7 @@ def align_pair(ws: Workspace, unit: Unit, out_dir: Path, source_rows: list[dict]
             hq, lq, _ = align_face(frame.image, landmarks, **align_cfg)
             track = int(r["track_id"])
             names = _write_crops(out_dir, track, frame.index, hq, lq, align_cfg["jpeg_quality"])
-            box = [float(r[k]) for k in ("x1", "y1", "x2", "y2")]
-            rows.append(_face_row(frame.index, frame.timestamp, track, box, float(r["prob"]), landmarks,
+            rows.append(_face_row(frame.index, frame.timestamp, track, _box(r), float(r["prob"]), landmarks,
                                   float(r["scale"]), "pair", *names))
     return _finish(unit, rows, "pair")
 
@@ -157,15 +189,18 @@ def run_align(ws: Workspace, cfg, *, shard: Shard = Shard(), retry_failed: bool 
 
     def work(unit: Unit, out_dir: Path) -> UnitOutput:
         nonlocal detector
-        source = unit.payload["source"]
-        if source:
-            rec = records.get(source)
-            if rec is not None and rec.status == "done":
-                return align_pair(ws, unit, out_dir, rec.rows, align_cfg)
         if detector is None:
             detector = FaceDetector(**align_cfg)
-        return align_detect(ws, unit, out_dir, detector, align_cfg,
-                            mode="detect (source has no face)" if source else "detect")
+        source, mode = unit.payload["source"], "detect"
+        if source:
+            rec = records.get(source)
+            if rec is None or rec.status != "done":
+                mode = "detect (source has no face)"
+            elif not lines_up(ws, unit, rec.rows, detector):
+                mode = "detect (faces not where the source has them)"
+            else:
+                return align_pair(ws, unit, out_dir, rec.rows, align_cfg)
+        return align_detect(ws, unit, out_dir, detector, align_cfg, mode=mode)
 
     summaries = []
     for phase in (lambda u: not u.payload["source"], lambda u: bool(u.payload["source"])):

@@ -117,7 +117,33 @@ def test_align_sigkill_then_rerun_is_byte_identical(extracted, tmp_path):
 
 def test_align_needs_extracted_frames(tmp_path):
     out = dfpipe("align", "--work", tmp_path / "empty", check=False)
-    assert out.returncode != 0 and "run `dfpipe extract" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and "run `dfpipe extract" in out.stderr
+
+
+def test_a_fake_that_does_not_line_up_with_its_source_is_detected_on_its_own(extracted, tmp_path):
+    """Same frame size and frames, other shot: cropping it at the source's landmarks would cut background."""
+    ws = fresh_workspace(extracted, tmp_path)
+    data = tmp_path / "data"
+    shutil.copytree(extracted / "data", data)
+    import av
+    from dfpipe.stages.video import write_video
+    fake = data / "fake" / "fake_001.mp4"
+    with av.open(str(fake)) as c:
+        images = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    write_video(fake, [np.ascontiguousarray(np.roll(img, -75, axis=1)) for img in images], fps=30)  # face left
+    videos = pd.read_csv(ws / "manifests/videos.csv", keep_default_na=False)
+    videos["path"] = videos.path.str.replace(str(extracted / "data"), str(data), regex=False)
+    videos.to_csv(ws / "manifests/videos.csv", index=False, lineterminator="\n")
+    dfpipe("extract", data, "--work", ws, "--quiet")
+    dfpipe("align", "--work", ws, "--quiet", check=False)
+    units = pd.read_csv(ws / "manifests/align.csv", keep_default_na=False).set_index("video_id")
+    assert units.loc["fake/fake_000", "mode"] == "pair"
+    assert units.loc["fake/fake_001", "mode"] == "detect (faces not where the source has them)"
+    faces = faces_table(ws)
+    real, moved = (faces[(faces.video_id == v) & (faces.status == "face")].set_index("frame_index")
+                   for v in ("real/real_001", "fake/fake_001"))
+    both = real.index.intersection(moved.index)
+    assert len(both) and ((moved.loc[both, "x1"] - real.loc[both, "x1"]).abs() > 50).all()  # its own faces
 
 
 # ---------------------------------------------------------------- real videos (skipped without ../shared/data)

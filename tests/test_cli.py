@@ -51,8 +51,3 @@ def test_score_video_says_which_align_overrides_it_ignores(tmp_path):
     proc = dfpipe("score-video", tmp_path / "v.mp4", "--checkpoint", tmp_path / "x.pt", "--out",
                   tmp_path / "s.jsonl", check=False)
     assert proc.returncode == 2 and "expected a .csv path" in proc.stderr
-
-
-def test_align_without_extracted_frames_is_a_usage_error(tmp_path):
-    proc = dfpipe("align", "--work", tmp_path / "nothing", check=False)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "no extracted frames" in proc.stderr
