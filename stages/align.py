@@ -14,7 +14,8 @@ import torch
 from torchvision.ops import box_iou
 
 from ..manifests.table import read_table
-from ..manifests.units import StageSpec, Unit, UnitError, UnitOutput, load_state, run_stage
+from ..manifests.units import (StageSpec, Unit, UnitError, UnitOutput, fingerprint, load_params, load_state,
+                               run_stage)
 from ..manifests.workspace import Shard, Workspace
 from ..pipeline.workers import prefetch
 from . import extract
@@ -211,6 +212,14 @@ def run_align(ws: Workspace, cfg, *, shard: Shard = Shard(), retry_failed: bool 
 
 
 def status_units(ws: Workspace) -> list[Unit]:
-    from ..manifests.units import load_params
     params = load_params(ws, SPEC) or {}
     return plan_units(ws, params.get("pair_aware", True))
+
+
+def behind(ws: Workspace) -> list[str]:
+    """Extracted videos whose crops are missing or were cut from older frames or with other settings (failures
+    aside: they are results). Training on them would use crops of a video that has changed since."""
+    params = load_params(ws, SPEC)
+    records = load_state(ws, SPEC, merge=False)
+    return [u.id for u in status_units(ws) if (rec := records.get(u.id)) is None
+            or (rec.status != "failed" and (params is None or rec.fingerprint != fingerprint(SPEC, params, u)))]

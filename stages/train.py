@@ -119,8 +119,13 @@ def _require(path: Path, what: str) -> Path:
 def faces_table(ws: Workspace) -> pd.DataFrame:
     """faces.csv, with what a sharded or interrupted align left in its journals folded in first (those crops are on
     disk and recorded, just not yet in the table), and integer frame_index/track_id: the dataset orders frames
-    numerically ('12' < '3' as text)."""
+    numerically ('12' < '3' as text). Refused while align has work left: training would silently use old crops of
+    a changed video, or leave new videos out."""
     load_state(ws, align_stage.SPEC)
+    behind = align_stage.behind(ws)
+    if behind:
+        raise TrainError(f"{ws.root}: {len(behind)} extracted video(s) have no crops yet or crops of an older "
+                         f"version (e.g. {behind[0]}); run `dfpipe align --work {ws.root}` first")
     path = ws.manifest("faces.csv")
     faces = read_table(_require(path, "run dfpipe align first"), FACE_COLUMNS)
     try:
