@@ -28,7 +28,7 @@ from dfpipe.manifests.units import Journal, Record
 from dfpipe.manifests.workspace import Shard, Workspace
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
-from dfpipe.stages import align
+from dfpipe.stages import align, extract
 from dfpipe.stages import pairs as pairs_mod
 from dfpipe.stages.aggregate import RULE_KEYS, RULES
 from dfpipe.stages.dataset import SequenceDataset, collate_clips
@@ -83,7 +83,7 @@ def make_workspace(root, per_class: int, val_per_class: int):
                 write_jpeg(crop, str(root / rel), quality=95)
                 row.update({f"{stream}_path": rel, f"{stream}_sha256": f"{video_id}-{frame}-{stream}"})
             faces.append(row)
-    pd.DataFrame(videos).to_csv(root / "manifests/videos.csv", index=False)
+    write_table(root / "manifests/videos.csv", videos, extract.VIDEO_COLUMNS)
     write_table(root / "manifests/faces.csv", faces, align.FACE_COLUMNS)
     (root / "manifests/extract.params.json").write_text(json.dumps({"stride": STRIDE}))
     return root
