@@ -342,7 +342,7 @@ def _csv(path: Path) -> tuple[list[dict], list[str]]:
     notes = [f"{path}: {present.count(False)} listed video(s) are not on disk and were skipped "
              f"(e.g. {files[present.index(False)]})"] if not all(present) else []
     table, files = table[present].reset_index(drop=True), [f for f, ok in zip(files, present) if ok]
-    ids = _csv_ids(files, base)
+    ids = [_csv_id(f, base) for f in files]
     id_by_key = {**{i: i for i in ids}, **{str(f): i for f, i in zip(files, ids)}}
 
     def source_id(text: str) -> str:
@@ -351,7 +351,7 @@ def _csv(path: Path) -> tuple[list[dict], list[str]]:
         if text in id_by_key:
             return id_by_key[text]
         target = Path(os.path.abspath(base / text))
-        return id_by_key.get(str(target)) or (_id_of(target, base) if target.is_relative_to(base) else target.stem)
+        return id_by_key.get(str(target)) or _csv_id(target, base)
 
     labels = [CSV_LABELS[v.lower()] for v in table["label"]]
     sources = [source_id(s) if lab == "fake" else "" for s, lab in zip(table["source"], labels)]
@@ -393,19 +393,12 @@ def _read_table(path: Path) -> pd.DataFrame:
     return table
 
 
-def _csv_ids(files: list[Path], base: Path) -> list[str]:
-    """Path below the CSV's folder without extension; files elsewhere get their stem, made unique in path order,
-    so '../../x.mp4' becomes 'x' and never a folder outside the workspace."""
-    ids = [_id_of(f, base) if f.is_relative_to(base) else "" for f in files]
-    taken = set(ids)
-    for i in sorted((i for i, f in enumerate(files) if not ids[i]), key=lambda i: str(files[i])):
-        stem, n = files[i].stem, 1
-        ids[i] = stem
-        while ids[i] in taken:
-            n += 1
-            ids[i] = f"{stem}-{n}"
-        taken.add(ids[i])
-    return ids
+def _csv_id(file: Path, base: Path) -> str:
+    """Path relative to the CSV's folder without extension, each '..' written '_up' ('../b/x.mp4' -> '_up/b/x'):
+    the same file keeps its id whatever else the list holds, and no id names a folder outside the workspace."""
+    rel = PurePosixPath(os.path.relpath(file, base))
+    folders = ("_up" if part == ".." else part for part in rel.parent.parts)
+    return PurePosixPath(*folders, rel.name).with_suffix("").as_posix()
 
 
 def _csv_group(video_id: str, source_of: dict[str, str], explicit: dict[str, str]) -> str:

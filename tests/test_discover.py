@@ -256,22 +256,25 @@ def test_csv_paths_labels_sources_groups(tmp_path):
     d = discover(data / "list.csv")
     assert d.layout == "csv"
     rows = by_id(d)
-    assert set(rows) == {"vids/a real", "vids/b", "vids/c", "vids/d", "x", "x-2", "vids/x"}
-    assert rows["x-2"]["path"] == str(outside / "x.mp4")  # de-duplicated in path order: deep/x.mp4 < x.mp4
-    assert rows["x"]["path"] == str(outside / "deep" / "x.mp4")
+    up, deep = "_up/elsewhere/x", "_up/elsewhere/deep/x"  # outside the CSV's folder: '..' is written '_up'
+    assert set(rows) == {"vids/a real", "vids/b", "vids/c", "vids/d", up, deep, "vids/x"}
+    assert rows[up]["path"] == str(outside / "x.mp4") and rows[deep]["path"] == str(outside / "deep" / "x.mp4")
     assert rows["vids/c"]["path"] == str(data / "vids" / "c.MOV")
     assert {v: (r["label"], r["source_id"], r["group"], r["split"]) for v, r in rows.items()} == {
         "vids/a real": ("real", "", "csv:vids/a real", "train"),
         "vids/b": ("fake", "vids/a real", "csv:vids/a real", "train"),
         "vids/c": ("fake", "vids/a real", "csv:vids/a real", ""),
         "vids/d": ("real", "", "csv:people-d", "test"),
-        "x-2": ("fake", "vids/d", "csv:people-d", ""),
-        "x": ("real", "", "csv:x", ""),
-        "vids/x": ("fake", "x", "csv:x", "val")}
+        up: ("fake", "vids/d", "csv:people-d", ""),
+        deep: ("real", "", f"csv:{deep}", ""),
+        "vids/x": ("fake", deep, f"csv:{deep}", "val")}
     assert d.notes == [f"{data / 'list.csv'}: 1 listed video(s) are not on disk and were skipped "
                        f"(e.g. {data / 'vids' / 'missing.mp4'})"]
     work = tmp_path / "work"
     assert all((work / v).resolve().is_relative_to(work) for v in rows)
+    # an id does not depend on the other rows: the same file alone in a list keeps it
+    (data / "one.csv").write_text(f"path,label\n{outside / 'x.mp4'},real\n")
+    assert [r["video_id"] for r in discover(data / "one.csv").rows] == [up]
 
 
 def test_csv_source_not_listed_keeps_a_derived_id(tmp_path):
