@@ -25,7 +25,6 @@ from .table import atomic_write_bytes, read_table, write_table
 from .workspace import Shard, Workspace, replace_dir
 from ..pipeline.workers import run_parallel
 
-STATES = ("done", "stale", "failed", "pending")
 
 
 @dataclass(frozen=True)

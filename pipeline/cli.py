@@ -280,7 +280,8 @@ def score_video(paths, checkpoint, out, labels, work, split, aggregate, threshol
     summary = run_score(list(paths), checkpoint, cfg, out=out, labels=labels, work=work, split=split,
                         shard=Shard.parse(shard), progress=not quiet)
     click.echo(summary.line())
-    sys.exit(EXIT_FAILED_UNITS if summary.counts.get("error") else 0)
+    # like a failed unit elsewhere: a video that could not be read (no face is a result, not a failure)
+    sys.exit(EXIT_FAILED_UNITS if any(summary.counts.get(s) for s in ("error", "undecodable", "empty")) else 0)
 
 
 def _stages():

@@ -45,12 +45,12 @@ def _frames_digest(rows: list[dict]) -> str:
     return hashlib.sha256("".join(f"{r['frame_index']}:{r['sha256']};" for r in rows).encode()).hexdigest()
 
 
-def plan_units(ws: Workspace, pair_aware: bool) -> list[Unit]:
+def plan_units(ws: Workspace, pair_aware: bool, merge: bool = True) -> list[Unit]:
     """One unit per extracted video. A fake whose source was extracted with the same frame size and the same
     sampled frames is cropped with its source's tracks (payload 'source'), so its digest covers both."""
     videos = {v["video_id"]: v for v in read_table(ws.manifest("videos.csv"), extract.VIDEO_COLUMNS)
               .to_dict("records")}
-    done = {vid: rec for vid, rec in load_state(ws, extract.SPEC).items() if rec.status == "done"}
+    done = {vid: rec for vid, rec in load_state(ws, extract.SPEC, merge=merge).items() if rec.status == "done"}
     units = []
     for vid, rec in sorted(done.items()):
         rows = sorted(rec.rows, key=lambda r: int(r["frame_index"]))
@@ -212,8 +212,9 @@ def run_align(ws: Workspace, cfg, *, shard: Shard = Shard(), retry_failed: bool 
 
 
 def status_units(ws: Workspace) -> list[Unit]:
+    """Reads only (no journal merge), so that `status` works on a workspace it may not write to."""
     params = load_params(ws, SPEC) or {}
-    return plan_units(ws, params.get("pair_aware", True))
+    return plan_units(ws, params.get("pair_aware", True), merge=False)
 
 
 def behind(ws: Workspace) -> list[str]:

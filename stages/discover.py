@@ -139,7 +139,7 @@ def _union_groups(identities: list[list[str]]) -> list[str]:
     return [find(ids[0]) for ids in identities]
 
 
-def _video_files(candidates: Iterable[Path], base: Path) -> list[Path]:
+def video_files(candidates: Iterable[Path], base: Path) -> list[Path]:
     """Video files among `candidates`, skipping hidden entries below `base` (macOS '._x.mp4' forks are not videos).
 
     A broken symlink is kept: it is a video the user meant to include, and extract records it as failed."""
@@ -208,7 +208,7 @@ def _ffpp_videos(top: Path) -> list[tuple[str, str, Path]]:
     """(kind or method, compression, path) under `top`/<kind>/, skipping the manipulation masks (not videos)."""
     found = []
     for kind in sorted(d for d in top.iterdir() if d.is_dir()) if top.is_dir() else []:
-        for path in _video_files(kind.rglob("*"), kind):
+        for path in video_files(kind.rglob("*"), kind):
             parts = path.relative_to(kind).parts[:-1]
             if "masks" not in parts:
                 found.append((kind.name, next((p for p in parts if p in FFPP_COMPRESSIONS), ""), path))
@@ -244,7 +244,7 @@ def _dfdc(root: Path) -> tuple[list[dict], list[str]]:
         entries = _read_json(meta)
         if not isinstance(entries, dict):
             raise DiscoveryError(f"{meta}: expected an object mapping file names to entries")
-        on_disk = {p.name: p for p in _video_files(meta.parent.iterdir(), meta.parent)}
+        on_disk = {p.name: p for p in video_files(meta.parent.iterdir(), meta.parent)}
         unlisted, absent = sorted(set(on_disk) - set(entries)), set(entries) - set(on_disk)
         if unlisted:
             notes.append(f"{meta}: {len(unlisted)} video(s) not in metadata.json skipped (e.g. {unlisted[0]})")
@@ -274,7 +274,7 @@ def _celebdf(root: Path) -> tuple[list[dict], list[str]]:
     drafts = []
     for folder, label in (("Celeb-real", "real"), ("Celeb-synthesis", "fake"), ("YouTube-real", "real")):
         top = root / folder
-        for path in _video_files(top.rglob("*"), top) if top.is_dir() else []:
+        for path in video_files(top.rglob("*"), top) if top.is_dir() else []:
             video_id = _id_of(path, root)
             real, fake = CELEB_REAL.fullmatch(path.stem), CELEB_FAKE.fullmatch(path.stem)
             if label == "fake" and fake:
@@ -314,7 +314,7 @@ def _pair_key(stem: str) -> str:
 
 
 def _folders(root: Path) -> tuple[list[dict], list[str]]:
-    videos = [(d.name.lower(), p) for d in _label_folders(root) for p in _video_files(d.rglob("*"), d)]
+    videos = [(d.name.lower(), p) for d in _label_folders(root) for p in video_files(d.rglob("*"), d)]
     reals: dict[str, list[Path]] = {}
     for label, path in videos:
         if label == "real":

@@ -340,8 +340,3 @@ class FaceStream:
             faces.append(AlignedFace(track_id=track, box=det.box, prob=det.prob, landmarks=smoothed,
                                      raw_landmarks=det.landmarks, scale=det.scale, matrix=matrix, hq=hq, lq=lq))
         return FrameFaces(index=entry.frame.index, timestamp=entry.frame.timestamp, faces=faces)
-
-
-# Callers read `for frame_faces in faces_in_frames(frames, detector, **cfg.align)`; frames are objects with
-# `index`, `timestamp` and `image` (RGB uint8, one size per stream).
-faces_in_frames = FaceStream

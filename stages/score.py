@@ -41,17 +41,16 @@ from . import align as align_stage
 from . import pairs as pairs_mod
 from .aggregate import RULE_KEYS, RULES, video_score
 from .dataset import clip_positions
-from .discover import CSV_LABELS, VIDEO_EXTENSIONS, read_user_csv
+from .discover import CSV_LABELS, read_user_csv, video_files
 from .evaluate import binary_metrics, write_plots
 from .faces import FaceDetector, FaceStream, FrameFaces, resolve_device, select_tracks
-from .train import amp_dtype, load_checkpoint, model_from_checkpoint
+from .train import LABELS, amp_dtype, load_checkpoint, model_from_checkpoint
 from .video import FrameReader, VideoError
 
 STATUSES = ("ok", "no_face", "undecodable", "empty", "error")
 CSV_COLUMNS = ["path", "score", "label", "threshold", "status", "reason", "frames_sampled", "frames_with_face",
                "tracks", "clips", "track_scores", "suspicious_frames", "seconds", "model_digest", "true_label"]
 CHECKPOINT_KEYS = ("extract", "align", "clip_len", "calibration")
-LABEL_VALUES = {"real": 0, "fake": 1}
 DECISION = ("rule", "rule_params", "threshold", "fallback_score", "suspicious_frames")  # Scoring fields
 # uint8 HQ and LQ crop batches (B, T, H, W, 3) -> probabilities (B,)
 Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -90,9 +89,7 @@ def _expand(arg: str) -> list[VideoInput]:
     """A folder means every video below it (hidden entries skipped); a named file is taken whatever its suffix."""
     path = Path(arg)
     if path.is_dir():
-        return [VideoInput(os.path.abspath(p)) for p in sorted(path.rglob("*"))
-                if p.suffix.lower() in VIDEO_EXTENSIONS and not p.is_dir()
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+        return [VideoInput(os.path.abspath(p)) for p in video_files(path.rglob("*"), path)]
     if path.suffix.lower() == ".csv":
         return _list_file(path)
     if not path.exists() and not path.is_symlink():
@@ -617,14 +614,14 @@ def evaluate(rows: list[dict], labels: dict[str, str], threshold: float) -> dict
     if not labelled:
         return None
     scored = [r for r in labelled if r["score"] is not None]
-    y = [LABEL_VALUES[labels[r["path"]]] for r in scored]
+    y = [LABELS[labels[r["path"]]] for r in scored]
     frame_y, frame_p = [], []
     for r in scored:
         frame_prob: dict[int, float] = {}
         for _, prob, frames in r["clip_probs"]:
             for f in frames:
                 frame_prob[f] = max(prob, frame_prob.get(f, 0.0))
-        frame_y += [LABEL_VALUES[labels[r["path"]]]] * len(frame_prob)
+        frame_y += [LABELS[labels[r["path"]]]] * len(frame_prob)
         frame_p += list(frame_prob.values())
     return {"threshold": threshold, "labelled": len(labelled), "unscored": len(labelled) - len(scored),
             "video": binary_metrics(y, [r["score"] for r in scored], threshold=threshold) if scored else None,
@@ -644,7 +641,7 @@ def write_evaluation(rows: list[dict], labels: dict[str, str | None], metrics: d
     else:
         atomic_write_bytes(metrics_path, (json.dumps(_finite(metrics), indent=1, sort_keys=True) + "\n").encode())
     if scored:
-        write_plots([LABEL_VALUES[labels[r["path"]]] for r in scored], [r["score"] for r in scored],
+        write_plots([LABELS[labels[r["path"]]] for r in scored], [r["score"] for r in scored],
                     threshold=threshold, out_dir=plots)
     else:
         shutil.rmtree(plots, ignore_errors=True)

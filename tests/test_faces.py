@@ -11,7 +11,7 @@ import pytest
 from skimage import data
 
 from dfpipe.pipeline.config import load_config
-from dfpipe.stages.faces import (Detection, FaceDetector, FaceTracker, align_face, faces_in_frames, select_tracks,
+from dfpipe.stages.faces import (Detection, FaceDetector, FaceStream, FaceTracker, align_face, select_tracks,
                                  template_points)
 
 
@@ -106,7 +106,7 @@ def test_downscaled_detection_maps_back_to_full_resolution(cfg):
 
 def test_two_moving_faces_keep_their_tracks_and_reruns_are_identical(cfg, detector, head):
     images = [composite(head, [(30 + 3 * i, 10 + 4 * i), (90 - 3 * i, 210 - 4 * i)]) for i in range(6)]
-    runs = [list(faces_in_frames(stream(images), detector, **cfg)) for _ in range(2)]
+    runs = [list(FaceStream(stream(images), detector, **cfg)) for _ in range(2)]
     for frame_faces in runs[0]:
         by_track = {face.track_id: face.box for face in frame_faces.faces}
         assert sorted(by_track) == [0, 1]
@@ -117,13 +117,13 @@ def test_two_moving_faces_keep_their_tracks_and_reruns_are_identical(cfg, detect
 
 def test_smoothing_averages_landmarks_over_a_centred_window(cfg, detector, head):
     images = [composite(head, [(40 + 5 * i, 60 + 7 * i)]) for i in range(5)]
-    smooth = list(faces_in_frames(stream(images), detector, **{**cfg, "smooth_window": 3}))
+    smooth = list(FaceStream(stream(images), detector, **{**cfg, "smooth_window": 3}))
     raw = np.array([ff.faces[0].raw_landmarks for ff in smooth])
     used = np.array([ff.faces[0].landmarks for ff in smooth])
     np.testing.assert_allclose(used[2], raw[1:4].mean(axis=0))
     np.testing.assert_allclose(used[0], raw[:2].mean(axis=0))   # the window is cut at the stream's ends
     np.testing.assert_allclose(used[4], raw[3:].mean(axis=0))
-    off = list(faces_in_frames(stream(images), detector, **{**cfg, "smooth_window": 1}))
+    off = list(FaceStream(stream(images), detector, **{**cfg, "smooth_window": 1}))
     assert all(np.array_equal(ff.faces[0].landmarks, ff.faces[0].raw_landmarks) for ff in off)
     np.testing.assert_allclose([ff.faces[0].raw_landmarks for ff in off], raw)
 
@@ -131,7 +131,7 @@ def test_smoothing_averages_landmarks_over_a_centred_window(cfg, detector, head)
 def test_frame_without_face_gets_an_empty_list_and_the_track_survives_the_gap(cfg, detector, head):
     images = [composite(head, [(60, 100 + 3 * i)]) for i in range(4)]
     images[2] = composite(head, [])
-    result = list(faces_in_frames(stream(images), detector, **cfg))
+    result = list(FaceStream(stream(images), detector, **cfg))
     assert [ff.index for ff in result] == [0, 1, 2, 3]
     assert result[2].faces == []
     assert [[f.track_id for f in ff.faces] for ff in result] == [[0], [0], [], [0]]
@@ -187,7 +187,7 @@ def test_stream_buffers_at_most_a_batch_plus_the_window(cfg):
             pulled += 1
             yield Frame(i, i / 10, np.full((120, 160, 3), i, np.uint8))
 
-    faces = faces_in_frames(frames(), StubDetector(), **{**cfg, "smooth_window": 5, "batch_size": 8,
+    faces = FaceStream(frames(), StubDetector(), **{**cfg, "smooth_window": 5, "batch_size": 8,
                                                          "detect_every": 1})
     indices, held = [], []
     for frame_faces in faces:
@@ -203,7 +203,7 @@ def test_stream_buffers_at_most_a_batch_plus_the_window(cfg):
 def test_full_detection_runs_on_every_nth_frame_and_tracking_fills_the_rest(cfg):
     detector = StubDetector()
     frames = [Frame(i, i / 10, np.full((120, 160, 3), i, np.uint8)) for i in range(11)]
-    faces = faces_in_frames(frames, detector, **{**cfg, "detect_every": 4, "batch_size": 3})
+    faces = FaceStream(frames, detector, **{**cfg, "detect_every": 4, "batch_size": 3})
     result = list(faces)
     assert detector.detected == [0, 4, 8]  # by position in the stream, whatever the batch size
     assert detector.confirmed == list(range(1, 11))  # every frame after the first, once a track is live
@@ -216,7 +216,7 @@ def test_frames_with_nothing_to_follow_are_always_detected(cfg):
     again once its track has ended, every frame is searched, not only the scheduled ones (0 and 8)."""
     detector = StubDetector(absent={0, 1}, lost={4, 5, 6})
     frames = [Frame(i, i / 10, np.full((120, 160, 3), i, np.uint8)) for i in range(11)]
-    faces = faces_in_frames(frames, detector, **{**cfg, "detect_every": 8, "batch_size": 3, "track_max_gap": 2})
+    faces = FaceStream(frames, detector, **{**cfg, "detect_every": 8, "batch_size": 3, "track_max_gap": 2})
     result = [[f.track_id for f in ff.faces] for ff in faces]
     assert sorted(detector.detected) == [0, 1, 2, 7, 8]
     assert detector.confirmed == [3, 4, 5, 6, 8, 9, 10]
@@ -227,7 +227,7 @@ def test_tracking_between_detections_follows_a_face_moving_its_own_width_per_fra
     """Full detection on frames 0, 4 and 8 only; in between, the search windows must keep up with the face."""
     corners = [(40 + 3 * i, 10 + 48 * i) for i in range(6)]
     images = [composite(head, [corner], size=(240, 360)) for corner in corners]
-    result = list(faces_in_frames(stream(images), detector, **{**cfg, "detect_every": 4}))
+    result = list(FaceStream(stream(images), detector, **{**cfg, "detect_every": 4}))
     assert [[f.track_id for f in ff.faces] for ff in result] == [[0]] * 6
     for ff, (y, x) in zip(result, corners):
         truth = np.array([x, y, x + head.shape[1], y + head.shape[0]], dtype=float)
@@ -264,9 +264,9 @@ def test_bad_input_is_rejected(cfg, detector):
     with pytest.raises(ValueError, match="one size"):
         detector.detect([np.zeros((48, 64, 3), np.uint8), np.zeros((64, 48, 3), np.uint8)])
     with pytest.raises(ValueError, match="smooth_window"):
-        faces_in_frames([], detector, **{**cfg, "smooth_window": 0})
+        FaceStream([], detector, **{**cfg, "smooth_window": 0})
     with pytest.raises(ValueError, match="detect_every"):
-        faces_in_frames([], detector, **{**cfg, "detect_every": 0})
+        FaceStream([], detector, **{**cfg, "detect_every": 0})
     with pytest.raises(ValueError, match="degenerate"):
         align_face(np.zeros((48, 64, 3), np.uint8), np.zeros((5, 2)), **cfg)
 
@@ -279,7 +279,7 @@ def sampled_frames(path, count, stride):
 
 def test_multiface_video_gives_four_long_tracks(shared_data):
     cfg = load_config(overrides=[{"align": {"device": "cpu"}}]).align
-    faces = faces_in_frames(sampled_frames(shared_data / "multiface" / "facenet_pytorch_example.mp4", 10, 3),
+    faces = FaceStream(sampled_frames(shared_data / "multiface" / "facenet_pytorch_example.mp4", 10, 3),
                             FaceDetector(**cfg), **cfg)
     result = list(faces)
     assert len(result) == 10
@@ -289,7 +289,7 @@ def test_multiface_video_gives_four_long_tracks(shared_data):
 
 def test_wild_clip_gives_one_main_track(shared_data):
     cfg = load_config(overrides=[{"align": {"device": "cpu"}}]).align
-    faces = faces_in_frames(sampled_frames(shared_data / "wild_pairs" / "real" / "RealObama.mp4", 12, 3),
+    faces = FaceStream(sampled_frames(shared_data / "wild_pairs" / "real" / "RealObama.mp4", 12, 3),
                             FaceDetector(**cfg), **cfg)
     result = list(faces)
     assert select_tracks(faces.track_lengths, faces.track_sizes, **cfg) == {0}
@@ -300,7 +300,7 @@ def test_wild_clip_gives_one_main_track(shared_data):
 def test_smoothing_removes_most_landmark_jitter_on_a_real_clip(shared_data):
     cfg = load_config(overrides=[{"align": {"device": "cpu", "smooth_window": 3}}]).align
     frames = sampled_frames(shared_data / "reals" / "d10.mp4", 15, 3)
-    faces = [ff.faces[0] for ff in faces_in_frames(frames, FaceDetector(**cfg), **cfg)]
+    faces = [ff.faces[0] for ff in FaceStream(frames, FaceDetector(**cfg), **cfg)]
     assert len(faces) == 15
 
     def jitter(points):  # second differences: steady head motion cancels, detector noise stays

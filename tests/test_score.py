@@ -517,3 +517,13 @@ def test_the_checkpoints_rule_is_applied_with_the_parameters_it_was_chosen_with(
     assert (settings.rule, settings.rule_params["topk"], settings.rule_params["confident_high"]) == ("topk", 1, 0.7)
     chosen = load_config(overrides=[{"score": {"aggregate": "topk", "topk": 2}}])
     assert score.scoring_settings(ckpt, chosen, "best.pt").rule_params["topk"] == 2  # a rule given, its parameters
+
+
+def test_the_command_exits_1_when_a_video_could_not_be_read(root, checkpoint, tmp_path):
+    """As extract does for a failed video; a video without a face is a result (exit 0)."""
+    out = dfpipe("score-video", root / "bad" / "noface.mp4", "--checkpoint", checkpoint, "--out", tmp_path / "a.csv",
+                 "--quiet", check=False)
+    assert out.returncode == 0 and "no_face" in out.stdout
+    out = dfpipe("score-video", root / "bad", "--checkpoint", checkpoint, "--out", tmp_path / "b.csv", "--quiet",
+                 check=False)
+    assert out.returncode == 1 and "undecodable" in out.stdout and (tmp_path / "b.csv").is_file()
