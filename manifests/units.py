@@ -37,6 +37,7 @@ class StageSpec:
     row_columns: list[str]         # columns of the rows table (the first is the unit id column)
     file_columns: list[tuple[str, str]]  # (path column, sha256 column) pairs in the rows
     info_columns: list[str] = field(default_factory=list)  # per-unit summary columns of '<name>.csv'
+    rows_info: str = ""            # the info column that counts a unit's rows, if one does ('frames_written')
 
     @property
     def unit_columns(self) -> list[str]:
@@ -216,7 +217,17 @@ class Journal:
 
 # ---------------------------------------------------------------- deciding what to do
 
+def complete(spec: StageSpec, rec: Record) -> bool:
+    """A done unit has rows, as many as its info says: fewer mean a damaged or half-copied rows table, whose
+    missing rows would otherwise pass for a shorter video downstream."""
+    if not rec.rows:
+        return False
+    return not spec.rows_info or str(rec.info.get(spec.rows_info)) == str(len(rec.rows))
+
+
 def outputs_exist(ws: Workspace, spec: StageSpec, rec: Record) -> bool:
+    if not complete(spec, rec):
+        return False
     for row in rec.rows:
         for path_col, _ in spec.file_columns:
             if row.get(path_col) and not (ws.root / row[path_col]).exists():

@@ -14,8 +14,8 @@ import torch
 from torchvision.ops import box_iou
 
 from ..manifests.table import read_table
-from ..manifests.units import (StageSpec, Unit, UnitError, UnitOutput, fingerprint, load_params, load_state,
-                               run_stage)
+from ..manifests.units import (StageSpec, Unit, UnitError, UnitOutput, complete, fingerprint, load_params,
+                               load_state, run_stage)
 from ..manifests.workspace import Shard, Workspace
 from ..pipeline.workers import prefetch
 from . import extract
@@ -50,7 +50,8 @@ def plan_units(ws: Workspace, pair_aware: bool, merge: bool = True) -> list[Unit
     sampled frames is cropped with its source's tracks (payload 'source'), so its digest covers both."""
     videos = {v["video_id"]: v for v in read_table(ws.manifest("videos.csv"), extract.VIDEO_COLUMNS)
               .to_dict("records")}
-    done = {vid: rec for vid, rec in load_state(ws, extract.SPEC, merge=merge).items() if rec.status == "done"}
+    done = {vid: rec for vid, rec in load_state(ws, extract.SPEC, merge=merge).items()
+            if rec.status == "done" and complete(extract.SPEC, rec)}
     units = []
     for vid, rec in sorted(done.items()):
         rows = sorted(rec.rows, key=lambda r: int(r["frame_index"]))

@@ -21,7 +21,7 @@ SPEC = StageSpec(
     name="extract", version=1, area="frames", rows_table="frames.csv",
     row_columns=["video_id", "frame_index", "timestamp", "path", "sha256"],
     file_columns=[("path", "sha256")],
-    info_columns=["decoder", "frames_written", "frames_expected"],
+    info_columns=["decoder", "frames_written", "frames_expected"], rows_info="frames_written",
 )
 
 # a container's frame count is sometimes an estimate; fewer than this share of it means the file is cut short

@@ -250,3 +250,19 @@ def test_a_narrower_input_keeps_finished_videos_unless_pruned(tmp_path):
     assert snapshot(ws) == before
     dfpipe("extract", narrower, "--work", ws, "--quiet", "--prune")
     assert sorted(p.name for p in (ws / "frames").iterdir()) == ["real__real_0", "real__real_1"]
+
+
+def test_a_rows_table_that_lost_rows_makes_its_videos_stale(tmp_path):
+    """A damaged or half-copied frames.csv: a video whose rows are gone (or some of them) is redone, not taken for
+    a shorter video (align would then crop only the frames left, and delete the other crops)."""
+    data = make_dataset(tmp_path / "data", n_real=1, n_fake=1, frames=12)
+    ws = tmp_path / "ws"
+    dfpipe("extract", data, "--work", ws, "--stride", 2, "--quiet")
+    clean = snapshot(ws)
+    table = ws / "manifests" / "frames.csv"
+    lines = table.read_text().splitlines(keepends=True)
+    table.write_text("".join(lines[:-2]))  # the last video loses two of its six rows
+    assert dfpipe("status", "--work", ws).stdout.splitlines()[1].split()[:3] == ["extract", "1", "1"]
+    out = dfpipe("extract", data, "--work", ws, "--stride", 2, "--quiet")
+    assert "1 already done, 1 processed" in out.stdout
+    assert snapshot(ws) == clean
