@@ -109,4 +109,15 @@ def run_extract(ws: Workspace, input_path: str | Path, cfg, *, dataset: str = "a
 
 
 def status_units(ws: Workspace) -> list[Unit]:
-    return units_of(read_table(ws.manifest("videos.csv"), VIDEO_COLUMNS).to_dict("records"))
+    """As the next extract would see them: a video whose size or modification time changed since (or that is gone)
+    is stale before extract has re-hashed it."""
+    rows = read_table(ws.manifest("videos.csv"), VIDEO_COLUMNS).to_dict("records")
+    for row in (r for r in rows if r["size"]):  # no size: unreadable when discovered, judged by its record
+        try:
+            st = os.stat(row["path"])
+        except OSError:
+            row["sha256"] = ""
+            continue
+        if (str(st.st_size), str(st.st_mtime_ns)) != (row["size"], row["mtime_ns"]):
+            row["sha256"] = ""
+    return units_of(rows)

@@ -47,6 +47,9 @@ def test_extract_writes_sampled_frames_with_their_content(tmp_path):
     assert fake.label == "fake" and fake.frames == 10 and fake.width == 64 and len(fake.sha256) == 64
     status = dfpipe("status", "--work", ws).stdout
     assert status.splitlines()[1].split() == ["extract", "2", "0", "0", "0", "0"]
+    make_clip(data / "real" / "real_0.mp4", n=12, seed=5)  # replaced on disk: stale before extract re-hashes it
+    status = dfpipe("status", "--work", ws).stdout
+    assert status.splitlines()[1].split() == ["extract", "1", "1", "0", "0", "0"]
 
 
 def test_sigkill_at_random_moments_then_rerun_is_byte_identical(tmp_path):
