@@ -365,10 +365,11 @@ class VerifyReport:
     checked: int = 0
     missing: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
+    redo: list[str] = field(default_factory=list)  # units an earlier verify marked, not yet redone
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.changed
+        return not self.missing and not self.changed and not self.redo
 
 
 def verify(ws: Workspace, spec: StageSpec) -> VerifyReport:
@@ -378,6 +379,8 @@ def verify(ws: Workspace, spec: StageSpec) -> VerifyReport:
         records = load_state(ws, spec, merge=False)
         bad: dict[str, list[str]] = {}
         for unit, rec in sorted(records.items()):
+            if rec.status == "invalid":
+                report.redo.append(unit)
             if rec.status != "done":
                 continue
             for row in rec.rows:

@@ -203,10 +203,11 @@ def align(work, device, batch_size, detect_every, detect_max_side, min_face_size
 @click.option("--pretrained-hq", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Local weight file for the HQ backbone (nothing is ever downloaded).")
 @click.option("--pretrained-lq", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--quiet", is_flag=True, help="No progress bars (the per-epoch lines stay).")
 @config_options
 @command
 def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbone, lq_backbone, pretrained_hq,
-          pretrained_lq, config_file, overrides):
+          pretrained_lq, quiet, config_file, overrides):
     """Build leak-free training pairs from the workspace and train the dual-stream detector.
 
     Runs on CPU or CUDA, single process or `torchrun --nproc_per_node N -m dfpipe.pipeline.cli train ...`.
@@ -218,7 +219,7 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
         "train.epochs": epochs, "train.batch_size": batch_size, "train.workers": workers, "train.device": device,
         "model.hq_backbone": hq_backbone, "model.lq_backbone": lq_backbone, "model.pretrained_hq": pretrained_hq,
         "model.pretrained_lq": pretrained_lq})
-    result = run_train(work, run_dir, cfg, resume=resume)
+    result = run_train(work, run_dir, cfg, resume=resume, progress=not quiet)
     if result:
         click.echo("train: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in result.items() if not isinstance(v, dict)))
@@ -328,8 +329,9 @@ def verify(work):
     bad = False
     for name, spec, _ in _stages():
         report = verify_stage(ws, spec)
+        redo = f", {len(report.redo)} video(s) still to redo (run `dfpipe {name}`)" if report.redo else ""
         click.echo(f"{name}: {report.checked} files checked, {len(report.missing)} missing, "
-                   f"{len(report.changed)} changed")
+                   f"{len(report.changed)} changed{redo}")
         for rel in report.missing[:20]:
             click.echo(f"  missing {rel}")
         for rel in report.changed[:20]:

@@ -145,7 +145,7 @@ def write_plots(y_true, y_score, *, threshold: float, out_dir: str | Path) -> li
 
     Figures are built with matplotlib's object API (Agg canvas, no pyplot), so training workers and
     headless servers never touch a display or pyplot's global figure list. A single-class split still
-    gets all four files; sklearn draws its undefined curves empty.
+    gets all four files; its undefined ROC and PR curves say so instead of sklearn's warnings and empty axes.
     """
     from matplotlib.figure import Figure  # on first use, like sklearn (see _metrics)
     y, s = _binary_inputs(y_true, y_score, "write_plots", probabilities=True)
@@ -154,7 +154,11 @@ def write_plots(y_true, y_score, *, threshold: float, out_dir: str | Path) -> li
     paths = []
     for name, draw in _PLOTS.items():
         fig = Figure(figsize=(5, 4), dpi=100)
-        draw(fig.add_subplot(), y, s, threshold)
+        ax = fig.add_subplot()
+        if draw in (_roc, _precision_recall) and len(np.unique(y)) < 2:
+            ax.text(0.5, 0.5, "undefined: the labels are all of one class", ha="center", va="center")
+        else:
+            draw(ax, y, s, threshold)
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path, format="png")

@@ -554,10 +554,19 @@ def _reusable(row: dict, key: str, digest: str, model_digest: str) -> bool:
             and row.get("status") != "error" and row.get("file") == _file_key(row["path"]))
 
 
+def _why_rescored(row: dict, digest: str, model_digest: str) -> str:
+    if (row.get("settings"), row.get("model_digest")) != (digest, model_digest):
+        return "were scored with another checkpoint or other settings"
+    if row.get("file") != _file_key(row["path"]):
+        return "changed on disk since they were scored"
+    return "ended in an error last time"
+
+
 def load_finished(jsonl: Path, paths: set[str], scoring: Scoring,
-                  model_digest: str) -> tuple[dict[str, dict], int, int]:
-    """Rows an earlier run (or a shard) finished with these settings, how many of `paths` had rows with others
-    (to rescore), and how many of those were re-decided from their stored clip scores instead (see `decide`).
+                  model_digest: str) -> tuple[dict[str, dict], Counter, int]:
+    """Rows an earlier run (or a shard) finished with these settings, why the other videos of `paths` that have a
+    row are scored again (reason -> videos), and how many were re-decided from their stored clip scores instead
+    (see `decide`).
 
     Our own JSON lines are compacted (for `paths`: only reusable rows; stale settings, errors and a torn line go)
     and receive the reusable rows of the sibling files (the shards' and the unsharded run's), so after a merge run
@@ -571,7 +580,8 @@ def load_finished(jsonl: Path, paths: set[str], scoring: Scoring,
     other = [r for p in siblings for r in _read_jsonl(p) if r["path"] in paths]
     digest, clips_digest = scoring.digest(), scoring.clips_digest()
     done: dict[str, dict] = {}
-    stale, redecided = set(), set()
+    stale: dict[str, dict] = {}
+    redecided = set()
     for row in other + own:
         if _reusable(row, "settings", digest, model_digest):
             done[row["path"]] = row
@@ -579,13 +589,14 @@ def load_finished(jsonl: Path, paths: set[str], scoring: Scoring,
         elif row["path"] in paths and _reusable(row, "clips_settings", clips_digest, model_digest):
             done[row["path"]] = {**decide(row, scoring), "settings": digest}
             redecided.add(row["path"])
-        elif row["path"] in paths and (row.get("settings"), row.get("model_digest")) != (digest, model_digest):
-            stale.add(row["path"])
+        elif row["path"] in paths:
+            stale[row["path"]] = row
     others = {r["path"]: r for r in own if r["path"] not in paths}
     data = _jsonl_bytes(sorted({**others, **done}.values(), key=lambda r: r["path"]))
     if not jsonl.is_file() or jsonl.read_bytes() != data:  # written even when empty: a shard may own no video
         atomic_write_bytes(jsonl, data)
-    return done, len(stale - set(done)), len(redecided)
+    why = Counter(_why_rescored(row, digest, model_digest) for path, row in stale.items() if path not in done)
+    return done, why, len(redecided)
 
 
 def _append(f, row: dict) -> None:
@@ -652,7 +663,7 @@ class ScoreSummary:
     counts: Counter            # status -> videos of this call (this shard's)
     scored: int                # videos scored by this run
     reused: int                # videos taken from an earlier run's rows
-    rescored: int              # videos whose earlier rows had another checkpoint or other settings
+    rescored: int              # videos with an earlier row that could not be reused (see `_why_rescored`)
     metrics: dict | None       # see `evaluate`; None without labels
     csv: Path
     jsonl: Path
@@ -662,7 +673,11 @@ class ScoreSummary:
         text = (f"score-video: {sum(self.counts.values())} videos ({self.scored} scored, {self.reused} already "
                 f"done): {statuses}")
         if self.metrics and self.metrics["video"]:
-            text += f"; AUC {self.metrics['video']['auc']:.4f} (videos), {self.metrics['frame']['auc']:.4f} (frames)"
+            video, frame = self.metrics["video"]["auc"], self.metrics["frame"]["auc"]
+            if math.isnan(video) and math.isnan(frame):
+                text += "; no AUC (the scored labelled videos are all of one class)"
+            else:
+                text += f"; AUC {video:.4f} (videos), {frame:.4f} (frames)"
         return f"{text} -> {self.csv}"
 
 
@@ -689,9 +704,8 @@ def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str 
     if redecided:
         tqdm.write(f"score-video: {redecided} video(s) re-decided from their stored clip scores (only the "
                    "aggregation, threshold or fallback changed)")
-    if rescored:
-        tqdm.write(f"score-video: {rescored} video(s) were scored with another checkpoint or other settings; "
-                   "rescoring them")
+    for reason, n in sorted(rescored.items()):
+        tqdm.write(f"score-video: {n} video(s) {reason}; scoring them again")
     if todo:
         device = resolve_device(cfg.score.device)
         predict = ClipModel(model_from_checkpoint(ckpt, device), device=device, dtype=amp_dtype(scoring.amp, device),
@@ -713,5 +727,5 @@ def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str 
     metrics = evaluate(rows, truth, scoring.threshold)
     if shard.count == 1:
         write_evaluation(rows, truth, metrics, scoring.threshold, csv_path)
-    return ScoreSummary(Counter(r["status"] for r in rows), len(todo), len(videos) - len(todo), rescored, metrics,
-                        csv_path, jsonl)
+    return ScoreSummary(Counter(r["status"] for r in rows), len(todo), len(videos) - len(todo),
+                        sum(rescored.values()), metrics, csv_path, jsonl)

@@ -45,7 +45,7 @@ from ..models.dual_stream import DualStreamNet
 from ..pipeline import __version__
 from . import align as align_stage
 from . import pairs as pairs_mod
-from .aggregate import RULE_KEYS, choose_rule
+from .aggregate import RULE_KEYS, choose_rule, video_score
 from .dataset import BalancedSampler, SequenceDataset, collate_clips
 from .evaluate import binary_metrics, fit_temperature, fit_threshold
 from .faces import resolve_device
@@ -391,7 +391,7 @@ def write_run_files(run_dir: Path, cfg, digest: str, ctx: Ranks, resume: bool) -
 # ---------------------------------------------------------------- one epoch
 
 def train_one_epoch(net, loader, optimizer, scheduler, scaler, criterion, *, ctx: Ranks, dtype, steps: int,
-                    accumulate: int, grad_clip: float, desc: str) -> dict:
+                    accumulate: int, grad_clip: float, desc: str, progress: bool) -> dict:
     """One pass of ``steps`` batches; the optimiser steps every ``accumulate`` batches (and at the end).
 
     Returns the mean loss and accuracy over all ranks' clips, their number, and the learning rates of the last
@@ -402,7 +402,7 @@ def train_one_epoch(net, loader, optimizer, scheduler, scaler, criterion, *, ctx
     has_grad = False
     last = None
     lrs = [g["lr"] for g in optimizer.param_groups]
-    bar = tqdm(islice(loader, steps), total=steps, desc=desc, unit="batch", leave=False, disable=not ctx.main)
+    bar = tqdm(islice(loader, steps), total=steps, desc=desc, unit="batch", leave=False, disable=not progress)
     for i, batch in enumerate(bar):
         update = (i + 1) % accumulate == 0 or i + 1 == steps
         weight = 1.0
@@ -446,11 +446,11 @@ def train_one_epoch(net, loader, optimizer, scheduler, scaler, criterion, *, ctx
 
 
 @torch.no_grad()
-def predict(model: DualStreamNet, loader: DataLoader, *, ctx: Ranks, dtype) -> pd.DataFrame:
+def predict(model: DualStreamNet, loader: DataLoader, *, ctx: Ranks, dtype, progress: bool) -> pd.DataFrame:
     """Logit of every val clip of every rank, one row per clip, in a fixed order (video, track, start)."""
     model.eval()
     rows = []
-    for batch in tqdm(loader, desc="val", unit="batch", leave=False, disable=not ctx.main):
+    for batch in tqdm(loader, desc="val", unit="batch", leave=False, disable=not progress):
         if batch is None:
             continue
         hq, lq, y = batch_inputs(batch, ctx.device)
@@ -473,15 +473,17 @@ def val_metrics(pred: pd.DataFrame) -> dict:
 
 
 def calibrate(pred: pd.DataFrame, score_cfg) -> dict:
-    """Temperature for honest probabilities, the balanced-accuracy threshold on them, and the clip -> video rule
-    that best fits the val videos: what score-video applies to turn clip logits into a decision."""
+    """Temperature for honest clip probabilities, the clip -> video rule that best fits the val videos, and the
+    balanced-accuracy threshold on the video scores that rule gives: what score-video applies to turn clip logits
+    into a decision. The threshold is fitted on video scores, not clip probabilities, because it is applied to
+    them, and the max over tracks and rules such as topk push video scores above their clips'."""
     temperature = fit_temperature(pred.logit, pred.label)
     pred = pred.assign(prob=torch.sigmoid(torch.tensor(pred.logit.to_numpy()) / temperature).numpy())
-    threshold = fit_threshold(pred.label, pred.prob)
     videos = [{int(t): g.prob.tolist() for t, g in clips.groupby("track_id")} for _, clips in pred.groupby("video_id")]
     labels = pred.groupby("video_id").label.first().tolist()
     params = {k: score_cfg[k] for k in RULE_KEYS}
     rule = choose_rule(videos, labels, **params)
+    threshold = fit_threshold(labels, [video_score(tracks, rule, **params)[0] for tracks in videos])
     return {"temperature": temperature, "threshold": threshold, "aggregate": rule, "rule_params": params}
 
 
@@ -506,19 +508,19 @@ def tensorboard(run_dir: Path, ctx: Ranks):
 
 # ---------------------------------------------------------------- the run
 
-def run_train(ws_root: str | Path, run_dir: str | Path, cfg, *, resume: bool) -> dict:
+def run_train(ws_root: str | Path, run_dir: str | Path, cfg, *, resume: bool, progress: bool = True) -> dict:
     """Train, checkpoint and calibrate; returns the best epoch, its val metrics and the calibration (on rank 0;
     the other ranks of a DDP run return an empty dict, so the caller prints one summary)."""
     ctx = init_distributed(cfg.train.device)
     try:
         with deterministic_mode(cfg.train.deterministic):
-            return _run(Workspace(ws_root), Path(run_dir), cfg, resume, ctx)
+            return _run(Workspace(ws_root), Path(run_dir), cfg, resume, ctx, bars=progress and ctx.main)
     finally:
         if ctx.world > 1:
             dist.destroy_process_group()
 
 
-def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks) -> dict:
+def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool) -> dict:
     t = cfg.train
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if t.epochs < 1:
@@ -605,9 +607,9 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks) -> dict:
         started = time.perf_counter()
         train = train_one_epoch(net, train_loader, optimizer, scheduler if per_update else None, scaler, criterion,
                                 ctx=ctx, dtype=dtype, steps=steps, accumulate=t.accumulate, grad_clip=t.grad_clip,
-                                desc=f"epoch {epoch + 1}/{t.epochs}" + (" (frozen)" if frozen else ""))
+                                desc=f"epoch {epoch + 1}/{t.epochs}" + (" (frozen)" if frozen else ""), progress=bars)
         seconds = time.perf_counter() - started
-        val = val_metrics(predict(model, val_loader, ctx=ctx, dtype=dtype))
+        val = val_metrics(predict(model, val_loader, ctx=ctx, dtype=dtype, progress=bars))
         lrs = train["lr"]
         if not per_update:
             scheduler.step(val["loss"])
@@ -652,7 +654,7 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks) -> dict:
         raise TrainError(f"{run_dir}: no epoch reached a finite val loss, so there is no best.pt to calibrate")
     best = load_checkpoint(best_path)
     model.load_state_dict(best["model"])
-    pred = predict(model, val_loader, ctx=ctx, dtype=dtype)
+    pred = predict(model, val_loader, ctx=ctx, dtype=dtype, progress=bars)
     calibration = calibrate(pred, cfg.score)
     if ctx.main:
         save_checkpoint(best_path, {**best, "calibration": calibration})

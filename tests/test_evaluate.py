@@ -138,6 +138,15 @@ def test_write_plots(tmp_path):
         assert len(np.unique(image[..., :3].reshape(-1, 3), axis=0)) > 20
 
 
+def test_single_class_plots_are_written_without_warnings(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = write_plots([1, 1, 1], [0.2, 0.6, 0.9], threshold=0.5, out_dir=tmp_path / "plots")
+    assert sorted(p.name for p in paths) == ["confusion.png", "hist.png", "pr.png", "roc.png"]
+    for path in paths:  # the undefined curves carry their note: not a blank canvas
+        assert imread(path)[..., :3].std() > 0.01
+
+
 def test_confusion_plot_counts_at_the_threshold(tmp_path):
     # both thresholds print as 0.500, but the fake scored exactly 0.5 changes cell between them
     y, s = _separable_scores()

@@ -115,6 +115,8 @@ def test_verify_detects_deleted_and_modified_frames_and_rerun_repairs(tmp_path):
     out = dfpipe("verify", "--work", ws, check=False)
     assert out.returncode == 1
     assert f"missing {frames.path[0]}" in out.stdout and f"changed {frames.path[len(frames) - 1]}" in out.stdout
+    out = dfpipe("verify", "--work", ws, check=False)
+    assert out.returncode == 1 and "2 video(s) still to redo (run `dfpipe extract`)" in out.stdout
     out = dfpipe("extract", data, "--work", ws, "--quiet")
     assert "2 processed" in out.stdout
     assert snapshot(ws) == good

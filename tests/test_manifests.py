@@ -96,6 +96,8 @@ def test_verify_marks_missing_and_changed_files_and_rerun_repairs(tmp_path):
     report = verify(ws, SPEC)
     assert report.missing == ["out/a/1.txt"] and report.changed == ["out/b/2.txt"] and report.checked == 9
     assert count_states(ws, SPEC, {}, units("a", "b", "c")) == {"stale": 2, "done": 1}
+    again = verify(ws, SPEC)  # the marked units are still broken until the stage reruns
+    assert not again.ok and again.redo == ["a", "b"] and again.missing == again.changed == []
     run_stage(ws, SPEC, {}, units("a", "b", "c"), make_work(calls), progress=False)
     assert sorted(calls[3:]) == ["a", "b"]
     assert (ws.root / "out/b/2.txt").read_text() == "b:d0:2"

@@ -238,6 +238,25 @@ def test_rerun_skips_finished_videos_and_changed_settings_rescore(root, checkpoi
     assert (back.scored, back.reused, back.rescored) == (1, 6, 1) and len(model_calls) == 2
 
 
+def test_errors_and_changed_videos_are_scored_again_and_each_reason_reported(root, checkpoint, scored, model_calls,
+                                                                            tmp_path, capsys):
+    shutil.copytree(root / "out", tmp_path / "out")
+    rows = [json.loads(line) for line in (tmp_path / "out/scores.jsonl").read_text().splitlines()]
+    ok = [r for r in rows if r["status"] == "ok"]
+    ok[0].update(status="error", reason="RuntimeError: out of memory")
+    ok[1]["file"] = "another size and time"
+    (tmp_path / "out/scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    again = run(checkpoint, [root / "data", root / "bad"], tmp_path / "out/scores.csv")
+    out = capsys.readouterr().out
+    assert "1 video(s) ended in an error last time; scoring them again" in out
+    assert "1 video(s) changed on disk since they were scored; scoring them again" in out
+    assert "other settings" not in out
+    assert (again.scored, again.reused, again.rescored) == (2, 5, 2) and len(model_calls) == 2
+    fixed = jsonl(again.jsonl)
+    assert fixed[ok[0]["path"]]["status"] == "ok" and fixed[ok[1]["path"]]["file"] != "another size and time"
+
+
 def test_an_output_below_a_file_is_a_one_line_error(root, checkpoint, tmp_path):
     (tmp_path / "taken.csv").write_text("x\n")
     with pytest.raises(score.ScoreError, match=r"taken.csv/scores.csv: cannot create its folder \(File exists"):
@@ -262,6 +281,16 @@ def test_labels_that_match_no_video_are_reported(root, checkpoint, tmp_path, cap
     summary = run(checkpoint, [root / "bad"], tmp_path / "scores.csv", labels=str(tmp_path / "labels.csv"))
     assert summary.metrics is None
     assert f"{tmp_path / 'labels.csv'} labels none of the 3 videos" in capsys.readouterr().out
+
+
+def test_labels_of_one_class_give_no_auc_and_null_in_metrics(root, checkpoint, scored, model_calls, tmp_path):
+    shutil.copytree(root / "out", tmp_path / "out")
+    (tmp_path / "labels.csv").write_text("path,label\nreal_000.mp4,real\nreal_001.mp4,real\n")
+    summary = run(checkpoint, [root / "data"], tmp_path / "out/scores.csv", labels=str(tmp_path / "labels.csv"))
+    assert model_calls == [] and summary.metrics["video"]["n"] == 2
+    assert "no AUC (the scored labelled videos are all of one class)" in summary.line() and "nan" not in summary.line()
+    metrics = json.loads((tmp_path / "out/scores_metrics.json").read_text())
+    assert metrics["video"]["auc"] is None and metrics["frame"]["auc"] is None and metrics["video"]["accuracy"] >= 0
 
 
 def test_a_new_rule_or_threshold_is_decided_from_the_stored_clip_scores(root, checkpoint, scored, model_calls,

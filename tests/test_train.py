@@ -30,10 +30,11 @@ from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import align, extract
 from dfpipe.stages import pairs as pairs_mod
-from dfpipe.stages.aggregate import RULE_KEYS, RULES
+from dfpipe.stages.aggregate import RULE_KEYS, RULES, video_score
 from dfpipe.stages.dataset import SequenceDataset, collate_clips
-from dfpipe.stages.train import (METRIC_COLUMNS, TrainError, amp_dtype, batch_inputs, faces_table, load_checkpoint,
-                                 make_criterion, make_scheduler, model_from_checkpoint, run_train)
+from dfpipe.stages.evaluate import binary_metrics, fit_threshold
+from dfpipe.stages.train import (METRIC_COLUMNS, TrainError, amp_dtype, batch_inputs, calibrate, faces_table,
+                                 load_checkpoint, make_criterion, make_scheduler, model_from_checkpoint, run_train)
 
 TINY = "test_efficientnet"
 HQ, LQ = 64, 32
@@ -190,8 +191,32 @@ def test_model_from_checkpoint_reproduces_the_best_val_loss_and_decisions(traine
     loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["label"]).item()
     assert loss == pytest.approx(summary["best_val_loss"], rel=1e-2)
     calibration = ckpt["calibration"]
-    probs = torch.sigmoid(logits / calibration["temperature"])
-    assert ((probs >= calibration["threshold"]) == batch["label"].bool()).float().mean() >= 0.9
+    probs = torch.sigmoid(logits / calibration["temperature"]).tolist()
+    videos: dict[str, dict[int, list[float]]] = {}
+    for video, track, prob in zip(batch["video_id"], batch["track_id"].tolist(), probs):
+        videos.setdefault(video, {}).setdefault(track, []).append(prob)
+    decided = {v: video_score(tracks, calibration["aggregate"], **calibration["rule_params"])[0]
+               >= calibration["threshold"] for v, tracks in videos.items()}
+    assert decided == {v: v.startswith("fake") for v in VAL}
+
+
+def test_the_threshold_is_fitted_on_the_video_scores_it_is_applied_to():
+    """Three tracks of four clips per video, scored by the max over tracks: video scores sit above their clips',
+    so a threshold fitted on clips calls real videos fake."""
+    rng = np.random.default_rng(0)
+    rows = [{"video_id": f"v{v:03d}", "track_id": t, "start": c, "label": v % 2,
+             "logit": rng.normal(0.8 if v % 2 else -0.8, 1.5)} for v in range(200) for t in range(3) for c in range(4)]
+    pred = pd.DataFrame(rows)
+    cal = calibrate(pred, load_config().score)
+    probs = torch.sigmoid(torch.tensor(pred.logit.to_numpy()) / cal["temperature"]).numpy()
+    scores = [video_score({t: probs[g.index].tolist() for t, g in clips.groupby("track_id")}, cal["aggregate"],
+                          **cal["rule_params"])[0] for _, clips in pred.groupby("video_id")]
+    labels = pred.groupby("video_id").label.first().to_numpy()
+
+    def balanced(threshold):
+        return binary_metrics(labels, scores, threshold=threshold)["balanced_accuracy"]
+    assert cal["threshold"] == fit_threshold(labels, scores)
+    assert balanced(cal["threshold"]) > balanced(fit_threshold(pred.label, probs)) + 0.05
 
 
 def test_killed_and_resumed_run_reproduces_the_uninterrupted_metrics(trained, workspace, tmp_path):
