@@ -235,9 +235,9 @@ def load_config(path: str | Path | None = None, overrides: list[Mapping] | None 
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(user, Mapping):
             raise ConfigError(f"{path}: a config file must be a mapping of sections")
-        try:
+        try:  # per-value rules name the file; rules across values wait for the overrides that may complete it
             _merge(cfg, user, "")
-            _validate(cfg, defaults)
+            _check_values(cfg, defaults)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
     for update in overrides or []:

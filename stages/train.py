@@ -54,8 +54,8 @@ log = logging.getLogger(__name__)
 
 VIDEO_COLUMNS = ["video_id", "label", "source_id", "group", "split", "dataset", "method"]
 FACE_COLUMNS = ["video_id", "frame_index", "status", "track_id", "hq_path", "lq_path", "hq_sha256", "lq_sha256"]
-METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_accuracy", "val_auc", "val_ap",
-                  "val_precision", "val_recall", "val_f1", "val_eer", "lr_backbone", "lr_head"]
+VAL_METRICS = ("loss", "accuracy", "auc", "ap", "precision", "recall", "f1", "eer")
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", *(f"val_{k}" for k in VAL_METRICS), "lr_backbone", "lr_head"]
 LABELS = {"real": 0, "fake": 1}
 
 
@@ -106,6 +106,15 @@ def from_main(obj, ctx: Ranks):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def sync_buffers(model: torch.nn.Module, ctx: Ranks) -> None:
+    """Rank 0's BatchNorm statistics on every rank. DDP broadcasts buffers at the start of each training forward,
+    so after the epoch's last step every rank's have moved on its own batch: validation must score every rank's
+    share with the model rank 0 saves."""
+    if ctx.world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 # ---------------------------------------------------------------- data
@@ -265,20 +274,22 @@ def deterministic_mode(enabled: bool):
 
 # ---------------------------------------------------------------- checkpoints
 
-def rng_state() -> dict:
-    """torch, CUDA, numpy and python RNG states as tensors and plain lists (weights_only-loadable)."""
+def rng_state(device: torch.device) -> dict:
+    """torch, CUDA, numpy and python RNG states as tensors and plain lists (weights_only-loadable). CUDA: only
+    this rank's GPU, so a run resumes on a machine with fewer GPUs."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
             "python": [version, list(internal), gauss_next]}
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and device.type == "cuda":  # earlier last.pt files hold every visible GPU's state
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state(cuda[min(device.index or 0, len(cuda) - 1)], device)
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, internal, gauss_next = state["python"]
@@ -420,7 +431,8 @@ def train_one_epoch(net, loader, optimizer, scheduler, scaler, criterion, *, ctx
                 with torch.autocast(ctx.device.type, dtype=dtype, enabled=dtype is not None):
                     logits = net(hq, lq).float()
                 loss = criterion(logits, y)
-                scaler.scale(loss * weight / accumulate).backward()
+                group = min(accumulate, steps - i // accumulate * accumulate)  # the epoch's last may be short
+                scaler.scale(loss * weight / group).backward()
             has_grad = True
             if weight:
                 loss_sum += loss.item() * len(y)
@@ -466,7 +478,11 @@ def predict(model: DualStreamNet, loader: DataLoader, *, ctx: Ranks, dtype, prog
 
 
 def val_metrics(pred: pd.DataFrame) -> dict:
+    """NaN for an epoch whose val logits diverged (possible under fp16): early stopping counts it as no
+    improvement and the run goes on from the best epoch, rather than ending in an error."""
     logits = torch.tensor(pred.logit.to_numpy())
+    if not torch.isfinite(logits).all():
+        return dict.fromkeys(VAL_METRICS, math.nan)
     labels = torch.tensor(pred.label.to_numpy(), dtype=torch.float64)
     metrics = binary_metrics(pred.label, torch.sigmoid(logits).numpy(), threshold=0.5)
     return {"loss": F.binary_cross_entropy_with_logits(logits, labels).item(), **metrics}
@@ -576,7 +592,7 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
             scaler.load_state_dict(ckpt["scaler"])
         early, history, start_epoch = ckpt["early_stop"], ckpt["history"], ckpt["epoch"]
         if len(ckpt["rng"]) == ctx.world:
-            set_rng_state(ckpt["rng"][ctx.rank])
+            set_rng_state(ckpt["rng"][ctx.rank], ctx.device)
         else:
             log.warning("%s: saved by %d ranks, resumed on %d: RNG streams restart", last_path, len(ckpt["rng"]),
                         ctx.world)
@@ -609,6 +625,7 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
                                 ctx=ctx, dtype=dtype, steps=steps, accumulate=t.accumulate, grad_clip=t.grad_clip,
                                 desc=f"epoch {epoch + 1}/{t.epochs}" + (" (frozen)" if frozen else ""), progress=bars)
         seconds = time.perf_counter() - started
+        sync_buffers(model, ctx)
         val = val_metrics(predict(model, val_loader, ctx=ctx, dtype=dtype, progress=bars))
         lrs = train["lr"]
         if not per_update:
@@ -619,10 +636,9 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
         else:
             early["bad_epochs"] += 1
         history.append({"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"],
-                        **{f"val_{k}": val[k] for k in ("loss", "accuracy", "auc", "ap", "precision", "recall", "f1",
-                                                        "eer")},
+                        **{f"val_{k}": val[k] for k in VAL_METRICS},
                         "lr_backbone": lrs[0], "lr_head": lrs[1]})
-        rngs = gather(rng_state(), ctx)
+        rngs = gather(rng_state(ctx.device), ctx)
         if ctx.main:
             write_table(run_dir / "metrics.csv", history, METRIC_COLUMNS)
             if writer is not None:

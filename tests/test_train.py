@@ -34,7 +34,8 @@ from dfpipe.stages.aggregate import RULE_KEYS, RULES, video_score
 from dfpipe.stages.dataset import SequenceDataset, collate_clips
 from dfpipe.stages.evaluate import binary_metrics, fit_threshold
 from dfpipe.stages.train import (METRIC_COLUMNS, TrainError, amp_dtype, batch_inputs, calibrate, faces_table,
-                                 load_checkpoint, make_criterion, make_scheduler, model_from_checkpoint, run_train)
+                                 load_checkpoint, make_criterion, make_scheduler, model_from_checkpoint, Ranks,
+                                 run_train, train_one_epoch, val_metrics, VAL_METRICS)
 
 TINY = "test_efficientnet"
 HQ, LQ = 64, 32
@@ -198,6 +199,14 @@ def test_model_from_checkpoint_reproduces_the_best_val_loss_and_decisions(traine
     decided = {v: video_score(tracks, calibration["aggregate"], **calibration["rule_params"])[0]
                >= calibration["threshold"] for v, tracks in videos.items()}
     assert decided == {v: v.startswith("fake") for v in VAL}
+
+
+def test_a_diverged_val_epoch_gives_nan_metrics_not_an_error():
+    ok = val_metrics(pd.DataFrame({"logit": [-2.0, 1.0, -1.0, 0.5], "label": [0, 1, 0, 1]}))
+    assert ok["auc"] == 1.0 and ok["loss"] < 0.5
+    diverged = val_metrics(pd.DataFrame({"logit": [math.nan, 1.0, -1.0, 0.5], "label": [0, 1, 0, 1]}))
+    assert set(diverged) == set(VAL_METRICS) and all(math.isnan(v) for v in diverged.values())
+    assert not diverged["loss"] < math.inf  # early stopping: not an improvement
 
 
 def test_the_threshold_is_fitted_on_the_video_scores_it_is_applied_to():
@@ -387,7 +396,7 @@ def test_two_process_ddp_run_writes_one_checkpoint_set(workspace, tmp_path):
 DDP_UNREADABLE_BATCH = """
 import datetime, sys, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from dfpipe.stages.train import Ranks, train_one_epoch
+from dfpipe.stages.train import Ranks, sync_buffers, train_one_epoch
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=45))
 rank = dist.get_rank()
 torch.manual_seed(0)
@@ -395,7 +404,10 @@ class Toy(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = torch.nn.Linear(3, 1)
+        self.register_buffer("seen", torch.zeros(()))  # moves with each rank's own batches, like BatchNorm's stats
     def forward(self, hq, lq):
+        if self.training:
+            self.seen += hq.sum()
         return self.fc(hq.mean(dim=(1, 3, 4)) + lq.mean(dim=(1, 3, 4))).squeeze(1)
 def batch(seed):
     g = torch.Generator().manual_seed(seed)
@@ -406,12 +418,20 @@ loader = [batch(rank), batch(10) if rank == 0 else None]  # rank 1 could read no
 optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
 stats = train_one_epoch(net, loader, optimizer, None, torch.amp.GradScaler("cpu", enabled=False),
                         torch.nn.BCEWithLogitsLoss(), ctx=Ranks(rank, 2, torch.device("cpu")), dtype=None, steps=2,
-                        accumulate=1, grad_clip=None, desc="t")
-weights = torch.cat([p.detach().flatten() for p in net.parameters()])
-both = [torch.zeros_like(weights) for _ in range(2)]
-dist.all_gather(both, weights)
+                        accumulate=1, grad_clip=None, desc="t", progress=False)
+def same(tensor):
+    both = [torch.zeros_like(tensor) for _ in range(2)]
+    dist.all_gather(both, tensor)
+    return torch.equal(*both)
+weights = same(torch.cat([p.detach().flatten() for p in net.parameters()]))
+drifted = not same(net.module.seen.clone())
+sync_buffers(net.module, Ranks(rank, 2, torch.device("cpu")))
 if rank == 0:
-    print("clips", stats["clips"], "same weights", torch.equal(*both), flush=True)
+    print("clips", stats["clips"], "same weights", weights, flush=True)
+    print("buffers drifted", drifted, flush=True)
+synced = same(net.module.seen.clone())
+if rank == 0:
+    print("buffers synced", synced, flush=True)
 del net, optimizer  # as in run_train: the DDP model goes before its process group
 dist.barrier()
 dist.destroy_process_group()
@@ -428,6 +448,38 @@ def test_ddp_rank_without_a_readable_batch_still_joins_the_update(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "clips 6 same weights True" in done.stdout  # the stand-in batch adds no clip to the stats
+    # validation scores every rank's share with rank 0's BatchNorm statistics, those of the saved model
+    assert "buffers drifted True" in done.stdout and "buffers synced True" in done.stdout
+
+
+def test_the_epochs_last_short_accumulation_group_is_not_scaled_down():
+    """Three batches, two per update: the third is an update of its own, with its full gradient."""
+    torch.manual_seed(0)
+    batches = [{"hq": torch.rand(2, 2, 3, 4, 4), "lq": torch.rand(2, 2, 3, 2, 2), "label": torch.tensor([0.0, 1.0])}
+               for _ in range(3)]
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 1)
+
+        def forward(self, hq, lq):
+            return self.fc(hq.mean(dim=(1, 3, 4)) + lq.mean(dim=(1, 3, 4))).squeeze(1)
+    net, criterion = Toy(), torch.nn.BCEWithLogitsLoss()
+    manual = Toy()
+    manual.load_state_dict(net.state_dict())
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.5)
+    train_one_epoch(net, batches, optimizer, None, torch.amp.GradScaler("cpu", enabled=False), criterion,
+                    ctx=Ranks(0, 1, torch.device("cpu")), dtype=None, steps=3, accumulate=2, grad_clip=None, desc="t",
+                    progress=False)
+    reference = torch.optim.SGD(manual.parameters(), lr=0.5)
+    for group in (batches[:2], batches[2:]):
+        reference.zero_grad()
+        for b in group:
+            (criterion(manual(b["hq"], b["lq"]), b["label"]) / len(group)).backward()
+        reference.step()
+    for mine, theirs in zip(net.parameters(), manual.parameters()):
+        torch.testing.assert_close(mine, theirs)
 
 
 def test_amp_auto_uses_bf16_only_on_cpus_that_have_it(monkeypatch):
