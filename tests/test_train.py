@@ -30,6 +30,7 @@ from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import align, extract
 from dfpipe.stages import pairs as pairs_mod
+from dfpipe.stages import train as train_mod
 from dfpipe.stages.aggregate import RULE_KEYS, RULES, video_score
 from dfpipe.stages.dataset import SequenceDataset, collate_clips
 from dfpipe.stages.evaluate import binary_metrics, fit_threshold
@@ -492,3 +493,19 @@ def test_amp_auto_uses_bf16_only_on_cpus_that_have_it(monkeypatch):
         assert amp_dtype("auto", cpu) == want
     with pytest.raises(TrainError, match="neither auto nor off"):
         amp_dtype("fp8", cpu)
+
+
+def test_cuda_rng_state_is_this_ranks_gpu_only(monkeypatch):
+    """Saving every visible GPU's state made a resume on a machine with fewer GPUs fail (no GPU here: the CUDA RNG
+    calls are stood in for)."""
+    saved, restored = {}, []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: saved.setdefault(device, torch.tensor([7])))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state saved"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state.item(), device)))
+    state = train_mod.rng_state(torch.device("cuda", 3))
+    assert state["cuda"] == [torch.tensor([7])] and list(saved) == [torch.device("cuda", 3)]
+    train_mod.set_rng_state(state, torch.device("cuda", 0))  # resumed on a one-GPU machine
+    older = {**state, "cuda": [torch.tensor([k]) for k in range(8)]}  # last.pt files before: every GPU's
+    train_mod.set_rng_state(older, torch.device("cuda", 5))
+    assert restored == [(7, torch.device("cuda", 0)), (5, torch.device("cuda", 5))]
+    assert train_mod.rng_state(torch.device("cpu"))["cuda"] == []
