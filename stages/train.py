@@ -302,6 +302,19 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng")  # in last.pt only: best.pt is what scoring needs
+
+
+def restore_best(last: dict, best_path: Path) -> None:
+    """A run killed between writing last.pt and best.pt of an improved epoch resumes with a best.pt of an older
+    epoch than its history names as best: last.pt holds that epoch's weights, so best.pt is written from it."""
+    if last["early_stop"]["best_epoch"] != last["epoch"]:
+        return
+    if best_path.is_file() and load_checkpoint(best_path)["epoch"] == last["epoch"]:
+        return
+    save_checkpoint(best_path, {k: v for k, v in last.items() if k not in RESUME_ONLY})
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint written by ``run_train``, on the CPU; loading never executes pickled code. Memory-mapped, so
     only the tensors used are read (a last.pt also holds the optimizer state, twice the model's size), and the
@@ -591,6 +604,8 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
         if scaler.is_enabled() and ckpt["scaler"]:  # a run resumed on another device may change precision
             scaler.load_state_dict(ckpt["scaler"])
         early, history, start_epoch = ckpt["early_stop"], ckpt["history"], ckpt["epoch"]
+        if ctx.main:
+            restore_best(ckpt, best_path)
         if len(ckpt["rng"]) == ctx.world:
             set_rng_state(ckpt["rng"][ctx.rank], ctx.device)
         else:
@@ -648,10 +663,10 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
                 writer.flush()
             state = {**meta, "model": model.state_dict(), "epoch": epoch + 1, "early_stop": dict(early),
                      "history": history}
-            if improved:  # what scoring needs; the optimizer's state, twice the model's size, only resuming does
-                save_checkpoint(best_path, state)
             save_checkpoint(last_path, {**state, "optimizer": optimizer.state_dict(), "scheduler":
                                         scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs})
+            if improved:  # after last.pt, which can stand in for it (see `restore_best`)
+                save_checkpoint(best_path, state)
             tqdm.write(f"epoch {epoch + 1}/{t.epochs}  train loss {train['loss']:.4f} acc {train['acc']:.3f}  "
                        f"val loss {val['loss']:.4f} acc {val['accuracy']:.3f} auc {val['auc']:.3f} "
                        f"eer {val['eer']:.3f}  lr {lrs[0]:.2e}/{lrs[1]:.2e}  "

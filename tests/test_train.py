@@ -229,6 +229,17 @@ def test_the_threshold_is_fitted_on_the_video_scores_it_is_applied_to():
     assert balanced(cal["threshold"]) > balanced(fit_threshold(pred.label, probs)) + 0.05
 
 
+def test_a_run_killed_before_writing_the_best_epochs_best_pt_resumes_with_it(workspace, tmp_path):
+    run_train(workspace, tmp_path, tiny_cfg(epochs=1), resume=False)  # epoch 1 is the best so far
+    last = load_checkpoint(tmp_path / "last.pt")
+    (tmp_path / "best.pt").unlink()  # killed after last.pt was written
+    summary = run_train(workspace, tmp_path, tiny_cfg(epochs=1), resume=True)
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["epoch"] == summary["best_epoch"] == 1 and "optimizer" not in best
+    assert all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+    assert best["calibration"] == summary["calibration"]
+
+
 def test_killed_and_resumed_run_reproduces_the_uninterrupted_metrics(trained, workspace, tmp_path):
     run_dir, _ = trained
     run_train(workspace, tmp_path, tiny_cfg(epochs=2), resume=False)
