@@ -1,7 +1,9 @@
 """`dfpipe score-video`: videos -> one calibrated fake probability per video, with no frame or crop ever written.
 
 Each video streams through the same code as training data did (FrameReader with the checkpoint's stride, FaceStream
-with the checkpoint's align settings), so a face is cropped exactly as the model saw faces in training. Per face
+with the checkpoint's align settings), so a face is cropped with the same geometry as in training; only the JPEG
+round trips of training data (extract's frames, align's crops) are left out, a difference within JPEG tolerance
+(tests/test_score.py compares both paths' crops and scores). Per face
 track, consecutive crops are cut into non-overlapping clips of the checkpoint's clip_len as they arrive, and clips
 wait in one queue shared by all videos: a batch is run when full, so the clips of many short videos fill one GPU
 batch, and only the current clips are ever held, so memory stays flat however long a video is.
