@@ -100,7 +100,7 @@ def test_an_unusable_cuda_device_is_refused(monkeypatch):
 
 
 def test_values_wrong_together_only_in_the_file_may_be_completed_by_an_override(tmp_path):
-    (tmp_path / "c.yaml").write_text("model:\n  mlp: [256, 128]\n")  # the default dropout has two values, for three layers
+    (tmp_path / "c.yaml").write_text("model:\n  mlp: [256, 128]\n")  # default dropout: two values
     cfg = load_config(tmp_path / "c.yaml", overrides=[parse_override("model.dropout=[0.3]")])
     assert (cfg.model.mlp, cfg.model.dropout) == ([256, 128], [0.3])
     with pytest.raises(ConfigError, match="model.dropout needs one value per hidden layer"):
