@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +67,17 @@ class Workspace:
         self.manifests = self.root / "manifests"
 
     def init(self) -> "Workspace":
+        """Create the workspace, or check an existing one is writable: a read-only one must be one error up front,
+        not a failed row for every video that needs a rerun with --retry-failed once it is fixed."""
         try:
             self.manifests.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise WorkspaceError(f"{self.root}: cannot create workspace ({e.strerror})") from None
+        for folder in (self.root, self.manifests):
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=folder))
+            except OSError as e:
+                raise WorkspaceError(f"{folder}: workspace is not writable ({e.strerror})") from None
         return self
 
     def manifest(self, name: str) -> Path:

@@ -408,7 +408,7 @@ def _is_empty(path: str, reader: FrameReader | None) -> bool:
     """0 bytes, or a container whose decoders finished without error and without a frame."""
     if reader is None:
         return os.path.isfile(path) and os.path.getsize(path) == 0
-    return not reader.errors
+    return not reader.errors and not reader.count
 
 
 def _video_clips(job: _Job, scoring: Scoring, detector: FaceDetector) -> Iterator[tuple[Clip, np.ndarray, np.ndarray]]:
@@ -422,10 +422,11 @@ def _video_clips(job: _Job, scoring: Scoring, detector: FaceDetector) -> Iterato
         for position, frame in enumerate(stream):
             job.frames_sampled += 1
             yield from cutter.add(position, frame)
+        reader.check_complete()  # a cut or damaged file is not scored on its part, as extract does not keep it
         yield from cutter.finish()
         job.face_frames = cutter.face_frames
         job.kept = select_tracks(stream.track_lengths, stream.track_sizes, **scoring.align)
-        job.reason = "; ".join(reader.errors)  # a decoder that stopped early: scored on what was read
+        job.reason = "; ".join(reader.errors)  # the first decoder stopped early, the fallback read the rest
     except VideoError as e:
         job.status, job.reason = ("empty" if _is_empty(job.video.path, reader) else "undecodable"), e.reason
     except Exception as e:  # noqa: BLE001 - one bad video must not stop the others

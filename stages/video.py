@@ -106,13 +106,16 @@ def probe(path: str | Path) -> dict:
                 "codec": stream.codec_context.name, "rotation": rotation, "duration": duration}
 
 
+# a container's frame count is sometimes an estimate; fewer than this share of it means the file is cut short
+TRUNCATED_BELOW = 0.95
+
+
 class FrameReader:
     """Streams the sampled frames of one video, switching decoder mid-video when the first fails.
 
     Frames are produced one at a time (decord: one DECORD_CHUNK at a time), so memory does not grow
     with the length of the video. After a pass, `decoders_used` names the decoders that produced
-    frames and `errors` says why a decoder stopped early; a last index far below `expected_frames`
-    marks a truncated video.
+    frames and `errors` says why a decoder stopped early; `check_complete` tells a truncated video.
     """
 
     def __init__(self, path: str | Path, *, stride: int, max_frames: int | None, decoder: str, **_):
@@ -128,9 +131,19 @@ class FrameReader:
         self.expected_frames: int = self.info["frames"]
         self.decoders_used: list[str] = []
         self.errors: list[str] = []
+        self.last_index, self.count = -1, 0
+
+    def check_complete(self) -> None:
+        """After a pass: a VideoError when it ended well before the container's frame count (and before
+        max_frames), so extract and score-video both refuse a cut or damaged file instead of using a part of it."""
+        expected = int(self.expected_frames or 0)
+        capped = self.max_frames is not None and self.count >= self.max_frames
+        if expected and not capped and self.last_index + self.stride < TRUNCATED_BELOW * expected:
+            raise VideoError(self.path, f"truncated or corrupt, decoded frames up to {self.last_index} of {expected}")
 
     def __iter__(self) -> Iterator[Frame]:
         self.decoders_used, self.errors = [], []
+        self.last_index, self.count = -1, 0
         pending = range(0, sys.maxsize, self.stride)[: self.max_frames]
         for name in self.decoders:
             if not pending:
@@ -139,6 +152,7 @@ class FrameReader:
                 for index, timestamp, image in BACKENDS[name](self.path, pending, self.info):
                     if name not in self.decoders_used:
                         self.decoders_used.append(name)
+                    self.last_index, self.count = index, self.count + 1
                     yield Frame(index, timestamp, image)
                     pending = pending[pending.index(index) + 1:]
             except VideoError as err:
@@ -226,7 +240,7 @@ def _decord_frames(path: Path, pending: range, info: dict) -> Iterator[tuple[int
 def _decord_reason(err: Exception) -> str:
     """decord errors carry a '[hh:mm:ss] /build/path.cc:123: ' prefix and a C++ stack trace."""
     first_line = str(err).strip().splitlines()[0]
-    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", first_line)
+    return re.sub(r"\[[\d:]+\] \S+:\d+: ", "", first_line)
 
 
 BACKENDS: dict[str, Callable[[Path, range, dict], Iterator[tuple[int, float, np.ndarray]]]] = {

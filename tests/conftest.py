@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
@@ -88,3 +89,14 @@ def kill_at_random_moments(args: list, *, times: int, duration: float, seed: int
             landed += 1
         proc.wait()
     return landed
+
+
+def moov_first(src, dst):
+    """Remux with the index at the front, as streamed MP4s are, so a truncated copy still opens."""
+    with av.open(str(src)) as inp, av.open(str(dst), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(inp.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    return dst

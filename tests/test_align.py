@@ -74,6 +74,7 @@ def test_align_rerun_skips_and_margin_change_redoes(extracted, tmp_path):
     before = snapshot(ws)
     out = dfpipe("align", "--work", ws, "--quiet", check=False)
     assert "4 already done, 0 processed" in out.stdout and "1 failed earlier" in out.stdout
+    assert out.returncode == 1  # the faceless clip is still failed: a script must not read the stage as complete
     assert snapshot(ws) == before
     out = dfpipe("align", "--work", ws, "--quiet", "--margin", "1.5", check=False)
     assert "0 already done, 4 processed" in out.stdout

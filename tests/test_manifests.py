@@ -1,8 +1,10 @@
 """The unit protocol on a synthetic stage: idempotence, invalidation, failures, verify, shards, locks, safety."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import tempfile
 import stat
 from pathlib import Path
 
@@ -160,6 +162,24 @@ def test_units_that_left_the_input_are_dropped_with_their_files(tmp_path):
     run_stage(ws, SPEC, {}, units("a"), make_work(calls), progress=False)
     assert set(read_table(ws.manifest("toy.csv"), SPEC.unit_columns).video_id) == {"a"}
     assert not (ws.root / "out/b").exists()
+
+
+def test_a_read_only_workspace_is_one_error_before_any_unit_fails(tmp_path, monkeypatch):
+    ws, calls = Workspace(tmp_path / "ws"), []
+    run_stage(ws, SPEC, {}, units("a"), make_work(calls), progress=False)
+    before = {p: p.read_bytes() for p in ws.manifests.rglob("*") if p.is_file()}
+    real_mkdtemp = tempfile.mkdtemp
+
+    def read_only(*args, dir=None, **kw):  # root ignores permission bits: the refusal is stood in for
+        if Path(dir) == ws.root:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        return real_mkdtemp(*args, dir=dir, **kw)
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    with pytest.raises(WorkspaceError, match=r"ws: workspace is not writable \(Operation not permitted\)"):
+        run_stage(ws, SPEC, {}, units("a", "b"), make_work(calls), progress=False)
+    assert calls == ["a"] and {p: p.read_bytes() for p in ws.manifests.rglob("*") if p.is_file()} == before
+    monkeypatch.undo()
+    assert run_stage(ws, SPEC, {}, units("a", "b"), make_work(calls), progress=False).ran == 1
 
 
 def test_lock_refuses_a_second_writer(tmp_path):

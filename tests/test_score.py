@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import dfpipe, make_clip
+from conftest import dfpipe, make_clip, moov_first
 from dfpipe.manifests.workspace import Shard, Workspace
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
@@ -255,6 +255,17 @@ def test_errors_and_changed_videos_are_scored_again_and_each_reason_reported(roo
     assert (again.scored, again.reused, again.rescored) == (2, 5, 2) and len(model_calls) == 2
     fixed = jsonl(again.jsonl)
     assert fixed[ok[0]["path"]]["status"] == "ok" and fixed[ok[1]["path"]]["file"] != "another size and time"
+
+
+def test_a_cut_video_is_undecodable_not_scored_on_its_part(root, checkpoint, tmp_path):
+    whole = moov_first(root / "data/real/real_000.mp4", tmp_path / "streamable.mp4")
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * 9 // 10])  # frames 0-7 of 15 still decode
+    summary = run(checkpoint, [cut, root / "data/fake/fake_000.mp4"], tmp_path / "scores.csv")
+    rows = jsonl(summary.jsonl)
+    assert rows[str(cut)]["status"] == "undecodable" and rows[str(cut)]["score"] is None
+    assert rows[str(cut)]["reason"].startswith("truncated or corrupt, decoded frames up to")
+    assert rows[str(root / "data/fake/fake_000.mp4")]["status"] == "ok"  # the other video of the call is scored
 
 
 def test_an_output_below_a_file_is_a_one_line_error(root, checkpoint, tmp_path):

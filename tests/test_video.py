@@ -8,7 +8,7 @@ import av
 import cv2
 import numpy as np
 import pytest
-from conftest import pattern_frames
+from conftest import moov_first, pattern_frames
 
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import video
@@ -58,17 +58,6 @@ def write_with_pts(path, frames, pts_ms, rotation=0):
         for packet in stream.encode():
             container.mux(packet)
     return path
-
-
-def moov_first(src, dst):
-    """Remux with the index at the front, as streamed MP4s are, so a truncated copy still opens."""
-    with av.open(str(src)) as inp, av.open(str(dst), "w", options={"movflags": "faststart"}) as out:
-        stream = out.add_stream_from_template(inp.streams.video[0])
-        for packet in inp.demux(inp.streams.video[0]):
-            if packet.dts is not None:
-                packet.stream = stream
-                out.mux(packet)
-    return dst
 
 
 def test_probe_reports_container_facts(clip_factory):
@@ -238,6 +227,12 @@ def test_truncated_video_yields_the_frames_it_has(tmp_path, clip_factory):
     assert_frames_match(frames, list(pattern_frames(30)))
     assert (reader.expected_frames, reader.decoders_used) == (30, ["pyav"])
     assert reader.errors[0] == f"pyav: ended before frame {2 * len(indices)} of 30"
+    with pytest.raises(VideoError, match=rf"cut.mp4: truncated or corrupt, decoded frames up to {indices[-1]} of 30"):
+        reader.check_complete()
+    _, capped = read(cut, stride=2, max_frames=3, decoder="auto")  # asked for no more than it has
+    capped.check_complete()
+    _, complete = read(whole, stride=7, max_frames=None, decoder="auto")  # last sampled frame 28 of 30
+    complete.check_complete()
 
 
 def test_decoder_choice(monkeypatch):
