@@ -711,7 +711,11 @@ def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str 
         tqdm.write(f"score-video: {n} video(s) {reason}; scoring them again")
     if todo:
         device = resolve_device(cfg.score.device)
-        predict = ClipModel(model_from_checkpoint(ckpt, device), device=device, dtype=amp_dtype(scoring.amp, device),
+        try:
+            model = model_from_checkpoint(ckpt, device)
+        except ValueError as e:  # a model_config its weights do not fit, an unknown backbone
+            raise ScoreError(f"{checkpoint}: {e}") from None
+        predict = ClipModel(model, device=device, dtype=amp_dtype(scoring.amp, device),
                             temperature=scoring.temperature, tta_flip=scoring.tta_flip)
         ckpt.clear()  # the model holds what it needs (cast, or moved to the GPU): the file's tensors and map can go
         detector = FaceDetector(**scoring.align)

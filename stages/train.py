@@ -347,7 +347,11 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device) -> DualStreamN
             model = DualStreamNet.from_config({**ckpt["model_config"], "pretrained_hq": None, "pretrained_lq": None})
     finally:
         backbones_log.setLevel(level)
-    model.load_state_dict(ckpt["model"], assign=True)
+    try:
+        model.load_state_dict(ckpt["model"], assign=True)
+    except RuntimeError as e:  # "Error(s) in loading state_dict ...:" then one tab-indented line per key
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise TrainError(f"the checkpoint's weights do not fit its model_config ({first})") from None
     for stream in (model.hq, model.lq):
         stream.set_normalisation()
         stream.to(memory_format=stream.memory_format)  # assign=True kept the layout the tensors were saved in

@@ -268,6 +268,18 @@ def test_a_cut_video_is_undecodable_not_scored_on_its_part(root, checkpoint, tmp
     assert rows[str(root / "data/fake/fake_000.mp4")]["status"] == "ok"  # the other video of the call is scored
 
 
+def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_a_one_line_error(root, checkpoint, tmp_path):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["model_config"]["mlp"] = [12, 8, 4]
+    torch.save(ckpt, tmp_path / "other.pt")
+    proc = dfpipe("score-video", root / "data/real/real_000.mp4", "--checkpoint", tmp_path / "other.pt", "--out",
+                  tmp_path / "s.csv", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith(f"error: {tmp_path / 'other.pt'}: the checkpoint's weights do not fit its "
+                                  "model_config (size mismatch for ")
+    assert len(proc.stderr.splitlines()) == 1
+
+
 def test_an_output_below_a_file_is_a_one_line_error(root, checkpoint, tmp_path):
     (tmp_path / "taken.csv").write_text("x\n")
     with pytest.raises(score.ScoreError, match=r"taken.csv/scores.csv: cannot create its folder \(File exists"):
