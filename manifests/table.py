@@ -29,10 +29,30 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class NotWritable(OSError):
+    """Names the user's path, not the private temp file the write failed on, and prints without '[Errno N]'."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def check_writable(folder: str | Path) -> None:
+    """Create `folder` if needed and try a file in it: a write that would fail after the work fails before it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=TMP_PREFIX + "probe.", dir=folder))
+    except OSError as e:
+        raise NotWritable(e.errno, f"{folder}: cannot write there ({e.strerror})") from None
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
+    except OSError as e:
+        raise NotWritable(e.errno, f"{path}: cannot write it ({e.strerror})") from None
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's private 0600 would hide manifests and checkpoints from the team
         with os.fdopen(fd, "wb") as f:

@@ -12,11 +12,12 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
+
+from .table import check_writable
 
 
 class WorkspaceError(RuntimeError):
@@ -75,9 +76,10 @@ class Workspace:
             raise WorkspaceError(f"{self.root}: cannot create workspace ({e.strerror})") from None
         for folder in (self.root, self.manifests):
             try:
-                os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=folder))
+                check_writable(folder)
             except OSError as e:
-                raise WorkspaceError(f"{folder}: workspace is not writable ({e.strerror})") from None
+                reason = os.strerror(e.errno) if e.errno else str(e)
+                raise WorkspaceError(f"{folder}: workspace is not writable ({reason})") from None
         return self
 
     def manifest(self, name: str) -> Path:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..manifests.table import atomic_write_bytes, read_table, write_table
+from ..manifests.table import atomic_write_bytes, check_writable, read_table, write_table
 from ..manifests.units import sha256_file
 from ..manifests.workspace import Shard, Workspace
 from ..pipeline.workers import one_line, prefetch
@@ -702,6 +702,7 @@ def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str 
         jsonl.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # e.g. a part of the folder is a file
         raise ScoreError(f"{csv_path}: cannot create its folder ({e.strerror}: {e.filename})") from None
+    check_writable(jsonl.parent)  # the CSV is written last: a folder that takes no new file must fail first
     done, rescored, redecided = load_finished(jsonl, {v.path for v in videos}, scoring, model_digest)
     todo = [v for v in videos if v.path not in done]
     if redecided:

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.ops import sigmoid_focal_loss
 from tqdm import tqdm
 
-from ..manifests.table import atomic_write_bytes, read_table, write_table
+from ..manifests.table import atomic_write_bytes, check_writable, read_table, write_table
 from ..manifests.units import load_state
 from ..manifests.workspace import Workspace
 from ..models.dual_stream import DualStreamNet
@@ -616,7 +616,7 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
             log.warning("%s: saved by %d ranks, resumed on %d: RNG streams restart", last_path, len(ckpt["rng"]),
                         ctx.world)
     if ctx.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        check_writable(run_dir)
         write_run_files(run_dir, cfg, digest, ctx, resume)
         finished = start_epoch >= t.epochs or early["bad_epochs"] >= t.early_stop_patience
         plan = (f"no epoch left to run (finished at epoch {start_epoch}): recalibrating best.pt" if finished

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dfpipe.manifests.table import atomic_write_bytes, read_table, write_table
+from dfpipe.manifests.table import atomic_write_bytes, check_writable, read_table, write_table
 from dfpipe.manifests.units import (Journal, Record, StageSpec, Unit, UnitError, UnitOutput, count_states,
                                     load_state, run_stage, verify)
 from dfpipe.manifests.workspace import Shard, Workspace, WorkspaceError, safe_name
@@ -180,6 +180,18 @@ def test_a_read_only_workspace_is_one_error_before_any_unit_fails(tmp_path, monk
     assert calls == ["a"] and {p: p.read_bytes() for p in ws.manifests.rglob("*") if p.is_file()} == before
     monkeypatch.undo()
     assert run_stage(ws, SPEC, {}, units("a", "b"), make_work(calls), progress=False).ran == 1
+
+
+def test_a_write_that_cannot_happen_names_the_users_path(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError) as e:
+        atomic_write_bytes(tmp_path / "file/scores.jsonl", b"{}")
+    assert str(e.value) == f"{tmp_path / 'file/scores.jsonl'}: cannot write it (File exists)"  # not '.tmp-...'
+    with pytest.raises(OSError) as e:
+        check_writable(tmp_path / "file/run")
+    assert str(e.value) == f"{tmp_path / 'file/run'}: cannot write there (File exists)"
+    check_writable(tmp_path / "new/run")
+    assert list((tmp_path / "new/run").iterdir()) == []  # created, and the probe is gone
 
 
 def test_lock_refuses_a_second_writer(tmp_path):
