@@ -189,7 +189,7 @@ def test_a_write_that_cannot_happen_names_the_users_path(tmp_path):
     assert str(e.value) == f"{tmp_path / 'file/scores.jsonl'}: cannot write it (File exists)"  # not '.tmp-...'
     with pytest.raises(OSError) as e:
         check_writable(tmp_path / "file/run")
-    assert str(e.value) == f"{tmp_path / 'file/run'}: cannot write there (File exists)"
+    assert str(e.value) == f"{tmp_path / 'file/run'}: cannot write there (Not a directory)"
     check_writable(tmp_path / "new/run")
     assert list((tmp_path / "new/run").iterdir()) == []  # created, and the probe is gone
 
