@@ -220,7 +220,14 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
         "train.epochs": epochs, "train.batch_size": batch_size, "train.workers": workers, "train.device": device,
         "model.hq_backbone": hq_backbone, "model.lq_backbone": lq_backbone, "model.pretrained_hq": pretrained_hq,
         "model.pretrained_lq": pretrained_lq})
-    result = run_train(work, run_dir, cfg, resume=resume, progress=not quiet)
+    try:
+        result = run_train(work, run_dir, cfg, resume=resume, progress=not quiet)
+    except KeyboardInterrupt:
+        if (Path(run_dir) / "last.pt").is_file():
+            raise  # `command` says: rerun with --resume
+        click.echo("\ninterrupted before the first epoch finished, so there is nothing to resume: rerun the same "
+                   "command", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     if result:
         click.echo("train: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in result.items() if not isinstance(v, dict)))

@@ -1,10 +1,14 @@
 """The command layer: errors before any work, exit codes, notes to the user."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from click.testing import CliRunner
 
 from conftest import dfpipe
-from dfpipe.pipeline.cli import EXIT_INTERRUPTED, command
+from dfpipe.pipeline.cli import EXIT_INTERRUPTED, command, main
+from dfpipe.stages import train as train_mod
 
 
 def test_cli_rejects_a_bad_value_before_any_work(tmp_path):
@@ -38,6 +42,19 @@ def test_ctrl_c_exits_130_saying_a_rerun_completes_the_work(capsys):
     with pytest.raises(SystemExit):
         train()
     assert "rerun it with --resume" in capsys.readouterr().err
+
+
+def test_ctrl_c_before_trains_first_epoch_does_not_advise_resume(tmp_path, monkeypatch):
+    def interrupted(ws, run_dir, cfg, **kw):
+        if (run_dir / "started").exists():  # the second call: an epoch had finished before the interrupt
+            (run_dir / "last.pt").write_bytes(b"")
+        (run_dir / "started").touch()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_mod, "run_train", lambda ws, run, cfg, **kw: interrupted(ws, Path(run), cfg, **kw))
+    (tmp_path / "run").mkdir()
+    for advice in ("nothing to resume: rerun the same command", "rerun it with --resume"):
+        result = CliRunner().invoke(main, ["train", "--work", str(tmp_path / "ws"), "--run", str(tmp_path / "run")])
+        assert result.exit_code == EXIT_INTERRUPTED and advice in result.stderr
 
 
 def test_score_video_says_which_align_overrides_it_ignores(tmp_path):
