@@ -47,7 +47,8 @@ def _frames_digest(rows: list[dict]) -> str:
 
 def plan_units(ws: Workspace, pair_aware: bool, merge: bool = True) -> list[Unit]:
     """One unit per extracted video. A fake whose source was extracted with the same frame size and the same
-    sampled frames is cropped with its source's tracks (payload 'source'), so its digest covers both."""
+    sampled frames is cropped with its source's tracks (payload 'source'), so its digest covers both; for any
+    other fake with a source, payload 'unpaired' says why it is not."""
     videos = {v["video_id"]: v for v in read_table(ws.manifest("videos.csv"), extract.VIDEO_COLUMNS)
               .to_dict("records")}
     done = {vid: rec for vid, rec in load_state(ws, extract.SPEC, merge=merge).items()
@@ -55,16 +56,23 @@ def plan_units(ws: Workspace, pair_aware: bool, merge: bool = True) -> list[Unit
     units = []
     for vid, rec in sorted(done.items()):
         rows = sorted(rec.rows, key=lambda r: int(r["frame_index"]))
-        digest, source = _frames_digest(rows), None
+        digest, source, unpaired = _frames_digest(rows), None, ""
         src = videos.get(vid, {}).get("source_id", "")
-        if pair_aware and videos.get(vid, {}).get("label") == "fake" and src in done and src in videos:
-            src_rows = sorted(done[src].rows, key=lambda r: int(r["frame_index"]))
-            same_size = all(videos[vid][k] == videos[src][k] for k in ("width", "height"))
-            same_frames = [r["frame_index"] for r in rows] == [r["frame_index"] for r in src_rows]
-            if same_size and same_frames:
-                source, digest = src, digest + _frames_digest(src_rows)
+        if pair_aware and videos.get(vid, {}).get("label") == "fake" and src:
+            if src not in videos:
+                unpaired = "source video not in the workspace"
+            elif src not in done:
+                unpaired = "source not extracted"
+            elif any(videos[vid][k] != videos[src][k] for k in ("width", "height")):
+                unpaired = "frame size differs from the source's"
+            else:
+                src_rows = sorted(done[src].rows, key=lambda r: int(r["frame_index"]))
+                if [r["frame_index"] for r in rows] == [r["frame_index"] for r in src_rows]:
+                    source, digest = src, digest + _frames_digest(src_rows)
+                else:
+                    unpaired = "sampled frames differ from the source's"
         payload = {"frames": [(int(r["frame_index"]), float(r["timestamp"]), r["path"]) for r in rows],
-                   "source": source, "source_id": src}
+                   "source": source, "source_id": src, "unpaired": unpaired}
         units.append(Unit(vid, digest, payload, shard_key=source or vid))
     return units
 
@@ -193,7 +201,8 @@ def run_align(ws: Workspace, cfg, *, shard: Shard = Shard(), retry_failed: bool 
         nonlocal detector
         if detector is None:
             detector = FaceDetector(**align_cfg)
-        source, mode = unit.payload["source"], "detect"
+        source = unit.payload["source"]
+        mode = f"detect ({unit.payload['unpaired']})" if unit.payload["unpaired"] else "detect"
         if source:
             rec = records.get(source)
             if rec is None or rec.status != "done":
