@@ -101,15 +101,16 @@ def run_extract(ws: Workspace, input_path: str | Path, cfg, *, dataset: str = "a
 
 
 def status_units(ws: Workspace) -> list[Unit]:
-    """As the next extract would see them: a video whose size or modification time changed since (or that is gone)
-    is stale before extract has re-hashed it."""
+    """As the next extract would see them: a video that is gone or changed size is stale; one only touched (a new
+    modification time) is hashed again, as extract would, and stale only if its bytes changed."""
     rows = read_table(ws.manifest("videos.csv"), VIDEO_COLUMNS).to_dict("records")
     for row in (r for r in rows if r["size"]):  # no size: unreadable when discovered, judged by its record
         try:
             st = os.stat(row["path"])
+            if str(st.st_size) != row["size"]:
+                row["sha256"] = ""
+            elif str(st.st_mtime_ns) != row["mtime_ns"]:
+                row["sha256"] = sha256_file(Path(row["path"]))
         except OSError:
-            row["sha256"] = ""
-            continue
-        if (str(st.st_size), str(st.st_mtime_ns)) != (row["size"], row["mtime_ns"]):
             row["sha256"] = ""
     return units_of(rows)

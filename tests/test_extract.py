@@ -47,6 +47,10 @@ def test_extract_writes_sampled_frames_with_their_content(tmp_path):
     assert fake.label == "fake" and fake.frames == 10 and fake.width == 64 and len(fake.sha256) == 64
     status = dfpipe("status", "--work", ws).stdout
     assert status.splitlines()[1].split() == ["extract", "2", "0", "0", "0", "0"]
+    fake_path = data / "fake" / "fake_0.mp4"
+    os.utime(fake_path, ns=(fake_path.stat().st_atime_ns, fake_path.stat().st_mtime_ns + 10**9))  # touched only
+    status = dfpipe("status", "--work", ws).stdout
+    assert status.splitlines()[1].split() == ["extract", "2", "0", "0", "0", "0"]
     make_clip(data / "real" / "real_0.mp4", n=12, seed=5)  # replaced on disk: stale before extract re-hashes it
     status = dfpipe("status", "--work", ws).stdout
     assert status.splitlines()[1].split() == ["extract", "1", "1", "0", "0", "0"]
