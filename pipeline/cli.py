@@ -238,7 +238,7 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
 @click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
               help="RUN_DIR/best.pt from `dfpipe train`.")
 @click.option("--out", default="scores.csv", show_default=True, type=click.Path(dir_okay=False),
-              help="Per-video CSV of this call's videos; scores.jsonl (every video ever scored into this "
+              help="Per-video CSV of this call's videos; <name>.jsonl (every video ever scored into this "
                    "output, the record reruns resume from), <name>_metrics.json and <name>_plots/ go beside it.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None,
               help="CSV path,label or a DFDC metadata.json: adds <name>_metrics.json and plots.")

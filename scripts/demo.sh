@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The demo of the README: generate a labelled demo set, then extract -> align -> train -> score-video.
-# Everything lands in ./demo-run (delete it to start over; rerunning resumes and skips finished work).
+# Everything lands in ./demo-run, or the folder given as $1 (delete it to start over; rerunning resumes and
+# skips finished work).
+OUT="$(realpath -m "${1:-demo-run}")"  # before env.sh moves to the repository root: relative to where it is run
 . "$(dirname "$0")/env.sh"
-OUT="${1:-demo-run}"
 set -x
 dfpipe demo-data "$OUT/videos"
 dfpipe extract "$OUT/videos" --work "$OUT/ws"
