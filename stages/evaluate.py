@@ -103,10 +103,12 @@ def fit_temperature(logits, labels) -> float:
 
     One scalar cannot change the ranking (AUC) but makes the probabilities honest, which the
     DFDC-style log-loss and the fixed decision threshold both depend on. Searched on log T within
-    _TEMPERATURE_RANGE; a single-class split carries no calibration signal and returns 1.0.
+    _TEMPERATURE_RANGE. A single-class split carries no calibration signal and returns 1.0; so does a
+    split the logits separate perfectly, whose NLL only falls as T -> 0: sharpening is not evidence there,
+    and the fit would give 1e-18-style probabilities that a single unseen mistake makes ruinous.
     """
     y, z = _binary_inputs(labels, logits, "fit_temperature", probabilities=False)
-    if not _both_classes(y):
+    if not _both_classes(y) or z[y == 0].max() < z[y == 1].min():
         return 1.0
 
     def nll(log_t: float) -> float:

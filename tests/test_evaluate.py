@@ -97,6 +97,11 @@ def test_fit_temperature_one_class_leaves_logits_alone():
     assert fit_temperature([1.0, 2.0, -1.0], [1, 1, 1]) == 1.0
 
 
+def test_fit_temperature_does_not_sharpen_a_perfectly_separated_split():
+    assert fit_temperature([-3.0, -1.0, 0.5, 2.0], [0, 0, 1, 1]) == 1.0
+    assert 0.05 < fit_temperature([-3.0, 0.6, 0.5, 2.0], [0, 0, 1, 1]) < 20  # one overlap: fitted as usual
+
+
 def test_fit_threshold_keeps_half_when_optimal():
     assert fit_threshold([0, 0, 1, 1], [0.1, 0.2, 0.7, 0.8]) == 0.5
 
