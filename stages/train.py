@@ -177,6 +177,12 @@ def make_loaders(root: Path, faces: pd.DataFrame, labels: dict[str, dict[str, in
         empty = "train" if len(train_ds) == 0 else "val"
         raise TrainError(f"{root / pairs_mod.PAIRS}: the {empty} split has no track of at least dataset.clip_len="
                          f"{cfg.dataset.clip_len} frames (more videos, pairs.val_fraction or a shorter clip_len)")
+    missing = [name for label, name in ((0, "real"), (1, "fake")) if label not in set(train_ds.item_labels)]
+    if cfg.dataset.balanced and missing:
+        held = sum(1 for v in labels["train"].values() if v == (missing[0] == "fake"))
+        raise TrainError(f"{root / pairs_mod.PAIRS}: the train split has no {missing[0]} clip to balance ({held} "
+                         f"{missing[0]} video(s) in it, none with a track of dataset.clip_len={cfg.dataset.clip_len} "
+                         "crops; see `dfpipe status` for failed videos): more videos, or dataset.balanced=false")
     if cfg.dataset.balanced:
         sampler = BalancedSampler(train_ds, seed=t.seed, num_replicas=ctx.world, rank=ctx.rank)
     else:

@@ -34,9 +34,9 @@ from dfpipe.stages import train as train_mod
 from dfpipe.stages.aggregate import RULE_KEYS, RULES, video_score
 from dfpipe.stages.dataset import SequenceDataset, collate_clips
 from dfpipe.stages.evaluate import binary_metrics, fit_threshold
-from dfpipe.stages.train import (METRIC_COLUMNS, TrainError, amp_dtype, batch_inputs, calibrate, faces_table,
-                                 load_checkpoint, make_criterion, make_scheduler, model_from_checkpoint, Ranks,
-                                 run_train, train_one_epoch, val_metrics, VAL_METRICS)
+from dfpipe.stages.train import (METRIC_COLUMNS, VAL_METRICS, Ranks, TrainError, amp_dtype, batch_inputs, calibrate,
+                                 faces_table, load_checkpoint, make_criterion, make_loaders, make_scheduler,
+                                 model_from_checkpoint, run_train, train_one_epoch, val_metrics)
 
 TINY = "test_efficientnet"
 HQ, LQ = 64, 32
@@ -200,6 +200,16 @@ def test_model_from_checkpoint_reproduces_the_best_val_loss_and_decisions(traine
     decided = {v: video_score(tracks, calibration["aggregate"], **calibration["rule_params"])[0]
                >= calibration["threshold"] for v, tracks in videos.items()}
     assert decided == {v: v.startswith("fake") for v in VAL}
+
+
+def test_a_train_split_without_real_clips_is_explained(workspace):
+    faces = faces_table(Workspace(workspace))
+    videos = sorted(set(faces.video_id[faces.status == "face"]))
+    labels = {"train": {v: 1 for v in videos if v.startswith("fake") and v not in VAL},
+              "val": {v: int(v.startswith("fake")) for v in VAL}}
+    with pytest.raises(TrainError, match=r"training_pairs.csv: the train split has no real clip to balance \(0 "
+                                         r"real video\(s\) in it.*dataset.balanced=false"):
+        make_loaders(workspace, faces, labels, {}, tiny_cfg(), Ranks(0, 1, torch.device("cpu")))
 
 
 def test_a_diverged_val_epoch_gives_nan_metrics_not_an_error():
