@@ -134,6 +134,10 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from timm.models import load_state_dict
         return load_state_dict(str(path))
     except Exception as e:  # any unreadable file (pickle, zip, safetensors header) gets the same one-line report
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if path.suffix != ".safetensors" and head[:2] != b"PK" and head[:1] != b"\x80":  # zip or pickle: torch.save
+            raise ValueError(f"{path}: not a weight file (expected what torch.save writes, or .safetensors)") from None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"{path}: cannot read weights ({reason})") from None
 

@@ -133,6 +133,10 @@ def test_weights_of_another_architecture_are_rejected(tmp_path):
 def test_unreadable_weight_file_is_a_one_line_error(tmp_path):
     path = tmp_path / "junk.pth"
     path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"not a weight file \(expected what torch.save writes") as err:
+        build_backbone(TINY, pretrained=path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    path.write_bytes(b"PK\x03\x04 a cut zip")  # looks like torch.save's, but cannot be read
     with pytest.raises(ValueError, match="cannot read weights") as err:
         build_backbone(TINY, pretrained=path)
     assert str(path) in str(err.value) and "\n" not in str(err.value)
