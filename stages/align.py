@@ -214,10 +214,13 @@ def run_align(ws: Workspace, cfg, *, shard: Shard = Shard(), retry_failed: bool 
         return align_detect(ws, unit, out_dir, detector, align_cfg, mode=mode)
 
     summaries = []
-    for phase in (lambda u: not u.payload["source"], lambda u: bool(u.payload["source"])):
-        records = load_state(ws, SPEC, merge=False)
-        summaries.append(run_stage(ws, SPEC, params, units, work, shard=shard, workers=0, only=phase,
-                                   retry_failed=retry_failed, progress=progress))
+    # extract must not rewrite the frames being read (its own runs take this lock exclusively); shared, so align
+    # shards run side by side
+    with ws.lock(extract.SPEC.name, shared=True, what="the extract stage"):
+        for phase in (lambda u: not u.payload["source"], lambda u: bool(u.payload["source"])):
+            records = load_state(ws, SPEC, merge=False)
+            summaries.append(run_stage(ws, SPEC, params, units, work, shard=shard, workers=0, only=phase,
+                                       retry_failed=retry_failed, progress=progress))
     return summaries[0].merge(summaries[1])
 
 

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 
 from conftest import dfpipe, kill_at_random_moments, make_clip, snapshot, timed_dfpipe
-from dfpipe.manifests.workspace import Workspace
+from dfpipe.manifests.workspace import Workspace, WorkspaceError
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import align
+from dfpipe.stages.align import run_align
 from dfpipe.stages.demo import make_demo_dataset
 
 
@@ -120,6 +121,19 @@ def test_align_sigkill_then_rerun_is_byte_identical(extracted, tmp_path):
     dfpipe("align", "--work", ws, "--quiet", check=False)
     assert landed >= 1, "no kill landed while align was running"
     assert snapshot(ws) == snapshot(clean)
+
+
+def test_align_and_extract_do_not_run_on_one_workspace_at_once(extracted, tmp_path):
+    """align reads the frames extract writes: either refuses while the other runs, before doing any work."""
+    ws = fresh_workspace(extracted, tmp_path)
+    with Workspace(ws).lock("extract"):  # an extract run
+        with pytest.raises(WorkspaceError, match="the extract stage is in use by pid"):
+            run_align(Workspace(ws), load_config())
+    assert not (ws / "faces").exists()
+    with Workspace(ws).lock("extract", shared=True):  # an align run
+        out = dfpipe("extract", extracted / "data", "--work", ws, "--stride", 2, check=False)
+    assert out.returncode == 2 and "the extract stage is in use" in out.stderr
+    assert snapshot(ws) == snapshot(extracted / "ws")  # refused before anything was written
 
 
 def test_align_needs_extracted_frames(tmp_path):
