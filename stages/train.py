@@ -20,7 +20,7 @@ import random
 import subprocess
 import time
 import zipfile
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from itertools import chain, islice
@@ -552,14 +552,14 @@ def run_train(ws_root: str | Path, run_dir: str | Path, cfg, *, resume: bool, pr
     the other ranks of a DDP run return an empty dict, so the caller prints one summary)."""
     ctx = init_distributed(cfg.train.device)
     try:
-        with deterministic_mode(cfg.train.deterministic):
-            return _run(Workspace(ws_root), Path(run_dir), cfg, resume, ctx, bars=progress and ctx.main)
+        with deterministic_mode(cfg.train.deterministic), ExitStack() as locks:
+            return _run(Workspace(ws_root), Path(run_dir), cfg, resume, ctx, bars=progress and ctx.main, locks=locks)
     finally:
         if ctx.world > 1:
             dist.destroy_process_group()
 
 
-def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool) -> dict:
+def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool, locks: ExitStack) -> dict:
     t = cfg.train
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if t.epochs < 1:
@@ -575,6 +575,8 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
     stride = extract_stride(ws)
     videos = read_table(_require(ws.manifest("videos.csv"), "run dfpipe extract first"), VIDEO_COLUMNS)
     faces = from_main(faces_table(ws) if ctx.main else None, ctx)
+    if ctx.main:  # after faces_table's merge of align's journals; align must not rewrite crops under training
+        locks.enter_context(ws.lock(align_stage.SPEC.name, shared=True, what="the align stage"))
     pairs = from_main(update_pairs(ws, videos, faces, cfg.pairs) if ctx.main else None, ctx)
     digest = pairs_mod.pairs_digest(pairs)
     labels = split_labels(pairs, videos)

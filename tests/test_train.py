@@ -25,7 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 from conftest import dfpipe
 from dfpipe.manifests.table import read_table, write_table
 from dfpipe.manifests.units import Journal, Record
-from dfpipe.manifests.workspace import Shard, Workspace
+from dfpipe.manifests.workspace import Shard, Workspace, WorkspaceError
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import align, extract
@@ -210,6 +210,24 @@ def test_a_train_split_without_real_clips_is_explained(workspace):
     with pytest.raises(TrainError, match=r"training_pairs.csv: the train split has no real clip to balance \(0 "
                                          r"real video\(s\) in it.*dataset.balanced=false"):
         make_loaders(workspace, faces, labels, {}, tiny_cfg(), Ranks(0, 1, torch.device("cpu")))
+
+
+def test_align_cannot_rewrite_crops_while_training_reads_them(workspace, tmp_path, monkeypatch):
+    seen = []
+
+    def loaders(*args, **kw):  # training has started: an align run now must be refused
+        try:
+            with Workspace(workspace).lock("align"):
+                seen.append("align ran")
+        except WorkspaceError as e:
+            seen.append(str(e))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_mod, "make_loaders", loaders)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(workspace, tmp_path / "run", tiny_cfg(), resume=False)
+    assert len(seen) == 1 and "align is in use by another process" in seen[0]
+    with Workspace(workspace).lock("align"):  # and free again once training ends
+        pass
 
 
 def test_a_diverged_val_epoch_gives_nan_metrics_not_an_error():
