@@ -112,6 +112,24 @@ def evenly_spaced_starts(length: int, clip_len: int, count: int) -> list[int]:
     return np.unique(np.linspace(0, max(0, length - clip_len), count).round().astype(int)).tolist()
 
 
+def scoring_clips(segments: Sequence[Segment], clip_len: int, clip_every: int) -> list[tuple[int, int]]:
+    """(segment index, start) of the clips score-video scores (its ClipCutter cuts the same as frames stream in):
+    each track's runs tiled by non-overlapping clips, the 1st, N+1st, ... of a track kept for clip_every N; a track
+    that fills no clip gets one padded clip of its first longest run (among the segments given: under
+    ``short_tracks: skip`` short runs are not). Calibration is fitted on these, so that the rule, temperature and
+    threshold are chosen on the clips they will be applied to."""
+    out, cut, longest = [], {}, {}
+    for i, s in enumerate(segments):
+        track = (s.video_id, s.track_id)
+        for start in range(0, len(s.frames) - clip_len + 1, clip_len):
+            cut[track] = cut.get(track, 0) + 1
+            if (cut[track] - 1) % clip_every == 0:
+                out.append((i, start))
+        if len(s.frames) < clip_len and (track not in longest or len(s.frames) > len(segments[longest[track]].frames)):
+            longest[track] = i
+    return out + [(i, 0) for track, i in longest.items() if track not in cut]
+
+
 def read_crops(root: Path, paths: Sequence[str]) -> torch.Tensor:
     """uint8 (T, 3, H, W); a padded clip names the same file several times and it is decoded once."""
     decoded = {}
@@ -213,8 +231,9 @@ class SequenceDataset(Dataset):
     """Clips of ``clip_len`` consecutive crops of one track, with the video's label (1 fake, 0 real).
 
     Training: one item per segment per epoch, starting at a random frame. Validation: ``val_clips_per_track`` evenly
-    spaced clips per segment, the same every epoch, no augmentation. Segments shorter than ``clip_len`` are dropped
-    (``short_tracks: skip``) or padded with their edge frames (``pad``).
+    spaced clips per segment, the same every epoch, no augmentation; with ``scoring_every`` N instead the clips
+    score-video would score with clip_every N (see `scoring_clips`), for calibration. Segments shorter than
+    ``clip_len`` are dropped (``short_tracks: skip``) or padded with their edge frames (``pad``).
 
     With ``paired`` (training only) a fake item also carries ``hq_real``/``lq_real``: the crops of its source real
     (``sources[fake_id]``, which must be in ``labels`` too) with the same track_id at the same frame indices,
@@ -228,7 +247,8 @@ class SequenceDataset(Dataset):
 
     def __init__(self, root: str | Path, faces: pd.DataFrame, labels: Mapping[str, int], *, train: bool,
                  clip_len: int, short_tracks: str, val_clips_per_track: int, augment: Mapping[str, float], seed: int,
-                 sources: Mapping[str, str] | None = None, paired: bool = False, **_):
+                 sources: Mapping[str, str] | None = None, paired: bool = False, scoring_every: int | None = None,
+                 **_):
         if short_tracks not in ("skip", "pad"):
             raise ValueError(f"dataset.short_tracks: '{short_tracks}' is neither skip nor pad")
         if train and paired and sources is None:
@@ -247,6 +267,8 @@ class SequenceDataset(Dataset):
         self.segments = segments if short_tracks == "pad" else [s for s in segments if len(s.frames) >= clip_len]
         if train:
             self.clips = [(i, None) for i in range(len(self.segments))]
+        elif scoring_every:
+            self.clips = scoring_clips(self.segments, clip_len, scoring_every)
         else:
             self.clips = [(i, start) for i, s in enumerate(self.segments)
                           for start in evenly_spaced_starts(len(s.frames), clip_len, val_clips_per_track)]

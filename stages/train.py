@@ -187,12 +187,21 @@ def make_loaders(root: Path, faces: pd.DataFrame, labels: dict[str, dict[str, in
         sampler = BalancedSampler(train_ds, seed=t.seed, num_replicas=ctx.world, rank=ctx.rank)
     else:
         sampler = DistributedSampler(train_ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=t.seed)
-    common = dict(batch_size=t.batch_size, num_workers=t.workers, collate_fn=collate_clips,
-                  pin_memory=ctx.device.type == "cuda")
-    train = DataLoader(train_ds, sampler=sampler, generator=torch.Generator().manual_seed(t.seed), **common)
-    val = DataLoader(val_ds, sampler=range(ctx.rank, len(val_ds), ctx.world), persistent_workers=t.workers > 0,
-                     generator=torch.Generator().manual_seed(t.seed), **common)
-    return train, val
+    train = DataLoader(train_ds, sampler=sampler, generator=torch.Generator().manual_seed(t.seed),
+                       **_loader_options(cfg, ctx))
+    return train, eval_loader(val_ds, cfg, ctx, persistent=True)
+
+
+def _loader_options(cfg, ctx: Ranks) -> dict:
+    return dict(batch_size=cfg.train.batch_size, num_workers=cfg.train.workers, collate_fn=collate_clips,
+                pin_memory=ctx.device.type == "cuda")
+
+
+def eval_loader(dataset: SequenceDataset, cfg, ctx: Ranks, *, persistent: bool) -> DataLoader:
+    """Each rank scores every world-th clip, in order."""
+    return DataLoader(dataset, sampler=range(ctx.rank, len(dataset), ctx.world),
+                      persistent_workers=persistent and cfg.train.workers > 0,
+                      generator=torch.Generator().manual_seed(cfg.train.seed), **_loader_options(cfg, ctx))
 
 
 def batch_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -690,14 +699,16 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
     if writer is not None:
         writer.close()
 
-    # 5. calibrate the best epoch on the val clips
+    # 5. calibrate the best epoch on the clips score-video will cut from the val videos
     if ctx.world > 1:
         dist.barrier()  # best.pt is complete before other ranks read it
     if not best_path.is_file():
         raise TrainError(f"{run_dir}: no epoch reached a finite val loss, so there is no best.pt to calibrate")
     best = load_checkpoint(best_path)
     model.load_state_dict(best["model"])
-    pred = predict(model, val_loader, ctx=ctx, dtype=dtype, progress=bars)
+    clips = SequenceDataset(ws.root, faces, labels["val"], train=False, seed=t.seed,
+                            **{**cfg.dataset, "scoring_every": cfg.score.clip_every})
+    pred = predict(model, eval_loader(clips, cfg, ctx, persistent=False), ctx=ctx, dtype=dtype, progress=bars)
     calibration = calibrate(pred, cfg.score)
     if ctx.main:
         save_checkpoint(best_path, {**best, "calibration": calibration})

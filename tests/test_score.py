@@ -18,7 +18,7 @@ from dfpipe.manifests.workspace import Shard, Workspace
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import score
-from dfpipe.stages.dataset import read_crops
+from dfpipe.stages.dataset import clip_positions, face_rows, read_crops, scoring_clips, track_segments
 from dfpipe.stages.demo import make_demo_dataset
 from dfpipe.stages.faces import FrameFaces
 from dfpipe.stages.train import align_params, run_train
@@ -448,6 +448,20 @@ def test_clip_every_keeps_every_nth_full_clip_of_each_track():
             assert [f for t, f in every[n] if t == track] == [f for t, f in every[1] if t == track][::n]
     with pytest.raises(ValueError, match="clip_every"):
         score.ClipCutter(3, track_max_gap=2, min_track_len=2, clip_every=0)
+
+
+@pytest.mark.parametrize("clip_every", [1, 2])
+def test_calibration_clips_are_the_clips_score_video_cuts(clip_every):
+    """train calibrates on `scoring_clips` of the val videos' faces table; score-video cuts with ClipCutter as
+    frames stream in: the two must pick the same clips, or the rule and threshold are fitted on other clips."""
+    frames = [[0, 1], [0, 1], [0], [0, 1], [0], [0], [0, 1], [1], [0], [0, 2], [0, 2], [0], [0, 1], [0, 1], [0, 1]]
+    streamed = sorted((c.track, c.frames) for c, _, _ in cut(frames, clip_every=clip_every)[0])
+    rows = [{"video_id": "v", "frame_index": 10 * p, "status": "face", "track_id": t, "hq_path": f"{p}-{t}",
+             "lq_path": f"{p}-{t}"} for p, tracks in enumerate(frames) for t in tracks]
+    segments = track_segments(face_rows(pd.DataFrame(rows), {"v": 1}), {"v": 1})
+    tabled = sorted((segments[i].track_id, tuple(segments[i].frames[p] for p in clip_positions(
+        len(segments[i].frames), start, 3))) for i, start in scoring_clips(segments, 3, clip_every))
+    assert tabled == streamed and len(streamed) >= 4
 
 
 def test_padding_matches_the_dataset_and_dead_spurious_tracks_are_dropped():

@@ -230,6 +230,21 @@ def test_align_cannot_rewrite_crops_while_training_reads_them(workspace, tmp_pat
         pass
 
 
+def test_calibration_is_fitted_on_the_clips_score_video_cuts(workspace, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(train_mod, "calibrate", lambda pred, score_cfg: seen.append(pred) or calibrate(pred, score_cfg))
+    cfg = tiny_cfg(epochs=1, steps_per_epoch=1)
+    run_train(workspace, tmp_path / "run", cfg, resume=False)
+    faces = faces_table(Workspace(workspace))
+    val = {v: int(v.startswith("fake")) for v in VAL}
+    scoring = SequenceDataset(workspace, faces, val, train=False, seed=0, **{**cfg.dataset, "scoring_every": 1})
+    expected = sorted((scoring.segments[i].video_id, scoring.segments[i].track_id, scoring.segments[i].frames[start])
+                      for i, start in scoring.clips)
+    assert sorted(zip(seen[0].video_id, seen[0].track_id, seen[0].start)) == expected
+    evenly = SequenceDataset(workspace, faces, val, train=False, seed=0, **cfg.dataset)
+    assert len(expected) != len(evenly)  # not the per-epoch validation clips
+
+
 def test_a_diverged_val_epoch_gives_nan_metrics_not_an_error():
     ok = val_metrics(pd.DataFrame({"logit": [-2.0, 1.0, -1.0, 0.5], "label": [0, 1, 0, 1]}))
     assert ok["auc"] == 1.0 and ok["loss"] < 0.5
