@@ -433,6 +433,12 @@ def write_run_files(run_dir: Path, cfg, digest: str, ctx: Ranks, resume: bool) -
 
 # ---------------------------------------------------------------- one epoch
 
+def _any_rank(flag: bool, ctx: Ranks) -> bool:
+    value = torch.tensor(float(flag), device=ctx.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def train_one_epoch(net, loader, optimizer, scheduler, scaler, criterion, *, ctx: Ranks, dtype, steps: int,
                     accumulate: int, grad_clip: float, desc: str, progress: bool) -> dict:
     """One pass of ``steps`` batches; the optimiser steps every ``accumulate`` batches (and at the end).
@@ -449,6 +455,14 @@ def train_one_epoch(net, loader, optimizer, scheduler, scaler, criterion, *, ctx
     for i, batch in enumerate(bar):
         update = (i + 1) % accumulate == 0 or i + 1 == steps
         weight = 1.0
+        if update and ctx.world > 1 and _any_rank(batch is None and last is None, ctx):
+            # a rank has nothing to join the update's all-reduce with (see below; no batch of this epoch read yet):
+            # every rank drops this update, so that none waits for it and the weights stay the same everywhere
+            optimizer.zero_grad(set_to_none=True)
+            has_grad = False
+            if scheduler is not None:
+                scheduler.step()
+            continue
         if batch is None and update and ctx.world > 1 and last is not None:
             # None: no clip of the batch could be read (the dataset logged which). Under DDP every rank must still
             # join the update's gradient all-reduce, or the others wait for it forever and the weights part ways:

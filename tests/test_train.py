@@ -487,6 +487,14 @@ if rank == 0:
 synced = same(net.module.seen.clone())
 if rank == 0:
     print("buffers synced", synced, flush=True)
+# a new epoch whose first batch rank 1 cannot read: no earlier batch to stand in, so both ranks drop that update
+loader = [batch(20) if rank == 0 else None, batch(21 + rank)]
+stats = train_one_epoch(net, loader, optimizer, None, torch.amp.GradScaler("cpu", enabled=False),
+                        torch.nn.BCEWithLogitsLoss(), ctx=Ranks(rank, 2, torch.device("cpu")), dtype=None, steps=2,
+                        accumulate=1, grad_clip=None, desc="t", progress=False)
+weights = same(torch.cat([p.detach().flatten() for p in net.parameters()]))
+if rank == 0:
+    print("first batch unreadable: clips", stats["clips"], "same weights", weights, flush=True)
 del net, optimizer  # as in run_train: the DDP model goes before its process group
 dist.barrier()
 dist.destroy_process_group()
@@ -505,6 +513,7 @@ def test_ddp_rank_without_a_readable_batch_still_joins_the_update(tmp_path):
     assert "clips 6 same weights True" in done.stdout  # the stand-in batch adds no clip to the stats
     # validation scores every rank's share with rank 0's BatchNorm statistics, those of the saved model
     assert "buffers drifted True" in done.stdout and "buffers synced True" in done.stdout
+    assert "first batch unreadable: clips 4 same weights True" in done.stdout  # the dropped update counts no clip
 
 
 def test_the_epochs_last_short_accumulation_group_is_not_scaled_down():
