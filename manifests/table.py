@@ -60,6 +60,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # a full disk, `path` a folder...
+        Path(tmp).unlink(missing_ok=True)
+        raise NotWritable(e.errno, f"{path}: cannot write it ({e.strerror})") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -290,6 +290,7 @@ def run_stage(ws: Workspace, spec: StageSpec, params: dict, units: list[Unit],
     with ws.lock(spec.name, shared=sharded, what=f"the {spec.name} stage"):
         with ws.lock(f"{spec.name}.{shard.name}", what=f"shard {shard.index}/{shard.count} of {spec.name}") \
                 if sharded else _null():
+            ws.refuse_if_read(spec.name)
             save_params(ws, spec, params)
             records = load_state(ws, spec, merge=False)
             tmp_root = ws.tmp_dir(spec.name, shard)

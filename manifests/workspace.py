@@ -126,6 +126,40 @@ class Workspace:
         finally:
             os.close(fd)
 
+    def held(self, name: str) -> bool:
+        """Whether another process holds lock ``name`` (shared or exclusive) right now; takes it for no longer than
+        the test and writes nothing."""
+        path = self.manifests / "locks" / f"{name}.lock"
+        if not path.exists():
+            return False
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            return True
+        finally:
+            os.close(fd)  # closing releases the lock
+        return False
+
+    @contextmanager
+    def reading(self, stage: str, reader: str) -> Iterator[None]:
+        """Held by a command that reads ``stage``'s outputs (align: extract's frames; train: align's crops). A writer of
+        ``stage``, sharded or not, refuses to start meanwhile (`refuse_if_read`), and none may be running now. The
+        readers' lock is a file of its own, so readers never block each other, `verify`, or journal merges. Each side
+        takes its own lock before it tests the other's, so two that start together cannot both miss each other."""
+        with self.lock(f"{stage}.readers", shared=True, what=f"the {stage} outputs"):
+            if self.held(stage):
+                raise WorkspaceError(f"{self.root}: {stage} is running; wait for it to finish, then run {reader}")
+            yield
+
+    def refuse_if_read(self, stage: str) -> None:
+        """For a writer of ``stage``, once it holds its own lock (see `reading`)."""
+        if self.held(f"{stage}.readers"):
+            raise WorkspaceError(f"{self.root}: another dfpipe command is reading the {stage} outputs (align reads "
+                                 "extract's frames, train align's crops); wait for it to finish")
+
     def try_lock(self, name: str):
         """The exclusive lock if free right now, else None (for opportunistic merges)."""
         cm = self.lock(name)

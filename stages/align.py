@@ -194,7 +194,6 @@ def run_align(ws: Workspace, cfg, *, shard: Shard = Shard(), retry_failed: bool 
     align_cfg = dict(cfg.align)
     resolve_device(cfg.align.device)  # an unusable device is one error now, not one per video
     params = params_of(cfg)
-    units = plan_units(ws, cfg.align.pair_aware)
     detector = None
 
     def work(unit: Unit, out_dir: Path) -> UnitOutput:
@@ -214,9 +213,8 @@ def run_align(ws: Workspace, cfg, *, shard: Shard = Shard(), retry_failed: bool 
         return align_detect(ws, unit, out_dir, detector, align_cfg, mode=mode)
 
     summaries = []
-    # extract must not rewrite the frames being read (its own runs take this lock exclusively); shared, so align
-    # shards run side by side
-    with ws.lock(extract.SPEC.name, shared=True, what="the extract stage"):
+    with ws.reading(extract.SPEC.name, "align"):  # extract must not rewrite the frames being read
+        units = plan_units(ws, cfg.align.pair_aware)
         for phase in (lambda u: not u.payload["source"], lambda u: bool(u.payload["source"])):
             records = load_state(ws, SPEC, merge=False)
             summaries.append(run_stage(ws, SPEC, params, units, work, shard=shard, workers=0, only=phase,

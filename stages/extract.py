@@ -92,7 +92,7 @@ def run_extract(ws: Workspace, input_path: str | Path, cfg, *, dataset: str = "a
                              f"{gone[0]}); give the earlier INPUT, or pass --prune to delete their frames and crops")
     ws.init()
     with ws.lock(SPEC.name, shared=shard.count > 1, what="the extract stage"):
-        pass  # refused now, before hashing every video, when another extract or an align (reading frames) runs
+        ws.refuse_if_read(SPEC.name)  # now, before hashing every video, as run_stage would after it
     videos = build_videos_table(ws, found, progress)
     params = params_of(cfg)
     summary = run_stage(ws, SPEC, params, units_of(videos),

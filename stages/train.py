@@ -597,9 +597,9 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
     # 1. pairs, splits and labels (rank 0 decides and writes; everyone gets its table)
     stride = extract_stride(ws)
     videos = read_table(_require(ws.manifest("videos.csv"), "run dfpipe extract first"), VIDEO_COLUMNS)
+    if ctx.main:  # align must not rewrite the crops under training
+        locks.enter_context(ws.reading(align_stage.SPEC.name, "train"))
     faces = from_main(faces_table(ws) if ctx.main else None, ctx)
-    if ctx.main:  # after faces_table's merge of align's journals; align must not rewrite crops under training
-        locks.enter_context(ws.lock(align_stage.SPEC.name, shared=True, what="the align stage"))
     pairs = from_main(update_pairs(ws, videos, faces, cfg.pairs) if ctx.main else None, ctx)
     digest = pairs_mod.pairs_digest(pairs)
     labels = split_labels(pairs, videos)
@@ -720,8 +720,8 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
         raise TrainError(f"{run_dir}: no epoch reached a finite val loss, so there is no best.pt to calibrate")
     best = load_checkpoint(best_path)
     model.load_state_dict(best["model"])
-    clips = SequenceDataset(ws.root, faces, labels["val"], train=False, seed=t.seed,
-                            **{**cfg.dataset, "scoring_every": cfg.score.clip_every})
+    clips = SequenceDataset(ws.root, faces, labels["val"], train=False, seed=t.seed,  # score-video pads short tracks
+                            **{**cfg.dataset, "scoring_every": cfg.score.clip_every, "short_tracks": "pad"})
     pred = predict(model, eval_loader(clips, cfg, ctx, persistent=False), ctx=ctx, dtype=dtype, progress=bars)
     calibration = calibrate(pred, cfg.score)
     if ctx.main:

@@ -137,6 +137,10 @@ class FrameReader:
         """After a pass: a VideoError when it ended well before the container's frame count (and before
         max_frames), so extract and score-video both refuse a cut or damaged file instead of using a part of it."""
         expected = int(self.expected_frames or 0)
+        if expected and self.info["duration"] and self.info["fps"]:
+            # the smaller of the two counts: a sample count includes frames an edit list trims (cut without
+            # re-encoding), a duration does not
+            expected = min(expected, round(self.info["duration"] * self.info["fps"]))
         capped = self.max_frames is not None and self.count >= self.max_frames
         if expected and not capped and self.last_index + self.stride < TRUNCATED_BELOW * expected:
             raise VideoError(self.path, f"truncated or corrupt, decoded frames up to {self.last_index} of {expected}")

@@ -75,7 +75,7 @@ def test_align_rerun_skips_and_margin_change_redoes(extracted, tmp_path):
     before = snapshot(ws)
     out = dfpipe("align", "--work", ws, "--quiet", check=False)
     assert "4 already done, 0 processed" in out.stdout and "1 failed earlier" in out.stdout
-    assert out.returncode == 1  # the faceless clip is still failed: a script must not read the stage as complete
+    assert out.returncode == 0  # the faceless clip failed earlier: a result, and this rerun did all there was
     assert snapshot(ws) == before
     out = dfpipe("align", "--work", ws, "--quiet", "--margin", "1.5", check=False)
     assert "0 already done, 4 processed" in out.stdout
@@ -124,15 +124,20 @@ def test_align_sigkill_then_rerun_is_byte_identical(extracted, tmp_path):
 
 
 def test_align_and_extract_do_not_run_on_one_workspace_at_once(extracted, tmp_path):
-    """align reads the frames extract writes: either refuses while the other runs, before doing any work."""
+    """align reads the frames extract writes: either refuses while the other runs, sharded or not, before any work."""
     ws = fresh_workspace(extracted, tmp_path)
-    with Workspace(ws).lock("extract"):  # an extract run
-        with pytest.raises(WorkspaceError, match="the extract stage is in use by pid"):
-            run_align(Workspace(ws), load_config())
+    for shared in (False, True):  # an extract run, then one shard of a sharded run
+        with Workspace(ws).lock("extract", shared=shared):
+            with pytest.raises(WorkspaceError, match="extract is running; wait for it to finish, then run align"):
+                run_align(Workspace(ws), load_config())
     assert not (ws / "faces").exists()
-    with Workspace(ws).lock("extract", shared=True):  # an align run
-        out = dfpipe("extract", extracted / "data", "--work", ws, "--stride", 2, check=False)
-    assert out.returncode == 2 and "the extract stage is in use" in out.stderr
+    with Workspace(ws).reading("extract", "align"):  # an align run
+        for shard in ([], ["--shard", "0/2"]):
+            out = dfpipe("extract", extracted / "data", "--work", ws, "--stride", 2, *shard, check=False)
+            assert out.returncode == 2 and "another dfpipe command is reading the extract outputs" in out.stderr
+        assert dfpipe("verify", "--work", ws).returncode == 0  # a reader blocks writers only
+        with Workspace(ws).reading("extract", "align"):  # and not another reader (an align shard)
+            pass
     assert snapshot(ws) == snapshot(extracted / "ws")  # refused before anything was written
 
 

@@ -190,6 +190,11 @@ def test_a_write_that_cannot_happen_names_the_users_path(tmp_path):
     with pytest.raises(OSError) as e:
         check_writable(tmp_path / "file/run")
     assert str(e.value) == f"{tmp_path / 'file/run'}: cannot write there (Not a directory)"
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(OSError) as e:
+        atomic_write_bytes(tmp_path / "folder.csv", b"x")
+    assert str(e.value) == f"{tmp_path / 'folder.csv'}: cannot write it (Is a directory)"
+    assert list(tmp_path.glob(".tmp-*")) == []  # nor is the temp file left behind
     check_writable(tmp_path / "new/run")
     assert list((tmp_path / "new/run").iterdir()) == []  # created, and the probe is gone
 

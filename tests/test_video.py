@@ -229,6 +229,8 @@ def test_truncated_video_yields_the_frames_it_has(tmp_path, clip_factory):
     assert reader.errors[0] == f"pyav: ended before frame {2 * len(indices)} of 30"
     with pytest.raises(VideoError, match=rf"cut.mp4: truncated or corrupt, decoded frames up to {indices[-1]} of 30"):
         reader.check_complete()
+    reader.info["duration"] = (indices[-1] + 1) / reader.info["fps"]  # an edit list that trims the samples after
+    reader.check_complete()
     _, capped = read(cut, stride=2, max_frames=3, decoder="auto")  # asked for no more than it has
     capped.check_complete()
     _, complete = read(whole, stride=7, max_frames=None, decoder="auto")  # last sampled frame 28 of 30
