@@ -31,7 +31,7 @@ from dfpipe.manifests.workspace import Shard
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import score
-from dfpipe.stages.dataset import face_rows, read_crops, track_segments
+from dfpipe.stages.dataset import clip_positions, face_rows, read_crops, scoring_clips, track_segments
 from dfpipe.stages.demo import head_motion, head_sprite, random_background
 from dfpipe.stages.video import write_video
 
@@ -111,7 +111,7 @@ def child_score(checkpoint: str, out: str, batch_size: str, clip_every: str, *vi
 
 
 def child_staged_model(checkpoint: str, ws: str, batch_size: str, clip_every: str) -> dict:
-    """The model over the staged JPEG crops, cut into the same non-overlapping clips as score-video cuts."""
+    """The model over the staged JPEG crops, cut into the clips score-video cuts (`scoring_clips`)."""
     cfg = config(batch_size, clip_every)
     ckpt = score.load_checkpoint(checkpoint)
     settings = score.scoring_settings(ckpt, cfg, checkpoint)
@@ -124,15 +124,15 @@ def child_staged_model(checkpoint: str, ws: str, batch_size: str, clip_every: st
     faces = faces.assign(frame_index=faces.frame_index.astype(int), track_id=faces.track_id.astype(int))
     labels = dict.fromkeys(faces.video_id, 0)
     queue = score.ClipQueue(predict, score.model_batch(cfg.score.batch_size, device))
-    clips, T = 0, settings.clip_len
-    for segment in track_segments(face_rows(faces, labels), labels):
-        for start in range(0, len(segment.frames) - T + 1, T * cfg.score.clip_every):
-            hq, lq = (read_crops(Path(ws), paths[start:start + T]).permute(0, 2, 3, 1).numpy()
-                      for paths in (segment.hq_paths, segment.lq_paths))
-            queue.put(start, hq, lq)
-            clips += 1
+    segments = track_segments(face_rows(faces, labels), labels)
+    chosen = scoring_clips(segments, settings.clip_len, cfg.score.clip_every)
+    for i, start in chosen:
+        positions = clip_positions(len(segments[i].frames), start, settings.clip_len)
+        hq, lq = (read_crops(Path(ws), [paths[p] for p in positions]).permute(0, 2, 3, 1).numpy()
+                  for paths in (segments[i].hq_paths, segments[i].lq_paths))
+        queue.put(start, hq, lq)
     queue.flush()
-    return {"clips": clips, "rss_mb": peak_rss_mb()}
+    return {"clips": len(chosen), "rss_mb": peak_rss_mb()}
 
 
 def in_child(*args: str) -> dict:
