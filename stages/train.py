@@ -18,8 +18,10 @@ import math
 import os
 import random
 import subprocess
+import sys
 import time
 import zipfile
+from collections import OrderedDict
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -313,8 +315,25 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save(_canonical(state), buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def _canonical(obj):
+    """Equal checkpoints pickle to equal bytes, so a resumed run's files are byte-identical to an uninterrupted
+    run's: pickle writes an object it has seen as a reference back, so which of the equal strings happen to be one
+    object (a resumed run's came from unpickling) changed the bytes. Every string is interned and every container
+    rebuilt (a state dict keeps its version metadata)."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if type(obj) in (dict, OrderedDict):
+        out = type(obj)((_canonical(k), _canonical(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = _canonical(obj._metadata)
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(_canonical(v) for v in obj)
+    return obj
 
 
 RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng")  # in last.pt only: best.pt is what scoring needs
