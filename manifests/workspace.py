@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,17 @@ def safe_name(unit_id: str) -> str:
     if name in ("", ".", "..") or name.startswith(".."):
         name = "_" + name
     return name
+
+
+def _holder(path: Path) -> str:
+    """The note an exclusive holder writes into its lock file, which may not be written yet when it has just taken
+    the lock."""
+    for _ in range(20):
+        note = path.read_text(errors="replace").strip()
+        if note:
+            return note
+        time.sleep(0.01)
+    return "another process"
 
 
 class Workspace:
@@ -115,33 +127,37 @@ class Workspace:
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                holder = path.read_text(errors="replace").strip() or "another process"
+                holder = _holder(path)
                 raise WorkspaceError(
                     f"{self.root}: {what or name} is in use by {holder}; wait for it to finish "
                     f"(or use --shard I/N to split the work between processes)") from None
-            if not shared:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+            if not shared:  # written over the last holder's note, then cut: a reader never finds it empty
+                note = f"pid {os.getpid()} on {socket.gethostname()}".encode()
+                os.pwrite(fd, note, 0)
+                os.ftruncate(fd, len(note))
             yield
         finally:
             os.close(fd)
 
     def held(self, name: str) -> bool:
-        """Whether another process holds lock ``name`` (shared or exclusive) right now; takes it for no longer than
-        the test and writes nothing."""
+        """Whether another process holds lock ``name`` (shared or exclusive); takes it for no longer than the test
+        and writes nothing. Tried a few times: two processes testing at the same instant must not see each other's
+        test as a holder (a real one holds it for its whole run)."""
         path = self.manifests / "locks" / f"{name}.lock"
         if not path.exists():
             return False
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            return True
-        finally:
-            os.close(fd)  # closing releases the lock
-        return False
+        for _ in range(5):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return False
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            finally:
+                os.close(fd)  # closing releases the lock
+            time.sleep(0.01)
+        return True
 
     @contextmanager
     def reading(self, stage: str, reader: str) -> Iterator[None]:

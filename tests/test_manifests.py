@@ -199,6 +199,18 @@ def test_a_write_that_cannot_happen_names_the_users_path(tmp_path):
     assert list((tmp_path / "new/run").iterdir()) == []  # created, and the probe is gone
 
 
+def test_held_sees_shared_and_exclusive_holders_only_while_they_hold(tmp_path):
+    ws = Workspace(tmp_path / "ws").init()
+    assert not ws.held("extract.readers")  # no lock file yet
+    for shared in (True, False):
+        with ws.lock("extract.readers", shared=shared):
+            assert ws.held("extract.readers")
+            with pytest.raises(WorkspaceError, match="another dfpipe command is reading the extract outputs"):
+                ws.refuse_if_read("extract")
+        assert not ws.held("extract.readers")
+    ws.refuse_if_read("extract")
+
+
 def test_lock_refuses_a_second_writer(tmp_path):
     ws = Workspace(tmp_path / "ws").init()
     with ws.lock("toy"):
