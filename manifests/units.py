@@ -15,9 +15,10 @@ import os
 import shutil
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
@@ -287,53 +288,50 @@ def run_stage(ws: Workspace, spec: StageSpec, params: dict, units: list[Unit],
     unit_col = spec.row_columns[0]
     sharded = shard.count > 1
     summary = RunSummary(spec.name)
-    with ws.lock(spec.name, shared=sharded, what=f"the {spec.name} stage"):
-        with ws.lock(f"{spec.name}.{shard.name}", what=f"shard {shard.index}/{shard.count} of {spec.name}") \
-                if sharded else _null():
-            ws.refuse_if_read(spec.name)
-            save_params(ws, spec, params)
-            records = load_state(ws, spec, merge=False)
-            tmp_root = ws.tmp_dir(spec.name, shard)
-            shutil.rmtree(tmp_root, ignore_errors=True)  # leftovers of a killed run of this same writer
-            mine = [u for u in units if shard.owns(u.shard_key or u.id) and (only is None or only(u))]
-            summary.total = len(mine)
-            todo = []
-            for u in mine:
-                state = unit_state(ws, spec, params, u, records.get(u.id))
-                if state == "done":
-                    summary.skipped += 1
-                elif state == "failed" and not retry_failed:
-                    summary.skipped_failed += 1
+    with writer_lock(ws, spec, shard):
+        save_params(ws, spec, params)
+        records = load_state(ws, spec, merge=False)
+        tmp_root = ws.tmp_dir(spec.name, shard)
+        shutil.rmtree(tmp_root, ignore_errors=True)  # leftovers of a killed run of this same writer
+        mine = [u for u in units if shard.owns(u.shard_key or u.id) and (only is None or only(u))]
+        summary.total = len(mine)
+        todo = []
+        for u in mine:
+            state = unit_state(ws, spec, params, u, records.get(u.id))
+            if state == "done":
+                summary.skipped += 1
+            elif state == "failed" and not retry_failed:
+                summary.skipped_failed += 1
+            else:
+                todo.append(u)
+        journal = Journal(ws, spec, shard)
+        try:
+            results = run_parallel(lambda u: _do_unit(work, spec, u, tmp_root / safe_tmp(u.id)), todo,
+                                   workers=workers, timeout=timeout)
+            bar = tqdm(results, total=len(todo), desc=spec.name, unit="video", disable=not progress,
+                       dynamic_ncols=True)
+            for unit, ok, value in bar:
+                fp = fingerprint(spec, params, unit)
+                final = ws.unit_dir(spec.area, unit.id)
+                if ok:
+                    replace_dir(tmp_root / safe_tmp(unit.id), final)
+                    rel = ws.rel(final)
+                    for row in value.rows:
+                        row[unit_col] = unit.id
+                        for path_col, _ in spec.file_columns:
+                            if row.get(path_col):
+                                row[path_col] = f"{rel}/{row[path_col]}"
+                    journal.append(unit.id, Record("done", fp, "", value.info, value.rows))
+                    summary.ran += 1
                 else:
-                    todo.append(u)
-            journal = Journal(ws, spec, shard)
-            try:
-                results = run_parallel(lambda u: _do_unit(work, spec, u, tmp_root / safe_tmp(u.id)), todo,
-                                       workers=workers, timeout=timeout)
-                bar = tqdm(results, total=len(todo), desc=spec.name, unit="video", disable=not progress,
-                           dynamic_ncols=True)
-                for unit, ok, value in bar:
-                    fp = fingerprint(spec, params, unit)
-                    final = ws.unit_dir(spec.area, unit.id)
-                    if ok:
-                        replace_dir(tmp_root / safe_tmp(unit.id), final)
-                        rel = ws.rel(final)
-                        for row in value.rows:
-                            row[unit_col] = unit.id
-                            for path_col, _ in spec.file_columns:
-                                if row.get(path_col):
-                                    row[path_col] = f"{rel}/{row[path_col]}"
-                        journal.append(unit.id, Record("done", fp, "", value.info, value.rows))
-                        summary.ran += 1
-                    else:
-                        shutil.rmtree(final, ignore_errors=True)  # outputs of an older input are stale now
-                        shutil.rmtree(tmp_root / safe_tmp(unit.id), ignore_errors=True)
-                        journal.append(unit.id, Record("failed", fp, value))
-                        summary.failed.append((unit.id, value))
-            finally:
-                journal.close()
-            shutil.rmtree(tmp_root, ignore_errors=True)
-            _rmdir_empty(tmp_root.parent)
+                    shutil.rmtree(final, ignore_errors=True)  # outputs of an older input are stale now
+                    shutil.rmtree(tmp_root / safe_tmp(unit.id), ignore_errors=True)
+                    journal.append(unit.id, Record("failed", fp, value))
+                    summary.failed.append((unit.id, value))
+        finally:
+            journal.close()
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        _rmdir_empty(tmp_root.parent)
     # the last writer standing folds all journals into the tables and drops units that left the input
     load_state(ws, spec, merge=True, keep=None if sharded else [u.id for u in units])
     return summary
@@ -350,12 +348,19 @@ def _rmdir_empty(path: Path) -> None:
         pass
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+@contextmanager
+def writer_lock(ws: Workspace, spec: StageSpec, shard: Shard) -> Iterator[None]:
+    """A writer's locks on its stage: exclusive, or shared between the shards of a sharded run (each holding its own
+    shard's); refused while another command reads the stage's outputs (see `Workspace.reading`)."""
+    if shard.count == 1:
+        with ws.lock(spec.name, what=f"the {spec.name} stage"):
+            ws.refuse_if_read(spec.name)
+            yield
+        return
+    with ws.lock(spec.name, shared=True, what=f"the {spec.name} stage"), \
+            ws.lock(f"{spec.name}.{shard.name}", what=f"shard {shard.index}/{shard.count} of {spec.name}"):
+        ws.refuse_if_read(spec.name)
+        yield
 
 
 # ---------------------------------------------------------------- verify

@@ -8,7 +8,8 @@ import cv2
 from tqdm import tqdm
 
 from ..manifests.table import read_table, write_table
-from ..manifests.units import StageSpec, Unit, UnitError, UnitOutput, load_state, run_stage, sha256_file
+from ..manifests.units import (StageSpec, Unit, UnitError, UnitOutput, load_state, run_stage, sha256_file,
+                               writer_lock)
 from ..manifests.workspace import Shard, Workspace, WorkspaceError
 from .discover import Discovery, discover
 from .video import FrameReader, VideoError, probe
@@ -91,8 +92,8 @@ def run_extract(ws: Workspace, input_path: str | Path, cfg, *, dataset: str = "a
         raise WorkspaceError(f"{ws.root}: {len(gone)} video(s) extracted earlier are not in {input_path} (e.g. "
                              f"{gone[0]}); give the earlier INPUT, or pass --prune to delete their frames and crops")
     ws.init()
-    with ws.lock(SPEC.name, shared=shard.count > 1, what="the extract stage"):
-        ws.refuse_if_read(SPEC.name)  # now, before hashing every video, as run_stage would after it
+    with writer_lock(ws, SPEC, shard):
+        pass  # refused now, before hashing every video, rather than by run_stage after it
     videos = build_videos_table(ws, found, progress)
     params = params_of(cfg)
     summary = run_stage(ws, SPEC, params, units_of(videos),
