@@ -32,6 +32,11 @@ CELEB_FAKE = re.compile(r"(id\d+)_(id\d+)_(\d+)")          # id0_id1_0000: frame
 CELEB_TEST_LIST = "List_of_testing_videos.txt"
 LABEL_PREFIX = re.compile(r"^(real|fake)[\s_\-.]*", re.IGNORECASE)
 CSV_LABELS = {"real": "real", "fake": "fake", "0": "real", "1": "fake"}
+SWAP_DONORS = ("is grouped with the {} whose video it was made from; a face donor's own videos may sit in another "
+               "split (the swaps connect nearly every identity)")
+CELEB_GROUPS_NOTE = {False: "Celeb-DF: each fake " + SWAP_DONORS.format("identity"),
+                     True: "Celeb-DF: splits follow the official test list video by video (a fake with its source "
+                           "video); identities are shared between train and test, as in the official protocol"}
 
 
 class DiscoveryError(ValueError):
@@ -185,22 +190,25 @@ def _ffpp(root: Path) -> tuple[list[dict], list[str]]:
         identity = path.stem if kind == "youtube" else f"actor{actor[1]}" if actor else f"{kind}/{path.stem}"
         split = split_of.get(path.stem, "") if kind == "youtube" else ""
         drafts.append(_draft(vid(kind, c, path.stem), path, "real", [identity], split=split))
-    unparsed = 0
+    unparsed = dfd_fakes = 0
     for method, c, path in fakes:
         pair, dfd = FFPP_PAIR.fullmatch(path.stem), FFPP_DFD_FAKE.fullmatch(path.stem)
         if pair:
             target, face = pair.groups()
             source, identities = vid("youtube", c, target), [target, face]
             split = split_of.get(target) or split_of.get(face, "")
-        elif dfd:
+        elif dfd:  # grouped with the actor whose video it was made from, as Celeb-DF's fakes (see _celebdf)
             target, face, scene, _ = dfd.groups()
-            source, identities, split = vid("actors", c, f"{target}__{scene}"), [f"actor{target}", f"actor{face}"], ""
+            source, identities, split = vid("actors", c, f"{target}__{scene}"), [f"actor{target}"], ""
+            dfd_fakes += 1
         else:
             unparsed += 1
             source, identities, split = "", [f"{method}/{path.stem}"], ""
         drafts.append(_draft(vid(method, c, path.stem), path, "fake", identities, source_id=source, split=split,
                              method=method))
     notes = [f"{unparsed} FF++ fake(s) named neither TARGET_FACE nor DeepFakeDetection-style"] if unparsed else []
+    if dfd_fakes:
+        notes.append("DeepFakeDetection: each fake " + SWAP_DONORS.format("actor"))
     return drafts, notes
 
 
@@ -270,6 +278,11 @@ def _dfdc(root: Path) -> tuple[list[dict], list[str]]:
 # --- Celeb-DF ----------------------------------------------------------------------------------------------
 
 def _celebdf(root: Path) -> tuple[list[dict], list[str]]:
+    """Celeb-DF's face swaps connect nearly every identity (id0's video with id1's face, id1's with id2's, ...), so
+    grouping a fake with both identities would put the whole dataset in one group and leave val with one class.
+    A fake is grouped with the identity whose video it was made from. With the official test list, groups are
+    single videos (a real and the fakes made from it, through their source): the official protocol shares
+    identities between train and test, and grouping by identity would pull whole identities into test."""
     tests = _celeb_tests(root)
     drafts = []
     for folder, label in (("Celeb-real", "real"), ("Celeb-synthesis", "fake"), ("YouTube-real", "real")):
@@ -277,14 +290,13 @@ def _celebdf(root: Path) -> tuple[list[dict], list[str]]:
         for path in video_files(top.rglob("*"), top) if top.is_dir() else []:
             video_id = _id_of(path, root)
             real, fake = CELEB_REAL.fullmatch(path.stem), CELEB_FAKE.fullmatch(path.stem)
-            if label == "fake" and fake:
-                identities, source = [fake[1], fake[2]], f"Celeb-real/{fake[1]}_{fake[3]}"
-            else:
-                identities, source = [real[1] if folder == "Celeb-real" and real else video_id], ""
+            source = f"Celeb-real/{fake[1]}_{fake[3]}" if label == "fake" and fake else ""
+            identity = fake[1] if source else real[1] if folder == "Celeb-real" and real else video_id
             split = "" if tests is None else "test" if video_id in tests else "train"
-            drafts.append(_draft(video_id, path, label, identities, source_id=source, split=split,
-                                 method=folder if label == "fake" else ""))
-    return drafts, []
+            drafts.append(_draft(video_id, path, label, [video_id if tests is not None else identity],
+                                 source_id=source, split=split, method=folder if label == "fake" else ""))
+    swaps = any(d["source_id"] for d in drafts)
+    return drafts, [CELEB_GROUPS_NOTE[tests is not None]] if swaps else []
 
 
 def _celeb_tests(root: Path) -> set[str] | None:

@@ -10,7 +10,8 @@ A group's split, in order of precedence:
      (if two old groups get merged, or the videos table now states a different official split, a note says so);
   2. the official split of its videos (if they disagree, the most restrictive one, test > val > train, wins
      and a note says so: training on a video of an official test group would leak, the other way round
-     only costs training data);
+     only costs training data). An official 'train' binds only where its dataset names a val (test) split
+     of its own; otherwise val (test) is carved out of it by step 3;
   3. a seeded hash of (seed, group) compared with the fractions, so a new group's split does not depend on
      which other new groups arrived with it. Groups without an official split are stratified by label (a
      group with any fake is 'fake'); only when a stratum of >= 2 groups would otherwise leave a wanted
@@ -34,6 +35,7 @@ VIDEOS = "manifests/videos.csv"
 FACES = "manifests/faces.csv"
 PAIRS = "manifests/training_pairs.csv"
 
+SPLIT_SETTINGS = ("seed", "val_fraction", "test_fraction")  # what a split was drawn with
 COLUMNS = ["fake_id", "real_id", "split", "group", "dataset", "method", "fake_digest", "real_digest"]
 SORT_KEYS = ["group", "real_id", "fake_id"]
 SPLITS = ("train", "val", "test")
@@ -163,26 +165,68 @@ def _assign_splits(videos: pd.DataFrame, group_of: pd.Series, previous: pd.DataF
     notes = []
     table = videos.assign(group_name=group_of.to_numpy())
     official = table[table.split != ""].groupby("group_name").split.agg(set).to_dict()
+    pools = _hashed_pools(table, official, val_fraction, test_fraction, notes)
+    hashed = {g for groups in pools.values() for g in groups}
     old = _previous_splits(previous, videos, group_of)
-    fixed = {}
+    fixed, forced = {}, {}
     for group in sorted(set(table.group_name)):
+        binding = official.get(group) if group not in hashed else None
         if group in old:
             fixed[group] = _most_restrictive(old[group])
             if len(old[group]) > 1:
-                notes.append(f"group '{group}' merges previously separate splits {sorted(old[group])}: "
-                             f"now {fixed[group]}")
-            if group in official and _most_restrictive(official[group]) != fixed[group]:
-                notes.append(f"group '{group}' keeps previous split {fixed[group]} over official "
-                             f"{sorted(official[group])}")
-        elif group in official:
-            fixed[group] = _most_restrictive(official[group])
-            if len(official[group]) > 1:
-                notes.append(f"group '{group}' has official splits {sorted(official[group])}: using {fixed[group]}")
+                forced.setdefault("merges previously separate splits", []).append((group, old[group]))
+            if binding and _most_restrictive(binding) != fixed[group]:
+                forced.setdefault(f"keeps previous split {fixed[group]} over official", []).append((group, binding))
+        elif binding:
+            fixed[group] = _most_restrictive(binding)
+            if len(binding) > 1:
+                forced.setdefault("has official splits", []).append((group, binding))
+    for what, cases in forced.items():
+        group, splits = cases[0]
+        case = f"group '{group}' {what} {sorted(splits)}" + ("" if what.startswith("keeps") else
+                                                             f": {'now' if 'merges' in what else 'using'} "
+                                                             f"{fixed[group]}")
+        notes.append(case + (f" (and {len(cases) - 1} more groups)" if len(cases) > 1 else ""))
     has_fake = (table.label == "fake").groupby(table.group_name).any()
-    pool = {g: "fake" if fake else "real" for g, fake in has_fake.items() if g not in official}
-    seeded = _seeded_splits(pool, {g: s for g, s in fixed.items() if g in pool}, seed=seed,
-                            val_fraction=val_fraction, test_fraction=test_fraction)
-    return {**fixed, **seeded}, notes
+    split_of = dict(fixed)
+    for (val, test), groups in pools.items():
+        pool = {g: "fake" if has_fake[g] else "real" for g in groups}
+        split_of.update(_seeded_splits(pool, {g: fixed[g] for g in groups if g in fixed}, seed=seed,
+                                       val_fraction=val, test_fraction=test))
+    largest = table.group_name.value_counts()
+    if val_fraction + test_fraction > 0 and largest.iloc[0] > max(1 - val_fraction - test_fraction, 0.5) * len(table):
+        notes.append(f"group '{largest.index[0]}' holds {largest.iloc[0]} of {len(table)} videos: the splits cannot "
+                     "follow pairs.val_fraction/test_fraction (its identities or sources connect most videos)")
+    return split_of, notes
+
+
+def _hashed_pools(table: pd.DataFrame, official: dict[str, set[str]], val_fraction: float, test_fraction: float,
+                  notes: list[str]) -> dict[tuple[float, float], list[str]]:
+    """(val, test fractions) -> the groups hashed with them. Groups without an official split get both. An official
+    'train' binds only where the dataset names its own val (or test) split: DFDC's metadata calls every video
+    train, Celeb-DF every video outside its test list, and without carving val out of those there is none."""
+    pools: dict[tuple[float, float], list[str]] = {}
+    named = table[table.split != ""].groupby("dataset").split.agg(set).to_dict()
+    datasets = table.groupby("group_name").dataset.agg(set).to_dict()
+    carved: set[str] = set()
+    for group in sorted(datasets):
+        splits = official.get(group)
+        if splits is None:
+            pools.setdefault((val_fraction, test_fraction), []).append(group)
+            continue
+        if splits != {"train"}:
+            continue
+        present = set().union(*(named.get(d, set()) for d in datasets[group]))
+        val = 0.0 if "val" in present else val_fraction
+        test = 0.0 if "test" in present else test_fraction
+        if val or test:
+            pools.setdefault((val, test), []).append(group)
+            carved |= datasets[group]
+    for dataset in sorted(carved):
+        missing = [s for s in ("val", "test") if s not in named.get(dataset, set())]
+        notes.append(f"{dataset}: no official {' or '.join(missing)} split: carved from its official train split "
+                     "by pairs.seed and the fractions")
+    return pools
 
 
 def build_training_pairs(videos: pd.DataFrame, faces: pd.DataFrame, previous: pd.DataFrame | None, *, seed: int,

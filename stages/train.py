@@ -147,11 +147,26 @@ def faces_table(ws: Workspace) -> pd.DataFrame:
 
 
 def update_pairs(ws: Workspace, videos: pd.DataFrame, faces: pd.DataFrame, pairs_cfg) -> pd.DataFrame:
-    """Rebuilds training_pairs.csv; the previous one is passed in so old groups never change split."""
+    """Rebuilds training_pairs.csv; the previous one is passed in so old groups never change split, unless the
+    settings it was drawn with (kept beside it) changed: a new seed or fraction is a request for new splits, and
+    keeping the old ones would silently ignore it (cross-validation folds would all be the same split)."""
     path = ws.root / pairs_mod.PAIRS
+    settings_path = path.with_suffix(".json")
+    settings = {k: pairs_cfg[k] for k in pairs_mod.SPLIT_SETTINGS}
     previous = read_table(path, pairs_mod.COLUMNS) if path.exists() else None
+    if previous is not None and settings_path.exists():
+        try:
+            drawn_with = json.loads(settings_path.read_text(encoding="utf-8"))
+            changed = [f"pairs.{k} {drawn_with[k]} -> {v}" for k, v in settings.items() if drawn_with[k] != v]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TrainError(f"{settings_path}: unreadable ({type(e).__name__}); delete it to keep the current "
+                             "splits") from None
+        if changed:
+            tqdm.write(f"note: {', '.join(changed)}: splits drawn anew (official splits still apply)")
+            previous = None
     pairs = pairs_mod.build_training_pairs(videos, faces, previous, **pairs_cfg)
     write_table(path, pairs, pairs_mod.COLUMNS)
+    atomic_write_bytes(settings_path, json.dumps(settings, sort_keys=True).encode() + b"\n")
     for note in pairs.attrs["notes"]:
         tqdm.write(f"note: {note}")
     return pairs
@@ -179,6 +194,12 @@ def make_loaders(root: Path, faces: pd.DataFrame, labels: dict[str, dict[str, in
         empty = "train" if len(train_ds) == 0 else "val"
         raise TrainError(f"{root / pairs_mod.PAIRS}: the {empty} split has no track of at least dataset.clip_len="
                          f"{cfg.dataset.clip_len} frames (more videos, pairs.val_fraction or a shorter clip_len)")
+    one_class = [name for label, name in ((0, "real"), (1, "fake")) if label not in set(val_ds.item_labels)]
+    if one_class:
+        held = sum(1 for v in labels["val"].values() if v == (one_class[0] == "fake"))
+        raise TrainError(f"{root / pairs_mod.PAIRS}: the val split has no {one_class[0]} clip ({held} {one_class[0]} "
+                         "video(s) in it): early stopping, calibration and the threshold need both classes (more "
+                         "videos, pairs.val_fraction, or official splits that give val both)")
     missing = [name for label, name in ((0, "real"), (1, "fake")) if label not in set(train_ds.item_labels)]
     if cfg.dataset.balanced and missing:
         held = sum(1 for v in labels["train"].values() if v == (missing[0] == "fake"))

@@ -108,12 +108,14 @@ def test_ffpp_deepfakedetection_and_unparsable_names(tmp_path):
     fake = rows["DeepFakeDetection/01_02__meeting_serious__YVGY8LOK"]
     assert fake["source_id"] == "actors/01__meeting_serious"
     assert fake["method"] == "DeepFakeDetection"
-    assert fake["group"] == rows["actors/01__meeting_serious"]["group"] == rows["actors/02__walking"]["group"]
-    assert fake["group"] == "ffpp:actor01"
+    # Grouped with the actor whose video it was made from, not with its face donor too (swaps chain all actors).
+    assert fake["group"] == rows["actors/01__meeting_serious"]["group"] == "ffpp:actor01"
+    assert rows["actors/02__walking"]["group"] == "ffpp:actor02"
     odd = rows["FaceShifter/odd name é"]
     assert (odd["label"], odd["source_id"], odd["group"]) == ("fake", "", "ffpp:FaceShifter/odd name é")
-    assert d.notes == ["1 FF++ fake(s) named neither TARGET_FACE nor DeepFakeDetection-style",
-                       "1 fake video(s) have no known source (e.g. FaceShifter/odd name é)"]
+    assert d.notes[0] == "1 FF++ fake(s) named neither TARGET_FACE nor DeepFakeDetection-style"
+    assert d.notes[1].startswith("DeepFakeDetection: each fake is grouped with the actor whose video it was made from")
+    assert d.notes[2:] == ["1 fake video(s) have no known source (e.g. FaceShifter/odd name é)"]
 
 
 def test_ffpp_fake_without_its_real_on_disk_is_noted(tmp_path):
@@ -191,8 +193,8 @@ def test_celebdf_sources_groups_methods(tmp_path):
     rows = by_id(d)
     fake = rows["Celeb-synthesis/id0_id1_0000"]
     assert (fake["label"], fake["source_id"], fake["method"]) == ("fake", "Celeb-real/id0_0000", "Celeb-synthesis")
-    assert {rows[v]["group"] for v in ("Celeb-real/id0_0000", "Celeb-real/id1_0003", "Celeb-synthesis/id0_id1_0000")} \
-        == {"celebdf:id0"}
+    assert {rows[v]["group"] for v in ("Celeb-real/id0_0000", "Celeb-synthesis/id0_id1_0000")} == {"celebdf:id0"}
+    assert rows["Celeb-real/id1_0003"]["group"] == "celebdf:id1"  # the face donor stays in its own group
     assert rows["Celeb-synthesis/id2_id3_0001"]["group"] == rows["Celeb-real/id2_0001"]["group"] == "celebdf:id2"
     assert rows["YouTube-real/00000"]["group"] == "celebdf:YouTube-real/00000"
     assert rows["YouTube-real/00170"]["group"] == "celebdf:YouTube-real/00170"
@@ -207,6 +209,11 @@ def test_celebdf_official_test_list(tmp_path):
     splits = {r["video_id"]: r["split"] for r in discover(tmp_path).rows}
     assert [v for v, s in splits.items() if s == "test"] == ["Celeb-synthesis/id2_id3_0001", "YouTube-real/00170"]
     assert sum(s == "train" for s in splits.values()) == 5
+    # With the official list, groups are single videos (a fake joins its source through source_id, in pairs).
+    rows = by_id(discover(tmp_path))
+    assert rows["Celeb-real/id0_0000"]["group"] == "celebdf:Celeb-real/id0_0000"
+    assert rows["Celeb-real/id2_0001"]["group"] != rows["Celeb-synthesis/id2_id3_0001"]["group"]
+
 
 
 # --- real/ + fake/ folders ---------------------------------------------------------------------------------

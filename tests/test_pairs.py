@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from dfpipe.pipeline.config import load_config
+from dfpipe.stages.discover import discover
 from dfpipe.stages.pairs import COLUMNS, build_training_pairs, crop_digests, pairs_digest, split_videos
 
 VIDEO_COLUMNS = ["video_id", "path", "label", "source_id", "group", "split", "dataset", "method", "size", "sha256",
@@ -100,10 +101,51 @@ def test_dfdc_fakes_with_missing_originals_are_listed_and_grouped_by_original():
     videos = videos_table([video("a.mp4", "fake", source_id="orig.mp4", split="train", dataset="dfdc"),
                            video("b.mp4", "fake", source_id="orig.mp4", dataset="dfdc"),
                            video("c.mp4", "fake", source_id="other.mp4", split="train", dataset="dfdc")])
-    pairs = build(videos)
+    pairs = build(videos, val_fraction=0.0, test_fraction=0.0)
     assert pairs[["fake_id", "real_id", "group", "split"]].values.tolist() == [
         ["a.mp4", "", "a.mp4", "train"], ["b.mp4", "", "a.mp4", "train"], ["c.mp4", "", "c.mp4", "train"]]
     assert list(pairs.columns) == COLUMNS
+
+
+def test_dfdc_official_train_split_is_carved_for_val_and_test():
+    """DFDC's metadata calls every video train: binding that left no val at all."""
+    videos = videos_table(filler(40, "d", dataset="dfdc") + filler(20, "r", fakes=False, dataset="dfdc"))
+    videos["split"] = "train"
+    pairs = build(videos, val_fraction=0.2, test_fraction=0.1)
+    shares = pairs.drop_duplicates("group").split.value_counts()
+    assert set(shares.index) == {"train", "val", "test"} and shares["val"] >= 6, shares.to_dict()
+    assert pairs.attrs["notes"] == ["dfdc: no official val or test split: carved from its official train split by "
+                                    "pairs.seed and the fractions"]
+    # A dataset that names its own val and test keeps its train split whole.
+    ffpp = videos_table([{**v, "dataset": "ffpp", "split": "train"} for v in filler(10, "f")]
+                        + [video("v", "real", group="v", split="val", dataset="ffpp"),
+                           video("t", "real", group="t", split="test", dataset="ffpp")])
+    kept = build(ffpp, val_fraction=0.5)
+    assert set(kept.split[kept.group.str.startswith("f:")]) == {"train"} and kept.attrs["notes"] == []
+
+
+def test_celebdf_swaps_do_not_collapse_into_one_group(tmp_path):
+    """Identity i's video with identity i+1's face, in a ring: grouping a fake with both identities made one group of
+    every video, which the split could not divide (val had no fake, or nothing)."""
+    n = 12
+    for i in range(n):
+        for name in (f"Celeb-real/id{i}_0000.mp4", f"Celeb-synthesis/id{i}_id{(i + 1) % n}_0000.mp4"):
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_bytes(b"")
+    found = discover(tmp_path)
+    videos = pd.DataFrame(found.rows).assign(**{c: "" for c in VIDEO_COLUMNS[8:]})
+    assert videos.group.nunique() == n
+    splits = split_videos(build(videos, val_fraction=0.2, test_fraction=0.0))
+    for split in ("train", "val"):
+        assert {v.split("/")[0] for v in splits[split]} == {"Celeb-real", "Celeb-synthesis"}, split
+    assert len(splits["train"]) >= n
+
+
+def test_one_group_holding_most_videos_is_noted():
+    videos = videos_table(filler(6, "g") + [video(f"g0_{k}", "fake", source_id="g0", group="g:0") for k in range(30)])
+    notes = build(videos, val_fraction=0.2, test_fraction=0.1).attrs["notes"]
+    assert notes == ["group 'g:0' holds 32 of 42 videos: the splits cannot follow pairs.val_fraction/test_fraction "
+                     "(its identities or sources connect most videos)"]
 
 
 def test_reals_without_fakes_get_their_own_row():

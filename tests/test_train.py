@@ -212,6 +212,43 @@ def test_a_train_split_without_real_clips_is_explained(workspace):
         make_loaders(workspace, faces, labels, {}, tiny_cfg(), Ranks(0, 1, torch.device("cpu")))
 
 
+def test_a_val_split_with_one_class_is_refused(workspace):
+    """Validation with reals only picks the epoch that leans most to 'real' and fits calibration to nothing."""
+    faces = faces_table(Workspace(workspace))
+    videos = sorted(set(faces.video_id[faces.status == "face"]))
+    labels = {"train": {v: int(v.startswith("fake")) for v in videos if v not in VAL},
+              "val": {v: 0 for v in VAL if v.startswith("real")}}
+    with pytest.raises(TrainError, match=r"training_pairs.csv: the val split has no fake clip \(0 fake video\(s\) in "
+                                         r"it\): early stopping, calibration and the threshold need both classes"):
+        make_loaders(workspace, faces, labels, {}, tiny_cfg(), Ranks(0, 1, torch.device("cpu")))
+
+
+def test_new_split_settings_draw_the_splits_anew(tmp_path, capsys):
+    """The previous manifest outranks the hash (stable splits as data grows), but not a new seed or fraction."""
+    (tmp_path / "manifests").mkdir()
+    ws = Workspace(tmp_path)
+    videos = pd.DataFrame([dict(video_id=f"{label}_{k:02d}", label=label, group="", split="", dataset="d",
+                                method="", source_id=f"real_{k:02d}" if label == "fake" else "")
+                           for k in range(30) for label in ("real", "fake")])
+    faces = pd.DataFrame(columns=["video_id", "frame_index", "status", "track_id", "hq_sha256", "lq_sha256"])
+    cfg = dict(load_config().pairs)
+    first = train_mod.update_pairs(ws, videos, faces, cfg)
+    grown = pd.concat([videos, videos.assign(video_id=videos.video_id + "_b", source_id=videos.source_id + "_b")
+                      .replace({"source_id": {"_b": ""}})])
+    again = train_mod.update_pairs(ws, grown, faces, cfg)
+    assert again.set_index(["real_id", "fake_id"]).split.loc[first.set_index(["real_id", "fake_id"]).index].tolist() \
+        == first.split.tolist()
+    assert "drawn anew" not in capsys.readouterr().out
+    redrawn = train_mod.update_pairs(ws, videos, faces, {**cfg, "seed": 1, "test_fraction": 0.2})
+    assert (redrawn.split == "test").any()
+    assert "note: pairs.seed 0 -> 1, pairs.test_fraction 0.0 -> 0.2: splits drawn anew" in capsys.readouterr().out
+    fresh = pairs_mod.build_training_pairs(videos, faces, None, **{**cfg, "seed": 1, "test_fraction": 0.2})
+    assert redrawn.equals(fresh)
+    (tmp_path / "manifests" / "training_pairs.json").write_text("{")
+    with pytest.raises(TrainError, match=r"training_pairs.json: unreadable \(JSONDecodeError\); delete it"):
+        train_mod.update_pairs(ws, videos, faces, cfg)
+
+
 def test_align_cannot_rewrite_crops_while_training_reads_them(workspace, tmp_path, monkeypatch):
     seen = []
 
