@@ -222,12 +222,12 @@ def parse_override(text: str) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[Mapping] | None = None) -> Config:
-    with open(DEFAULTS_PATH) as f:
+    with open(DEFAULTS_PATH, "rb") as f:
         cfg = read_yaml(f)
     defaults = copy.deepcopy(cfg)
     if path is not None:
         try:
-            with open(path) as f:
+            with open(path, "rb") as f:  # bytes: PyYAML reads UTF-8 and, by their BOM, UTF-16 files
                 user = read_yaml(f) or {}
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None

@@ -19,7 +19,7 @@ from ..manifests.units import (StageSpec, Unit, UnitError, UnitOutput, complete,
 from ..manifests.workspace import Shard, Workspace
 from ..pipeline.workers import prefetch
 from . import extract
-from .faces import FaceDetector, FaceStream, align_face, resolve_device, select_tracks
+from .faces import FaceDetector, FaceStream, align_face, no_face_reason, resolve_device, select_tracks
 from .video import Frame
 
 FACE_COLUMNS = ["video_id", "frame_index", "timestamp", "status", "track_id", "x1", "y1", "x2", "y2", "prob",
@@ -105,7 +105,7 @@ def _write_crops(out_dir: Path, track: int, index: int, hq: np.ndarray, lq: np.n
     return names
 
 
-def _finish(unit: Unit, rows: list[dict], mode: str) -> UnitOutput:
+def _finish(unit: Unit, rows: list[dict], mode: str, min_track_len: int) -> UnitOutput:
     """Frames whose faces were all dropped become no_face rows; a video without any face is a failure."""
     by_frame: dict[int, list[dict]] = {}
     for r in rows:
@@ -117,7 +117,7 @@ def _finish(unit: Unit, rows: list[dict], mode: str) -> UnitOutput:
                           "track_id": -1, "mode": mode}]
     with_face = len({r["frame_index"] for r in out if r["status"] == "face"})
     if not with_face:
-        raise UnitError(f"{unit.id}: no face found in {len(unit.payload['frames'])} sampled frames")
+        raise UnitError(no_face_reason(bool(rows), min_track_len, len(unit.payload["frames"])))
     tracks = len({r["track_id"] for r in out if r["status"] == "face"})
     return UnitOutput(out, {"mode": mode, "frames": len(unit.payload["frames"]), "frames_with_face": with_face,
                             "tracks": tracks})
@@ -139,7 +139,7 @@ def align_detect(ws: Workspace, unit: Unit, out_dir: Path, detector: FaceDetecto
             for col in ("hq_path", "lq_path"):
                 (out_dir / r[col]).unlink()
             r["status"] = "dropped"
-    return _finish(unit, rows, mode)
+    return _finish(unit, rows, mode, align_cfg["min_track_len"])
 
 
 def _faces_at(rows: list[dict]) -> dict[int, list[dict]]:
@@ -186,7 +186,7 @@ def align_pair(ws: Workspace, unit: Unit, out_dir: Path, source_rows: list[dict]
             names = _write_crops(out_dir, track, frame.index, hq, lq, align_cfg["jpeg_quality"])
             rows.append(_face_row(frame.index, frame.timestamp, track, _box(r), float(r["prob"]), landmarks,
                                   float(r["scale"]), "pair", *names))
-    return _finish(unit, rows, "pair")
+    return _finish(unit, rows, "pair", align_cfg["min_track_len"])
 
 
 def run_align(ws: Workspace, cfg, *, shard: Shard = Shard(), retry_failed: bool = False, progress: bool = True):

@@ -124,6 +124,8 @@ def _check_id(video_id: str, path: str) -> None:
     """Ids name output folders: an absolute id or a '..' component would write outside the workspace."""
     if any(part in ("", ".", "..") for part in video_id.split("/")):
         raise DiscoveryError(f"{path}: unsafe video_id '{video_id}' (empty, absolute or '.'/'..' component)")
+    if any(ord(c) < 32 for c in video_id):  # a line break would split every one-line message and CSV row about it
+        raise DiscoveryError(f"{path!r}: the name holds a line break or another control character; rename it")
 
 
 def _union_groups(identities: list[list[str]]) -> list[str]:
@@ -347,13 +349,15 @@ def _folders(root: Path) -> tuple[list[dict], list[str]]:
 # --- explicit CSV ------------------------------------------------------------------------------------------
 
 def _csv(path: Path) -> tuple[list[dict], list[str]]:
+    """A listed file that is not on disk stays in (as a broken symlink does): extract fails it with the reason,
+    as score-video does, rather than a note that is easy to miss."""
     table = _read_table(path)
     base = path.parent
     files = [Path(os.path.abspath(base / p)) for p in table["path"]]
-    present = [f.is_file() for f in files]
-    notes = [f"{path}: {present.count(False)} listed video(s) are not on disk and were skipped "
-             f"(e.g. {files[present.index(False)]})"] if not all(present) else []
-    table, files = table[present].reset_index(drop=True), [f for f, ok in zip(files, present) if ok]
+    first_row: dict[Path, int] = {}
+    for i, f in enumerate(files):
+        if first_row.setdefault(f, i) != i:
+            raise DiscoveryError(f"{path}: row {i + 1}: {table.loc[i, 'path']!r} is the file of row {first_row[f] + 1}")
     ids = [_csv_id(f, base) for f in files]
     id_by_key = {**{i: i for i in ids}, **{str(f): i for f, i in zip(files, ids)}}
 
@@ -371,7 +375,7 @@ def _csv(path: Path) -> tuple[list[dict], list[str]]:
     source_of = dict(zip(ids, sources))
     drafts = [_draft(i, f, lab, [_csv_group(i, source_of, explicit)], source_id=s, split=sp)
               for i, f, lab, s, sp in zip(ids, files, labels, sources, table["split"])]
-    return drafts, notes
+    return drafts, []
 
 
 def read_user_csv(path: Path, required: tuple[str, ...], header: str) -> pd.DataFrame:
@@ -396,8 +400,7 @@ def _read_table(path: Path) -> pd.DataFrame:
     table = table.apply(lambda col: col.str.strip())
     checks = (("path", table["path"] == "", "empty path"),
               ("label", ~table["label"].str.lower().isin(list(CSV_LABELS)), "label {} is not real, fake, 0 or 1"),
-              ("split", ~table["split"].isin(["", *SPLITS]), "split {} is not train, val, test or empty"),
-              ("path", table["path"].duplicated(), "path {} is listed twice"))
+              ("split", ~table["split"].isin(["", *SPLITS]), "split {} is not train, val, test or empty"))
     for column, bad, reason in checks:
         if bad.any():
             i = int(bad.to_numpy().argmax())

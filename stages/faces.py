@@ -245,6 +245,13 @@ def align_face(frame: np.ndarray, landmarks: np.ndarray, *, margin, hq_size, lq_
     return hq, lq, matrix
 
 
+def no_face_reason(faces_seen: bool, min_track_len: int, frames: int) -> str:
+    """Why a video has no usable face, said alike by align and score-video: none found, or only in tracks too
+    short to keep (a face the user can see in the video)."""
+    what = f"no face track of at least {min_track_len} sampled frames" if faces_seen else "no face found"
+    return f"{what} in {frames} sampled frames"
+
+
 def select_tracks(track_lengths: dict[int, int], track_sizes: dict[int, float], *, min_track_len, max_faces,
                   **_) -> set[int]:
     """Short tracks are mostly false positives; extra small faces are background people."""

@@ -45,7 +45,7 @@ from .aggregate import RULE_KEYS, RULES, video_score
 from .dataset import clip_positions
 from .discover import CSV_LABELS, read_user_csv, video_files
 from .evaluate import binary_metrics, write_plots
-from .faces import FaceDetector, FaceStream, FrameFaces, resolve_device, select_tracks
+from .faces import FaceDetector, FaceStream, FrameFaces, no_face_reason, resolve_device, select_tracks
 from .train import LABELS, amp_dtype, load_checkpoint, model_from_checkpoint
 from .video import FrameReader, VideoError
 
@@ -115,10 +115,15 @@ def read_labels(path: str | Path) -> dict[str, str]:
     table = read_user_csv(path, ("path", "label"), "path,label")
     labels: dict[str, str] = {}
     names: dict[str, set[str]] = {}
+    rows: dict[str, int] = {}
     for i, (p, value) in enumerate(zip(table["path"], table["label"])):
         label = _label(value, f"{path}: row {i + 1}")
         if label is not None:
-            labels[os.path.abspath(path.parent / p.strip())] = label
+            key = os.path.abspath(path.parent / p.strip())
+            if labels.setdefault(key, label) != label:
+                raise ScoreError(f"{path}: row {i + 1}: {p.strip()!r} is labelled {labels[key]} in row "
+                                 f"{rows[key] + 1} and {label} here")
+            rows.setdefault(key, i)
             names.setdefault(Path(p.strip()).name, set()).add(label)
     return {**{n: next(iter(v)) for n, v in names.items() if len(v) == 1}, **labels}
 
@@ -405,10 +410,10 @@ class _Job:
 
 
 def _is_empty(path: str, reader: FrameReader | None) -> bool:
-    """0 bytes, or a container whose decoders finished without error and without a frame."""
+    """0 bytes, or a container that promises no frame and whose decoders found none, without error."""
     if reader is None:
         return os.path.isfile(path) and os.path.getsize(path) == 0
-    return not reader.errors and not reader.count
+    return not reader.errors and not reader.count and not reader.promised_frames()
 
 
 def _video_clips(job: _Job, scoring: Scoring, detector: FaceDetector) -> Iterator[tuple[Clip, np.ndarray, np.ndarray]]:
@@ -441,8 +446,7 @@ def _result(job: _Job, scoring: Scoring) -> dict:
         status, reason = "empty", "no frame decoded"
     elif status == "ok" and not clips:
         status = "no_face"
-        reason = (f"no face track of at least {scoring.align['min_track_len']} sampled frames" if job.face_frames
-                  else "no face found") + f" in {job.frames_sampled} sampled frames"
+        reason = no_face_reason(bool(job.face_frames), scoring.align["min_track_len"], job.frames_sampled)
     tracks = sorted({c.track for c in clips}) if status == "ok" else []
     with_face = set().union(*(job.face_frames.get(t, []) for t in tracks))
     return decide({"path": job.video.path, "status": status, "reason": reason, "frames_sampled": job.frames_sampled,
@@ -517,6 +521,27 @@ def output_paths(out: str | Path, shard: Shard) -> tuple[Path, Path]:
     if shard.count > 1:
         out = out.with_name(f"{out.stem}.shard-{shard.name}{out.suffix}")
     return out, out.with_suffix(".jsonl")
+
+
+def refuse_foreign(csv_path: Path, jsonl: Path) -> None:
+    """--out naming the labels file, the input list or a workspace manifest would replace it with scores: a file
+    already there must be one score-video wrote (its header; a first record, unless only a torn line)."""
+    if csv_path.is_file():
+        with open(csv_path, "rb") as f:
+            header = f.readline().decode("utf-8", "replace").strip()
+        if header != ",".join(CSV_COLUMNS):
+            raise ScoreError(f"{csv_path}: exists and is not a score-video output (its header differs); it would be "
+                             "overwritten: choose another --out")
+    if jsonl.is_file():
+        with open(jsonl, "rb") as f:
+            first = f.readline()
+        try:
+            record = json.loads(first.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            record = None
+        if first.endswith(b"\n") and not (isinstance(record, dict) and "status" in record):
+            raise ScoreError(f"{jsonl}: exists and is not a score-video record (the --out CSV's .jsonl); it would "
+                             "be overwritten: choose another --out")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -701,8 +726,11 @@ def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str 
     try:
         jsonl.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # e.g. a part of the folder is a file
-        raise ScoreError(f"{csv_path}: cannot create its folder ({e.strerror}: {e.filename})") from None
+        blocking = next((p for p in jsonl.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocking} is a file, not a folder" if blocking else f"{e.strerror}: {e.filename}"
+        raise ScoreError(f"{csv_path}: cannot create its folder ({why})") from None
     check_writable(jsonl.parent)  # the CSV is written last: a folder that takes no new file must fail first
+    refuse_foreign(csv_path, jsonl)
     done, rescored, redecided = load_finished(jsonl, {v.path for v in videos}, scoring, model_digest)
     todo = [v for v in videos if v.path not in done]
     if redecided:

@@ -88,22 +88,37 @@ def probe(path: str | Path) -> dict:
         if not container.streams.video:
             kinds = " and ".join(sorted({s.type for s in container.streams}))
             raise VideoError(path, f"no video stream ({kinds} only)" if kinds else "no video stream")
-        stream = container.streams.video[0]
+        stream = main_stream(container)
         if stream.codec_context is None:  # a track whose sample description is missing: the header was cut
             raise VideoError(path, "video stream without a codec (damaged or truncated header)")
         fps = float(stream.average_rate or stream.guessed_rate or 0)
-        if stream.duration:
-            duration = float(stream.duration * stream.time_base)
-        elif container.duration:
-            duration = container.duration / av.time_base
-        else:
-            duration = stream.frames / fps if fps else 0.0
+        duration = _stream_duration(container, stream, fps)
         rotation = _first_frame_rotation(container, stream)
         width, height = stream.codec_context.width, stream.codec_context.height
         if rotation in (90, 270):
             width, height = height, width
         return {"frames": stream.frames, "fps": fps, "width": width, "height": height,
                 "codec": stream.codec_context.name, "rotation": rotation, "duration": duration}
+
+
+def _stream_duration(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+                     fps: float) -> float:
+    """Seconds of video: the stream's own duration, else its Matroska DURATION tag, else the container's when
+    the video is its only stream (with audio, the container's may be the longer audio's), else frames / fps."""
+    if stream.duration:
+        return float(stream.duration * stream.time_base)
+    tag = re.fullmatch(r"(\d+):(\d\d):(\d\d(?:\.\d+)?)", stream.metadata.get("DURATION", ""))
+    if tag:
+        return int(tag[1]) * 3600 + int(tag[2]) * 60 + float(tag[3])
+    if container.duration and len(container.streams) == 1:
+        return container.duration / av.time_base
+    return stream.frames / fps if fps else 0.0
+
+
+def main_stream(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    """FFmpeg's choice of the video stream (av_find_best_stream: not cover art, the most frames probed), the one
+    decord reads too, so a fallback mid-video continues the same stream; the first stream may be a thumbnail."""
+    return container.streams.best("video") or container.streams.video[0]
 
 
 # a container's frame count is sometimes an estimate; fewer than this share of it means the file is cut short
@@ -133,14 +148,17 @@ class FrameReader:
         self.errors: list[str] = []
         self.last_index, self.count = -1, 0
 
+    def promised_frames(self) -> int:
+        """How many frames the container says it holds: the smaller of its sample count (which includes frames an
+        edit list trims, cut without re-encoding) and duration x fps (all a Matroska or WebM header gives); 0 when
+        it says neither."""
+        counts = [int(self.expected_frames or 0), round(self.info["duration"] * self.info["fps"])]
+        return min([c for c in counts if c > 0], default=0)
+
     def check_complete(self) -> None:
-        """After a pass: a VideoError when it ended well before the container's frame count (and before
+        """After a pass: a VideoError when it ended well before the frames the container promised (and before
         max_frames), so extract and score-video both refuse a cut or damaged file instead of using a part of it."""
-        expected = int(self.expected_frames or 0)
-        if expected and self.info["duration"] and self.info["fps"]:
-            # the smaller of the two counts: a sample count includes frames an edit list trims (cut without
-            # re-encoding), a duration does not
-            expected = min(expected, round(self.info["duration"] * self.info["fps"]))
+        expected = self.promised_frames()
         capped = self.max_frames is not None and self.count >= self.max_frames
         if expected and not capped and self.last_index + self.stride < TRUNCATED_BELOW * expected:
             raise VideoError(self.path, f"truncated or corrupt, decoded frames up to {self.last_index} of {expected}")
@@ -166,7 +184,9 @@ class FrameReader:
                 break
             self.errors.append(f"{name}: ended before frame {pending[0]} of {self.expected_frames}")
         if not self.decoders_used and pending:
-            raise VideoError(self.path, self.errors[0] if self.errors else "no frames decoded")
+            promised = self.promised_frames()
+            reason = f"truncated or corrupt, no frame decoded of {promised}" if promised else "no frames decoded"
+            raise VideoError(self.path, self.errors[0] if self.errors else reason)
 
 
 def decoder_chain(decoder: str) -> tuple[str, ...]:
@@ -201,7 +221,7 @@ def _pyav_frames(path: Path, pending: range, info: dict) -> Iterator[tuple[int, 
     """Decode every frame (H.264 needs them all) but convert to RGB only the pending ones."""
     try:
         with av.open(str(path)) as container:
-            stream = container.streams.video[0]
+            stream = main_stream(container)
             stream.thread_type = "AUTO"
             start = stream.start_time or 0
             for index, frame in enumerate(container.decode(stream)):

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import dfpipe, kill_at_random_moments, make_clip, snapshot, timed_dfpipe
+from dfpipe.manifests.units import Unit, UnitError
 from dfpipe.manifests.workspace import Workspace, WorkspaceError
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import align
@@ -42,7 +43,7 @@ def faces_table(ws: Path) -> pd.DataFrame:
 def test_align_writes_crops_no_face_rows_and_pair_aware_fakes(extracted, tmp_path):
     ws = fresh_workspace(extracted, tmp_path)
     out = dfpipe("align", "--work", ws, "--quiet", check=False)
-    assert out.returncode == 1 and "failed real/real_noface: real/real_noface: no face found in 6" in out.stderr
+    assert out.returncode == 1 and "failed real/real_noface: no face found in 6 sampled frames" in out.stderr
     assert "4 processed, 1 failed" in out.stdout
     faces = faces_table(ws)
     frames = pd.read_csv(ws / "manifests/frames.csv")
@@ -215,3 +216,13 @@ def test_wild_pairs_give_one_main_track_each(shared_data, tmp_path):
         lengths = g.groupby("track_id").size().sort_values(ascending=False)
         assert lengths.iloc[0] >= 0.6 * g.frame_index.nunique(), (vid, lengths.to_dict())
     assert faces.video_id.nunique() == 12
+
+
+def test_a_video_whose_faces_are_all_in_short_tracks_says_so():
+    """Its face is visible, only in tracks shorter than align.min_track_len: 'no face found' misled (score-video
+    already said it this way, and both now share the sentence)."""
+    unit = Unit("v", "", {"frames": [(0, 0.0, "f0.jpg"), (3, 0.1, "f3.jpg")]})
+    with pytest.raises(UnitError, match=r"^no face track of at least 3 sampled frames in 2 sampled frames$"):
+        align._finish(unit, [{"frame_index": 0, "status": "dropped", "track_id": 0}], "detect", 3)
+    with pytest.raises(UnitError, match=r"^no face found in 2 sampled frames$"):
+        align._finish(unit, [], "detect", 3)

@@ -71,6 +71,15 @@ def test_a_bad_value_in_a_config_file_is_named_with_the_file(tmp_path):
         load_config(tmp_path / "c.yaml")
 
 
+def test_a_config_file_in_utf16_is_read_and_one_in_latin1_is_one_line(tmp_path):
+    (tmp_path / "c.yaml").write_bytes("extract:\n  stride: 2\n".encode("utf-16"))  # with its BOM
+    assert load_config(tmp_path / "c.yaml").extract.stride == 2
+    (tmp_path / "c.yaml").write_bytes("# caf\xe9\nextract:\n  stride: 2\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "c.yaml")
+    assert str(e.value).startswith(f"{tmp_path / 'c.yaml'}: not valid YAML (") and "\n" not in str(e.value)
+
+
 def test_yaml_reads_numbers_and_words_as_people_write_them(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lr_head: 3e-4\n  amp: off\n")
     cfg = load_config(tmp_path / "c.yaml", overrides=[parse_override("train.lr_backbone=1E-5")])

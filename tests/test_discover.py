@@ -264,7 +264,7 @@ def test_csv_paths_labels_sources_groups(tmp_path):
     assert d.layout == "csv"
     rows = by_id(d)
     up, deep = "_up/elsewhere/x", "_up/elsewhere/deep/x"  # outside the CSV's folder: '..' is written '_up'
-    assert set(rows) == {"vids/a real", "vids/b", "vids/c", "vids/d", up, deep, "vids/x"}
+    assert set(rows) == {"vids/a real", "vids/b", "vids/c", "vids/d", up, deep, "vids/x", "vids/missing"}
     assert rows[up]["path"] == str(outside / "x.mp4") and rows[deep]["path"] == str(outside / "deep" / "x.mp4")
     assert rows["vids/c"]["path"] == str(data / "vids" / "c.MOV")
     assert {v: (r["label"], r["source_id"], r["group"], r["split"]) for v, r in rows.items()} == {
@@ -274,9 +274,9 @@ def test_csv_paths_labels_sources_groups(tmp_path):
         "vids/d": ("real", "", "csv:people-d", "test"),
         up: ("fake", "vids/d", "csv:people-d", ""),
         deep: ("real", "", f"csv:{deep}", ""),
-        "vids/x": ("fake", deep, f"csv:{deep}", "val")}
-    assert d.notes == [f"{data / 'list.csv'}: 1 listed video(s) are not on disk and were skipped "
-                       f"(e.g. {data / 'vids' / 'missing.mp4'})"]
+        "vids/x": ("fake", deep, f"csv:{deep}", "val"),
+        "vids/missing": ("real", "", "csv:vids/missing", "")}  # kept: extract fails it, saying why
+    assert d.notes == []
     work = tmp_path / "work"
     assert all((work / v).resolve().is_relative_to(work) for v in rows)
     # an id does not depend on the other rows: the same file alone in a list keeps it
@@ -299,6 +299,15 @@ def test_csv_id_that_would_escape_the_workspace_is_rejected(tmp_path):
         discover(tmp_path / "l.csv")
 
 
+def test_a_name_with_a_line_break_is_rejected_in_one_line(tmp_path):
+    touch(tmp_path, "real/ok.mp4", "real/bad\nname.mp4")
+    with pytest.raises(DiscoveryError) as e:
+        discover(tmp_path)
+    assert "\n" not in str(e.value) and str(e.value).endswith("the name holds a line break or another control "
+                                                              "character; rename it")
+    assert "bad\\nname.mp4" in str(e.value)
+
+
 def test_ids_that_would_share_an_output_folder_are_rejected(tmp_path):
     touch(tmp_path, "a/b.mp4", "a__b.mp4")
     (tmp_path / "l.csv").write_text("path,label\na/b.mp4,real\na__b.mp4,fake\n")
@@ -311,7 +320,8 @@ def test_ids_that_would_share_an_output_folder_are_rejected(tmp_path):
     ("path,kind\na.mp4,real\n", "missing column(s) label"),
     ("path,label\na.mp4,real\na.mp4,maybe\n", "row 2: label 'maybe' is not real, fake, 0 or 1"),
     ("path,label,split\na.mp4,real,holdout\n", "row 1: split 'holdout' is not train, val, test or empty"),
-    ("path,label\na.mp4,real\na.mp4,fake\n", "row 2: path 'a.mp4' is listed twice"),
+    ("path,label\na.mp4,real\na.mp4,fake\n", "row 2: 'a.mp4' is the file of row 1"),
+    ("path,label\na.mp4,real\nb.mp4,fake\n./a.mp4,fake\n", "row 3: './a.mp4' is the file of row 1"),
     ("", "cannot read as CSV"),
     ("path,label\n", "no videos listed"),
 ])

@@ -139,6 +139,15 @@ def _audio_only(path: Path) -> None:
             c.mux(p)
 
 
+def test_a_listed_file_that_is_not_on_disk_fails_with_its_reason(tmp_path):
+    """It was a note at discovery, easy to miss, where score-video gives the same file a status."""
+    make_clip(tmp_path / "here.mp4", n=9)
+    (tmp_path / "list.csv").write_text("path,label\nhere.mp4,real\ngone.mp4,fake\n")
+    _, summary = extract_mod.run_extract(Workspace(tmp_path / "ws"), tmp_path / "list.csv", load_config(),
+                                         progress=False)
+    assert summary.ran == 1 and [(v, "not found" in r) for v, r in summary.failed] == [("gone", True)]
+
+
 def test_bad_inputs_fail_alone_with_one_line_reasons(tmp_path, monkeypatch):
     data = make_dataset(tmp_path / "data", n_real=1, n_fake=0)
     real = data / "real"

@@ -280,9 +280,31 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_a_one_line_error(ro
     assert len(proc.stderr.splitlines()) == 1
 
 
+def test_an_output_that_is_not_ours_is_refused_not_overwritten(root, checkpoint, tmp_path):
+    """--out naming the labels file (or an input list, or a workspace manifest) replaced it with scores."""
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"path,label\n{root / 'data/real/real_000.mp4'},real\n")
+    before = labels.read_bytes()
+    with pytest.raises(score.ScoreError, match=r"labels.csv: exists and is not a score-video output \(its header "
+                                               r"differs\); it would be overwritten: choose another --out"):
+        run(checkpoint, [root / "data/real/real_000.mp4"], labels, labels=str(labels))
+    assert labels.read_bytes() == before and not labels.with_suffix(".jsonl").exists()
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text('{"my": "notes"}\n')
+    with pytest.raises(score.ScoreError, match=r"notes.jsonl: exists and is not a score-video record"):
+        run(checkpoint, [root / "data/real/real_000.mp4"], tmp_path / "notes.csv")
+    assert notes.read_text() == '{"my": "notes"}\n'
+    # A real output is taken, and one whose first append was torn by a crash (no complete line) too.
+    ours = run(checkpoint, [root / "data/real/real_000.mp4"], tmp_path / "ours.csv")
+    run(checkpoint, [root / "data/real/real_000.mp4"], ours.csv)
+    (tmp_path / "torn.jsonl").write_text('{"path": "/x.mp4", "sta')
+    run(checkpoint, [root / "data/real/real_000.mp4"], tmp_path / "torn.csv")
+
+
 def test_an_output_below_a_file_is_a_one_line_error(root, checkpoint, tmp_path):
     (tmp_path / "taken.csv").write_text("x\n")
-    with pytest.raises(score.ScoreError, match=r"taken.csv/scores.csv: cannot create its folder \(File exists"):
+    with pytest.raises(score.ScoreError, match=r"scores.csv: cannot create its folder \(.*taken.csv is a file, "
+                                               r"not a folder\)"):
         run(checkpoint, [root / "bad"], tmp_path / "taken.csv/scores.csv")
     assert (tmp_path / "taken.csv").read_text() == "x\n"
 
@@ -397,6 +419,9 @@ def test_inputs_from_folders_lists_labels_and_metadata(root, tmp_path):
     (tmp_path / "bad.csv").write_text("path,label\nx.mp4,maybe\n")
     with pytest.raises(score.ScoreError, match=r"bad.csv: row 1: label 'maybe' is not real, fake, 0 or 1"):
         score.list_inputs([str(tmp_path / "bad.csv")], labels=None, work=None, split=None)
+    (tmp_path / "twice.csv").write_text("path,label\nx.mp4,real\ny.mp4,fake\n./x.mp4, 0\nx.mp4,fake\n")
+    with pytest.raises(score.ScoreError, match=r"twice.csv: row 4: 'x.mp4' is labelled real in row 1 and fake here"):
+        score.read_labels(tmp_path / "twice.csv")  # the last row used to win silently
 
 
 def test_uncalibrated_checkpoint_needs_rule_and_threshold(root, checkpoint):

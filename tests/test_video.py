@@ -237,6 +237,46 @@ def test_truncated_video_yields_the_frames_it_has(tmp_path, clip_factory):
     complete.check_complete()
 
 
+@pytest.mark.parametrize("suffix", [".mkv", ".webm"])
+def test_a_cut_matroska_or_webm_is_truncated_by_its_duration(tmp_path, suffix):
+    """Their headers carry no frame count, only a duration: a cut file used to pass as complete, or as empty."""
+    whole = tmp_path / f"whole{suffix}"
+    codec = "libvpx-vp9" if suffix == ".webm" else "libx264"
+    write_video(whole, pattern_frames(40), codec=codec, **({"crf": 30} if codec == "libx264" else {}))
+    frames, reader = read(whole, stride=3, decoder="pyav")
+    assert reader.info["frames"] == 0 and reader.promised_frames() == 40 and len(frames) == 14
+    reader.check_complete()
+    cut = tmp_path / f"cut{suffix}"
+    for share in (2, 5):  # a tenth of the bytes: not one frame; half: some
+        cut.write_bytes(whole.read_bytes()[: whole.stat().st_size * share // 10])
+        with pytest.raises(VideoError, match=r"truncated or corrupt, (no frame decoded|decoded frames up to \d+) "
+                                             r"of 40"):
+            frames, reader = read(cut, stride=3, decoder="pyav")
+            reader.check_complete()
+
+
+def test_the_main_video_stream_is_read_not_a_thumbnail_before_it(tmp_path):
+    """A 2-frame 16x16 stream first, the video second: both decoders read the video (as FFmpeg chooses it)."""
+    path = tmp_path / "two.mkv"
+    with av.open(str(path), "w") as out:
+        thumb, main = out.add_stream("libx264", rate=30), out.add_stream("libx264", rate=30)
+        thumb.width = thumb.height = 16
+        main.width, main.height = 64, 48
+        for i, image in enumerate(pattern_frames(12)):
+            packets = main.encode(av.VideoFrame.from_ndarray(image, format="rgb24"))
+            if i < 2:
+                packets += thumb.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24"))
+            out.mux(packets)
+        out.mux(main.encode() + thumb.encode())
+    info = probe(path)
+    assert (info["width"], info["height"]) == (64, 48)
+    for decoder in ("pyav", "decord") if video.decord is not None else ("pyav",):
+        frames, reader = read(path, stride=1, decoder=decoder)
+        assert len(frames) == 12, decoder
+        assert_frames_match(frames, list(pattern_frames(12)))
+        reader.check_complete()
+
+
 def test_decoder_choice(monkeypatch):
     assert video.decoder_chain("pyav") == ("pyav",)
     with pytest.raises(ValueError, match="decoder must be one of auto, pyav, decord, got 'ffmpeg'"):
