@@ -79,7 +79,8 @@ def make_checkpoint(path: Path, model_kind: str, stride: int) -> Path:
     model_cfg = {**cfg.model, **(TINY if model_kind == "tiny" else {})}
     model = DualStreamNet.from_config(model_cfg)
     torch.save({"model": model.state_dict(), "model_config": model_cfg, "config": cfg.to_dict(),
-                "extract": {"stride": stride}, "align": cfg.align.to_dict(), "clip_len": cfg.dataset.clip_len,
+                "extract": {"stride": stride, "jpeg_quality": cfg.extract.jpeg_quality}, "align": cfg.align.to_dict(),
+                "clip_len": cfg.dataset.clip_len,
                 "calibration": {"temperature": 1.0, "threshold": 0.5, "aggregate": "mean"},
                 "dfpipe_version": "bench", "pairs_digest": ""}, path)
     return path

@@ -33,6 +33,7 @@ FACE_SIDE = 108.0
 SEARCH_AREA = 2.5
 JITTER_SHIFTS = (-0.1, 0.0, 0.1)
 SEARCH_WINDOW = 128
+JPEG_BLOCK = 16  # a JPEG's coding unit with 4:2:0 chroma, what OpenCV writes
 
 
 @dataclass(frozen=True, eq=False)  # holds arrays, whose == is elementwise: compare by identity
@@ -233,15 +234,50 @@ def template_points(hq_size: int, margin: float) -> np.ndarray:
     return (ARCFACE_112 - FACE_CENTRE) * (hq_size / (margin * FACE_SIDE)) + (hq_size - 1) / 2
 
 
-def align_face(frame: np.ndarray, landmarks: np.ndarray, *, margin, hq_size, lq_size, **_):
-    """One similarity warp per face; LQ is the HQ crop shrunk, so both streams see exactly the same face."""
+def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
+    """An RGB image as extract and align store it (OpenCV's JPEG at `quality`) and read it back."""
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def _as_stored(frame: np.ndarray, matrix: np.ndarray, size: int, quality: int) -> np.ndarray:
+    """`frame` as the warp to a `size` crop would read it after extract's JPEG of the whole frame. JPEG codes each
+    16x16 block (4:2:0) on its own, so a region cut on that grid decodes to the whole frame's pixels except within
+    a block of its cut edges (where the decoder's chroma upsampling looks across): coding what the warp reads plus
+    a block around it costs ~3 ms, the whole frame ~60. The region goes back to where it was in a frame-sized
+    canvas (np.zeros: the pages the warp does not read are never touched) rather than the warp being moved onto
+    it: OpenCV's warp rounds differently at other coordinates, and the crop must be exact."""
+    corners = np.array([[0, 0, 1], [size, 0, 1], [0, size, 1], [size, size, 1]], float)
+    frame_corners = corners @ cv2.invertAffineTransform(matrix).T
+    h, w = frame.shape[:2]
+    x0, y0 = (np.clip(np.floor(frame_corners.min(0)) - JPEG_BLOCK, 0, None) // JPEG_BLOCK * JPEG_BLOCK).astype(int)
+    x1, y1 = np.minimum((np.ceil(frame_corners.max(0)) + 2 * JPEG_BLOCK) // JPEG_BLOCK * JPEG_BLOCK, (w, h)).astype(int)
+    if x1 <= x0 or y1 <= y0:  # the crop lies outside the frame: the warp reads only its border
+        return frame
+    stored = np.zeros(frame.shape, frame.dtype)
+    stored[y0:y1, x0:x1] = jpeg_round_trip(frame[y0:y1, x0:x1], quality)
+    return stored
+
+
+def align_face(frame: np.ndarray, landmarks: np.ndarray, *, margin, hq_size, lq_size,
+               as_stored: tuple[int, int] | None = None, **_):
+    """One similarity warp per face; LQ is the HQ crop shrunk, so both streams see exactly the same face.
+
+    `as_stored` = (frame, crop) JPEG qualities: score-video crops raw frames, and makes its crops what the staged
+    path (extract's JPEG frames, align's JPEG crops) would have given the model in training, pixel for pixel for
+    the same landmarks: the compression a detector is trained on is part of what it looks at."""
     transform = SimilarityTransform.from_estimate(np.asarray(landmarks, dtype=float), template_points(hq_size, margin))
     if not transform:
         raise ValueError(f"cannot align face: degenerate landmarks {np.round(landmarks, 1).tolist()}")
     matrix = transform.params[:2]
-    hq = cv2.warpAffine(frame, matrix, (hq_size, hq_size), flags=cv2.INTER_LINEAR,
+    source = frame if as_stored is None else _as_stored(frame, matrix, hq_size, as_stored[0])
+    hq = cv2.warpAffine(source, matrix, (hq_size, hq_size), flags=cv2.INTER_LINEAR,
                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     lq = cv2.resize(hq, (lq_size, lq_size), interpolation=cv2.INTER_AREA)
+    if as_stored is not None:
+        hq, lq = jpeg_round_trip(hq, as_stored[1]), jpeg_round_trip(lq, as_stored[1])
     return hq, lq, matrix
 
 
@@ -270,7 +306,8 @@ class FaceStream:
     """Iterate for one FrameFaces per input frame; afterwards `track_lengths`/`track_sizes` feed `select_tracks`."""
 
     def __init__(self, frames: Iterable[Any], detector: FaceDetector, *, smooth_window, margin, hq_size, lq_size,
-                 batch_size, detect_every, track_iou, track_max_gap, track_max_shift, **_):
+                 batch_size, detect_every, track_iou, track_max_gap, track_max_shift,
+                 as_stored: tuple[int, int] | None = None, **_):
         for name, value in (("smooth_window", smooth_window), ("detect_every", detect_every)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -278,7 +315,7 @@ class FaceStream:
         self._detector = detector
         self._behind = (smooth_window - 1) // 2
         self._ahead = smooth_window // 2
-        self._crop = dict(margin=margin, hq_size=hq_size, lq_size=lq_size)
+        self._crop = dict(margin=margin, hq_size=hq_size, lq_size=lq_size, as_stored=as_stored)
         self._batch_size = batch_size
         self._detect_every = detect_every
         self._tracker = FaceTracker(track_iou=track_iou, track_max_gap=track_max_gap,

@@ -1,9 +1,9 @@
 """`dfpipe score-video`: videos -> one calibrated fake probability per video, with no frame or crop ever written.
 
 Each video streams through the same code as training data did (FrameReader with the checkpoint's stride, FaceStream
-with the checkpoint's align settings), so a face is cropped with the same geometry as in training; only the JPEG
-round trips of training data (extract's frames, align's crops) are left out, a difference within JPEG tolerance
-(tests/test_score.py compares both paths' crops and scores). Per face
+with the checkpoint's align settings), so a face is cropped with the same geometry as in training, and goes through
+the same JPEG round trips as training data did (extract's frames, only around the face; align's crops), so the
+model sees the compression it was trained on (tests/test_score.py compares both paths' crops and scores). Per face
 track, consecutive crops are cut into non-overlapping clips of the checkpoint's clip_len as they arrive, and clips
 wait in one queue shared by all videos: a batch is run when full, so the clips of many short videos fill one GPU
 batch, and only the current clips are ever held, so memory stays flat however long a video is.
@@ -217,10 +217,15 @@ def scoring_settings(ckpt: dict, cfg, checkpoint: str | Path) -> Scoring:
         raise ScoreError(f"score.aggregate: '{rule}' is none of {', '.join(RULES)}")
     if s.fallback_score is not None and not 0 <= s.fallback_score <= 1:
         raise ScoreError(f"score.fallback_score: {s.fallback_score} is not a probability in [0, 1]")
+    # crops as the training crops were stored (frames and crops as JPEG); a checkpoint from before the frames'
+    # quality was recorded in it is scored on raw crops, as it was then (and its rows stay reusable)
+    stored = ckpt["extract"].get("jpeg_quality")
+    as_stored = {"as_stored": (int(stored), int(ckpt["align"]["jpeg_quality"]))} if stored is not None else {}
     return Scoring(stride=int(ckpt["extract"]["stride"]), max_frames=cfg.extract.max_frames,
                    decoder=cfg.extract.decoder,
                    # settings newer than the checkpoint keep their defaults
-                   align={**cfg.align, **ckpt["align"], "device": s.device, "batch_size": cfg.align.batch_size},
+                   align={**cfg.align, **ckpt["align"], "device": s.device, "batch_size": cfg.align.batch_size,
+                          **as_stored},
                    clip_len=int(ckpt["clip_len"]), rule=rule,
                    rule_params=rule_params or {k: s[k] for k in RULE_KEYS},
                    # an uncalibrated checkpoint scores with the plain sigmoid of its logits

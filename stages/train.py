@@ -416,12 +416,14 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device) -> DualStreamN
     return model.to(device).eval()
 
 
-def extract_stride(ws: Workspace) -> int:
+def extract_settings(ws: Workspace) -> dict:
+    """How the training frames were sampled and stored, for score-video to do the same with a raw video."""
     path = _require(ws.manifest("extract.params.json"), "run dfpipe extract first")
     try:
-        return int(json.loads(path.read_text())["stride"])
+        params = json.loads(path.read_text())
+        return {"stride": int(params["stride"]), "jpeg_quality": int(params["jpeg_quality"])}
     except (ValueError, KeyError, TypeError):
-        raise TrainError(f"{path}: no integer 'stride'") from None
+        raise TrainError(f"{path}: no integer 'stride' and 'jpeg_quality'") from None
 
 
 def align_params(ws: Workspace, cfg) -> dict:
@@ -635,7 +637,7 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
     np.random.seed(t.seed)
 
     # 1. pairs, splits and labels (rank 0 decides and writes; everyone gets its table)
-    stride = extract_stride(ws)
+    extracted = extract_settings(ws)
     videos = read_table(_require(ws.manifest("videos.csv"), "run dfpipe extract first"), VIDEO_COLUMNS)
     if ctx.main:  # align must not rewrite the crops under training
         locks.enter_context(ws.reading(align_stage.SPEC.name, "train"))
@@ -694,7 +696,7 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
                 else f"epochs {start_epoch + 1}-{t.epochs}")
         tqdm.write(f"train: {train_loader.dataset.stats['clips']} train clips, {len(val_loader.dataset)} val clips, "
                    f"{steps} batches/epoch x {ctx.world} rank(s) on {ctx.device}, {plan}")
-    meta = {"config": cfg.to_dict(), "model_config": cfg.model.to_dict(), "extract": {"stride": stride},
+    meta = {"config": cfg.to_dict(), "model_config": cfg.model.to_dict(), "extract": extracted,
             "align": align_params(ws, cfg), "clip_len": cfg.dataset.clip_len, "calibration": None,
             "dfpipe_version": __version__, "pairs_digest": digest}
     writer = tensorboard(run_dir, ctx)

@@ -8,11 +8,12 @@ import av
 import cv2
 import numpy as np
 import pytest
+import torch
 from skimage import data
 
 from dfpipe.pipeline.config import load_config
-from dfpipe.stages.faces import (Detection, FaceDetector, FaceStream, FaceTracker, align_face, select_tracks,
-                                 template_points)
+from dfpipe.stages.faces import (Detection, FaceDetector, FaceStream, FaceTracker, align_face, jpeg_round_trip,
+                                 select_tracks, template_points)
 
 
 class Frame(NamedTuple):
@@ -71,6 +72,28 @@ def test_crops_have_exact_sizes_and_put_the_eyes_on_the_template(cfg, detector, 
     direct, _, _ = align_face(frame, face.landmarks, margin=cfg.margin, hq_size=112, lq_size=112)
     assert np.abs(lq.astype(int) - direct.astype(int)).mean() < 6
     assert np.abs(lq.astype(int) - hq[::2, ::2].astype(int)).mean() < 6
+
+
+@pytest.mark.parametrize("corner, side", [((300, 500), 90), ((7, 3), 60), ((650, 1180), 80), ((-30, 600), 70)])
+def test_crops_as_stored_equal_the_staged_crops_pixel_for_pixel(cfg, corner, side):
+    """score-video JPEGs only the region around a face; the staged path stores the whole frame, then the crops, and
+    training decodes them with torchvision: for the same landmarks both must give the model the same pixels
+    (mid-frame, at the top-left and bottom-right edges of a frame whose size is no multiple of 16, half outside)."""
+    from torchvision.io import ImageReadMode, decode_image
+    rng = np.random.default_rng(1)
+    frame = cv2.resize(rng.integers(0, 256, (90, 160, 3), dtype=np.uint8), (1278, 718), interpolation=cv2.INTER_CUBIC)
+    frame = cv2.add(frame, rng.integers(0, 24, frame.shape, dtype=np.uint8))  # texture JPEG cannot keep exactly
+    landmarks = fake_detection(corner[1], corner[0], side).landmarks
+    staged_frame = jpeg_round_trip(frame, 90)  # extract writes it, align reads it
+    hq, lq, _ = align_face(staged_frame, landmarks, **cfg)
+    written = [cv2.imencode(".jpg", cv2.cvtColor(c, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 80])[1]
+               for c in (hq, lq)]  # align writes the crops; the dataset decodes them with torchvision
+    staged = [decode_image(torch.from_numpy(w), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy() for w in written]
+    streamed = align_face(frame, landmarks, **{**cfg, "as_stored": (90, 80)})
+    for ours, theirs in zip(streamed[:2], staged):
+        np.testing.assert_array_equal(ours, theirs)
+    raw = align_face(frame, landmarks, **cfg)[0]
+    assert np.abs(raw.astype(int) - staged[0]).mean() > 1  # the round trips do change the crop
 
 
 def test_margin_widens_the_crop(cfg, detector, head):

@@ -88,7 +88,7 @@ def make_workspace(root, per_class: int, val_per_class: int):
             faces.append(row)
     write_table(root / "manifests/videos.csv", videos, extract.VIDEO_COLUMNS)
     write_table(root / "manifests/faces.csv", faces, align.FACE_COLUMNS)
-    (root / "manifests/extract.params.json").write_text(json.dumps({"stride": STRIDE}))
+    (root / "manifests/extract.params.json").write_text(json.dumps({"stride": STRIDE, "jpeg_quality": 95}))
     return root
 
 
