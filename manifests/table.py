@@ -7,16 +7,19 @@ renamed over the target, so a crash leaves either the old table or the new one, 
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import pandas as pd
 
 TMP_PREFIX = ".tmp-"
+STALE_TMP_SECONDS = 600  # a temp file this old is a killed writer's: a write takes seconds, even of a checkpoint
 _UMASK = os.umask(0o022)  # reading the umask means setting it: put it straight back
 os.umask(_UMASK)
 
@@ -36,11 +39,24 @@ class NotWritable(OSError):
         return self.strerror
 
 
+def _sweep(folder: Path, prefix: str) -> None:
+    """Remove what a writer killed between creating its temp file (or probe) and renaming it left behind: each is
+    a whole copy of a table or a checkpoint, and no rerun would ever use it."""
+    now = time.time()
+    for left in folder.glob(glob.escape(prefix) + "*"):
+        try:
+            if now - left.lstat().st_mtime > STALE_TMP_SECONDS:
+                left.rmdir() if left.is_dir() and not left.is_symlink() else left.unlink()
+        except OSError:
+            pass  # another process got there first, or the probe folder is not empty: not ours to force
+
+
 def check_writable(folder: str | Path) -> None:
     """Create `folder` if needed and try a file in it: a write that would fail after the work fails before it."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        _sweep(folder, TMP_PREFIX + "probe.")
         os.rmdir(tempfile.mkdtemp(prefix=TMP_PREFIX + "probe.", dir=folder))
     except OSError as e:
         raise NotWritable(e.errno, f"{folder}: cannot write there ({e.strerror})") from None
@@ -50,6 +66,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _sweep(path.parent, TMP_PREFIX + path.name + ".")
         fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     except OSError as e:
         raise NotWritable(e.errno, f"{path}: cannot write it ({e.strerror})") from None

@@ -39,6 +39,7 @@ class StageSpec:
     file_columns: list[tuple[str, str]]  # (path column, sha256 column) pairs in the rows
     info_columns: list[str] = field(default_factory=list)  # per-unit summary columns of '<name>.csv'
     rows_info: str = ""            # the info column that counts a unit's rows, if one does ('frames_written')
+    rows_key: str = ""             # with rows_info: the row column whose distinct values it counts instead
 
     @property
     def unit_columns(self) -> list[str]:
@@ -219,11 +220,12 @@ class Journal:
 # ---------------------------------------------------------------- deciding what to do
 
 def complete(spec: StageSpec, rec: Record) -> bool:
-    """A done unit has rows, as many as its info says: fewer mean a damaged or half-copied rows table, whose
-    missing rows would otherwise pass for a shorter video downstream."""
+    """A done unit has rows, as many as its info says: fewer mean a damaged, half-copied or hand-edited rows
+    table, whose missing rows would otherwise pass for a shorter video downstream (or other training crops)."""
     if not rec.rows:
         return False
-    return not spec.rows_info or str(rec.info.get(spec.rows_info)) == str(len(rec.rows))
+    counted = len({str(r.get(spec.rows_key)) for r in rec.rows}) if spec.rows_key else len(rec.rows)
+    return not spec.rows_info or str(rec.info.get(spec.rows_info)) == str(counted)
 
 
 def outputs_exist(ws: Workspace, spec: StageSpec, rec: Record) -> bool:
@@ -372,10 +374,11 @@ class VerifyReport:
     missing: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     redo: list[str] = field(default_factory=list)  # units an earlier verify marked, not yet redone
+    rows_missing: list[str] = field(default_factory=list)  # done units with fewer rows than they recorded
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.changed and not self.redo
+        return not self.missing and not self.changed and not self.redo and not self.rows_missing
 
 
 def verify(ws: Workspace, spec: StageSpec) -> VerifyReport:
@@ -389,6 +392,9 @@ def verify(ws: Workspace, spec: StageSpec) -> VerifyReport:
                 report.redo.append(unit)
             if rec.status != "done":
                 continue
+            if not complete(spec, rec):
+                report.rows_missing.append(unit)
+                bad.setdefault(unit, []).append(f"rows missing from {spec.rows_table}")
             for row in rec.rows:
                 for path_col, sha_col in spec.file_columns:
                     rel = row.get(path_col)

@@ -74,6 +74,32 @@ def _holder(path: Path) -> str:
     return "another process"
 
 
+class LockHeld(Exception):
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+@contextmanager
+def lock_file(path: Path, *, shared: bool = False) -> Iterator[None]:
+    """An flock on `path` for the duration; LockHeld (naming the holder) at once when another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides, as for every file
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise LockHeld(_holder(path)) from None
+        if not shared:  # written over the last holder's note, then cut: a reader never finds it empty
+            note = f"pid {os.getpid()} on {socket.gethostname()}".encode()
+            os.pwrite(fd, note, 0)
+            os.ftruncate(fd, len(note))
+        yield
+    finally:
+        os.close(fd)
+
+
 class Workspace:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser().resolve()
@@ -119,25 +145,12 @@ class Workspace:
         """An flock on ``manifests/locks/<name>``; refused at once (not waited for) when held elsewhere."""
         lock_dir = self.manifests / "locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
-        path = lock_dir / f"{name}.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides, as for every file
         try:
-            try:
-                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                holder = _holder(path)
-                raise WorkspaceError(
-                    f"{self.root}: {what or name} is in use by {holder}; wait for it to finish "
-                    f"(or use --shard I/N to split the work between processes)") from None
-            if not shared:  # written over the last holder's note, then cut: a reader never finds it empty
-                note = f"pid {os.getpid()} on {socket.gethostname()}".encode()
-                os.pwrite(fd, note, 0)
-                os.ftruncate(fd, len(note))
-            yield
-        finally:
-            os.close(fd)
+            with lock_file(lock_dir / f"{name}.lock", shared=shared):
+                yield
+        except LockHeld as e:
+            raise WorkspaceError(f"{self.root}: {what or name} is in use by {e.holder}; wait for it to finish "
+                                 f"(or use --shard I/N to split the work between processes)") from None
 
     def held(self, name: str) -> bool:
         """Whether another process holds lock ``name`` (shared or exclusive); takes it for no longer than the test

@@ -339,8 +339,10 @@ def verify(work):
     for name, spec, _ in _stages():
         report = verify_stage(ws, spec)
         redo = f", {len(report.redo)} video(s) still to redo (run `dfpipe {name}`)" if report.redo else ""
+        rows = (f", {len(report.rows_missing)} video(s) with rows missing from {spec.rows_table}"
+                if report.rows_missing else "")
         click.echo(f"{name}: {report.checked} files checked, {len(report.missing)} missing, "
-                   f"{len(report.changed)} changed{redo}")
+                   f"{len(report.changed)} changed{rows}{redo}")
         for rel in report.missing[:20]:
             click.echo(f"  missing {rel}")
         for rel in report.changed[:20]:

@@ -29,6 +29,7 @@ SPEC = StageSpec(
     name="align", version=4, area="faces", rows_table="faces.csv", row_columns=FACE_COLUMNS,
     file_columns=[("hq_path", "hq_sha256"), ("lq_path", "lq_sha256")],
     info_columns=["mode", "frames", "frames_with_face", "tracks"],
+    rows_info="frames", rows_key="frame_index",  # every sampled frame has its rows: faces, or one no_face
 )
 
 # settings that cannot change a crop (where it runs, how many frames go to the detector at once)
@@ -81,7 +82,9 @@ def _read_frames(ws: Workspace, frames: list[tuple[int, float, str]]):
     for index, timestamp, rel in frames:
         image = cv2.imread(str(ws.root / rel), cv2.IMREAD_COLOR)
         if image is None:
-            raise UnitError(f"{ws.root / rel}: frame cannot be read (run `dfpipe verify`, then extract again)")
+            # a failure a rerun skips (the fingerprint is the same once extract restores the frame): say how to retry
+            raise UnitError(f"{ws.root / rel}: frame cannot be read (run `dfpipe verify`, `dfpipe extract`, then "
+                            "`dfpipe align --retry-failed`)")
         yield Frame(index, timestamp, cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
 
 
@@ -229,9 +232,11 @@ def status_units(ws: Workspace) -> list[Unit]:
 
 
 def behind(ws: Workspace) -> list[str]:
-    """Extracted videos whose crops are missing or were cut from older frames or with other settings (failures
-    aside: they are results). Training on them would use crops of a video that has changed since."""
+    """Extracted videos whose crops are missing, incomplete in faces.csv, or were cut from older frames or with
+    other settings (failures aside: they are results). Training on them would use crops of a video that has changed
+    since, or only some of them."""
     params = load_params(ws, SPEC)
     records = load_state(ws, SPEC, merge=False)
     return [u.id for u in status_units(ws) if (rec := records.get(u.id)) is None
-            or (rec.status != "failed" and (params is None or rec.fingerprint != fingerprint(SPEC, params, u)))]
+            or (rec.status != "failed" and (params is None or rec.fingerprint != fingerprint(SPEC, params, u)
+                                            or not complete(SPEC, rec)))]

@@ -25,6 +25,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 from ..manifests.table import atomic_write_bytes, check_writable, read_table, write_table
 from ..manifests.units import sha256_file
-from ..manifests.workspace import Shard, Workspace
+from ..manifests.workspace import LockHeld, Shard, Workspace, lock_file
 from ..pipeline.workers import one_line, prefetch
 from . import align as align_stage
 from . import pairs as pairs_mod
@@ -528,6 +529,16 @@ def output_paths(out: str | Path, shard: Shard) -> tuple[Path, Path]:
     return out, out.with_suffix(".jsonl")
 
 
+@contextmanager
+def output_lock(csv_path: Path, jsonl: Path) -> Iterator[None]:
+    try:
+        with lock_file(jsonl.with_name(f".{jsonl.name}.lock")):
+            yield
+    except LockHeld as e:
+        raise ScoreError(f"{csv_path}: another score-video is writing this output ({e.holder}); wait for it to "
+                         "finish, or choose another --out (--shard I/N splits one list between processes)") from None
+
+
 def refuse_foreign(csv_path: Path, jsonl: Path) -> None:
     """--out naming the labels file, the input list or a workspace manifest would replace it with scores: a file
     already there must be one score-video wrote (its header; a first record, unless only a torn line)."""
@@ -735,38 +746,40 @@ def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str 
         why = f"{blocking} is a file, not a folder" if blocking else f"{e.strerror}: {e.filename}"
         raise ScoreError(f"{csv_path}: cannot create its folder ({why})") from None
     check_writable(jsonl.parent)  # the CSV is written last: a folder that takes no new file must fail first
-    refuse_foreign(csv_path, jsonl)
-    done, rescored, redecided = load_finished(jsonl, {v.path for v in videos}, scoring, model_digest)
-    todo = [v for v in videos if v.path not in done]
-    if redecided:
-        tqdm.write(f"score-video: {redecided} video(s) re-decided from their stored clip scores (only the "
-                   "aggregation, threshold or fallback changed)")
-    for reason, n in sorted(rescored.items()):
-        tqdm.write(f"score-video: {n} video(s) {reason}; scoring them again")
-    if todo:
-        device = resolve_device(cfg.score.device)
-        try:
-            model = model_from_checkpoint(ckpt, device)
-        except ValueError as e:  # a model_config its weights do not fit, an unknown backbone
-            raise ScoreError(f"{checkpoint}: {e}") from None
-        predict = ClipModel(model, device=device, dtype=amp_dtype(scoring.amp, device),
-                            temperature=scoring.temperature, tta_flip=scoring.tta_flip)
-        ckpt.clear()  # the model holds what it needs (cast, or moved to the GPU): the file's tensors and map can go
-        detector = FaceDetector(**scoring.align)
-        extra = {"settings": scoring.digest(), "clips_settings": scoring.clips_digest(), "model_digest": model_digest}
-        with open(jsonl, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit="video", desc="score",
-                                                           disable=not progress) as bar:
-            for row in score_videos(todo, scoring, predict, detector, batch_size=model_batch(cfg.score.batch_size,
-                                                                                             device)):
-                row = {**row, **extra, "file": _file_key(row["path"])}
-                _append(f, row)
-                done[row["path"]] = row
-                bar.update()
-    rows = [done[v.path] for v in videos]
-    truth = {v.path: v.label for v in videos}
-    write_table(csv_path, [_csv_row(r, truth[r["path"]]) for r in rows], CSV_COLUMNS)
-    metrics = evaluate(rows, truth, scoring.threshold)
-    if shard.count == 1:
-        write_evaluation(rows, truth, metrics, scoring.threshold, csv_path)
-    return ScoreSummary(Counter(r["status"] for r in rows), len(todo), len(videos) - len(todo),
-                        sum(rescored.values()), metrics, csv_path, jsonl)
+    with output_lock(csv_path, jsonl):  # a second call into the same output would lose the first's rows
+        refuse_foreign(csv_path, jsonl)
+        done, rescored, redecided = load_finished(jsonl, {v.path for v in videos}, scoring, model_digest)
+        todo = [v for v in videos if v.path not in done]
+        if redecided:
+            tqdm.write(f"score-video: {redecided} video(s) re-decided from their stored clip scores (only the "
+                       "aggregation, threshold or fallback changed)")
+        for reason, n in sorted(rescored.items()):
+            tqdm.write(f"score-video: {n} video(s) {reason}; scoring them again")
+        if todo:
+            device = resolve_device(cfg.score.device)
+            try:
+                model = model_from_checkpoint(ckpt, device)
+            except ValueError as e:  # a model_config its weights do not fit, an unknown backbone
+                raise ScoreError(f"{checkpoint}: {e}") from None
+            predict = ClipModel(model, device=device, dtype=amp_dtype(scoring.amp, device),
+                                temperature=scoring.temperature, tta_flip=scoring.tta_flip)
+            ckpt.clear()  # the model holds what it needs (cast, or moved to the GPU): the file's tensors and map can go
+            detector = FaceDetector(**scoring.align)
+            extra = {"settings": scoring.digest(), "clips_settings": scoring.clips_digest(),
+                     "model_digest": model_digest}
+            with open(jsonl, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit="video", desc="score",
+                                                               disable=not progress) as bar:
+                for row in score_videos(todo, scoring, predict, detector, batch_size=model_batch(cfg.score.batch_size,
+                                                                                                 device)):
+                    row = {**row, **extra, "file": _file_key(row["path"])}
+                    _append(f, row)
+                    done[row["path"]] = row
+                    bar.update()
+        rows = [done[v.path] for v in videos]
+        truth = {v.path: v.label for v in videos}
+        write_table(csv_path, [_csv_row(r, truth[r["path"]]) for r in rows], CSV_COLUMNS)
+        metrics = evaluate(rows, truth, scoring.threshold)
+        if shard.count == 1:
+            write_evaluation(rows, truth, metrics, scoring.threshold, csv_path)
+        return ScoreSummary(Counter(r["status"] for r in rows), len(todo), len(videos) - len(todo),
+                            sum(rescored.values()), metrics, csv_path, jsonl)

@@ -6,11 +6,13 @@ import json
 import os
 import tempfile
 import stat
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from dfpipe.manifests.table import atomic_write_bytes, check_writable, read_table, write_table
+from dfpipe.manifests.table import STALE_TMP_SECONDS, atomic_write_bytes, check_writable, read_table, write_table
 from dfpipe.manifests.units import (Journal, Record, StageSpec, Unit, UnitError, UnitOutput, count_states,
                                     load_state, run_stage, verify)
 from dfpipe.manifests.workspace import Shard, Workspace, WorkspaceError, safe_name
@@ -104,6 +106,40 @@ def test_verify_marks_missing_and_changed_files_and_rerun_repairs(tmp_path):
     assert sorted(calls[3:]) == ["a", "b"]
     assert (ws.root / "out/b/2.txt").read_text() == "b:d0:2"
     assert verify(ws, SPEC).ok
+
+
+def test_rows_deleted_from_the_table_are_noticed_and_redone(tmp_path):
+    """align's rows per sampled frame: deleting a frame's rows by hand (or a half-copied table) left the crops
+    unrecorded and changed the training set while status, verify and a rerun all said done."""
+    spec = replace(SPEC, rows_info="count", rows_key="n")
+    ws, calls = Workspace(tmp_path / "ws"), []
+    run_stage(ws, spec, {}, units("a", "b"), make_work(calls), progress=False)
+    table = ws.manifest("toy_rows.csv")
+    whole = table.read_bytes()
+    lines = whole.decode().splitlines(keepends=True)
+    table.write_text("".join(line for line in lines if not line.startswith("b,1,")))
+    assert count_states(ws, spec, {}, units("a", "b")) == {"done": 1, "stale": 1}
+    report = verify(ws, spec)
+    assert not report.ok and report.rows_missing == ["b"] and report.missing == report.changed == []
+    run_stage(ws, spec, {}, units("a", "b"), make_work(calls), progress=False)
+    assert calls[2:] == ["b"] and table.read_bytes() == whole and verify(ws, spec).ok
+
+
+def test_temp_files_a_killed_writer_left_are_swept_by_the_next_write(tmp_path):
+    """A kill between writing a table's temp file and renaming it left a whole copy behind, forever."""
+    old = time.time() - 2 * STALE_TMP_SECONDS
+    stale, fresh, other = (tmp_path / n for n in (".tmp-t.csv.k1ll3d", ".tmp-t.csv.n0wxyz", ".tmp-u.csv.k1ll3d"))
+    probe = tmp_path / ".tmp-probe.k1ll3d"
+    probe.mkdir()
+    for path in (stale, fresh, other):
+        path.write_bytes(b"half a table")
+    for path in (stale, other, probe):
+        os.utime(path, (old, old))
+    atomic_write_bytes(tmp_path / "t.csv", b"a\n")
+    check_writable(tmp_path)
+    # an old temp of this target and an old probe go; a fresh one may be another writer's, another target's is not
+    # this write's to judge
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-t.csv.n0wxyz", ".tmp-u.csv.k1ll3d", "t.csv"]
 
 
 def test_shards_split_units_and_merge_to_the_same_tables(tmp_path):

@@ -301,6 +301,17 @@ def test_an_output_that_is_not_ours_is_refused_not_overwritten(root, checkpoint,
     run(checkpoint, [root / "data/real/real_000.mp4"], tmp_path / "torn.csv")
 
 
+def test_a_second_call_into_the_same_output_is_refused(root, checkpoint, tmp_path):
+    """Two calls with one --out both ran: a video twice in the record, and the CSV held one call's videos."""
+    from dfpipe.manifests.workspace import lock_file
+    held = tmp_path / ".scores.jsonl.lock"
+    with lock_file(held):  # as a running call holds it
+        with pytest.raises(score.ScoreError, match=r"scores.csv: another score-video is writing this output \(pid "):
+            run(checkpoint, [root / "data/real/real_000.mp4"], tmp_path / "scores.csv")
+    assert not (tmp_path / "scores.csv").exists()
+    run(checkpoint, [root / "data/real/real_000.mp4"], tmp_path / "scores.csv")  # free again once it is done
+
+
 def test_an_output_below_a_file_is_a_one_line_error(root, checkpoint, tmp_path):
     (tmp_path / "taken.csv").write_text("x\n")
     with pytest.raises(score.ScoreError, match=r"scores.csv: cannot create its folder \(.*taken.csv is a file, "

@@ -405,10 +405,11 @@ def test_train_reads_the_faces_an_unmerged_align_journal_holds(workspace, tmp_pa
     shutil.copytree(workspace, ws.root)
     faces = read_table(ws.manifest("faces.csv"), align.FACE_COLUMNS)
     late = "real_03"  # recorded by a shard of align whose journal nobody has merged yet
-    write_table(ws.manifest("align.csv"), [{"video_id": v, "status": "done", "fingerprint": "f"}
+    frames = faces.groupby("video_id").frame_index.nunique()
+    write_table(ws.manifest("align.csv"), [{"video_id": v, "status": "done", "fingerprint": "f", "frames": frames[v]}
                                            for v in sorted(set(faces.video_id) - {late})], align.SPEC.unit_columns)
     write_table(ws.manifest("faces.csv"), faces[faces.video_id != late].to_dict("records"), align.FACE_COLUMNS)
-    Journal(ws, align.SPEC, Shard(1, 2)).append(late, Record("done", "f", "",
+    Journal(ws, align.SPEC, Shard(1, 2)).append(late, Record("done", "f", "", {"frames": frames[late]},
                                                              rows=faces[faces.video_id == late].to_dict("records")))
     got = faces_table(ws)
     assert sorted(set(got.video_id)) == sorted(set(faces.video_id)) and len(got) == len(faces)
@@ -416,9 +417,11 @@ def test_train_reads_the_faces_an_unmerged_align_journal_holds(workspace, tmp_pa
 
 def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
     path = tmp_path / "last.pt"
-    for data in (b"PK\x03\x04 truncated", b"path,label\n", b""):
+    for data, reason in ((b"PK\x03\x04 the rest cut off", "truncated or damaged checkpoint .the zip archive"),
+                         (b"path,label\n", "not a checkpoint .torch.save writes a zip archive"),
+                         (b"", "not a checkpoint .torch.save writes a zip archive")):
         path.write_bytes(data)
-        with pytest.raises(TrainError, match="not a checkpoint .torch.save writes a zip archive") as err:
+        with pytest.raises(TrainError, match=reason) as err:
             load_checkpoint(path)
         assert str(path) in str(err.value) and "\n" not in str(err.value)
     with zipfile.ZipFile(path, "w") as z:  # a zip, but not torch's
