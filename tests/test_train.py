@@ -162,7 +162,7 @@ def test_best_checkpoint_is_plain_data_with_calibration(trained, workspace):
     run_dir, summary = trained
     ckpt = torch.load(run_dir / "best.pt", weights_only=True)
     assert ckpt["epoch"] == summary["best_epoch"]
-    assert ckpt["extract"] == {"stride": STRIDE} and ckpt["clip_len"] == 4
+    assert ckpt["extract"] == {"stride": STRIDE, "jpeg_quality": 95} and ckpt["clip_len"] == 4
     assert ckpt["model_config"]["hq_backbone"] == TINY and ckpt["align"]["hq_size"] == 224
     pairs = read_table(workspace / pairs_mod.PAIRS, pairs_mod.COLUMNS)
     assert ckpt["pairs_digest"] == pairs_mod.pairs_digest(pairs) and len(pairs) == 8
