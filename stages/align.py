@@ -20,7 +20,7 @@ from ..manifests.workspace import Shard, Workspace
 from ..pipeline.workers import prefetch
 from . import extract
 from .faces import FaceDetector, FaceStream, align_face, no_face_reason, resolve_device, select_tracks
-from .video import Frame
+from .video import Frame, jpeg_bytes
 
 FACE_COLUMNS = ["video_id", "frame_index", "timestamp", "status", "track_id", "x1", "y1", "x2", "y2", "prob",
                 "landmarks", "scale", "mode", "hq_path", "lq_path", "hq_sha256", "lq_sha256"]
@@ -103,8 +103,7 @@ def _write_crops(out_dir: Path, track: int, index: int, hq: np.ndarray, lq: np.n
     names = (f"{track:02d}/{index:06d}_hq.jpg", f"{track:02d}/{index:06d}_lq.jpg")
     (out_dir / f"{track:02d}").mkdir(exist_ok=True)
     for name, crop in zip(names, (hq, lq)):
-        cv2.imwrite(str(out_dir / name), cv2.cvtColor(crop, cv2.COLOR_RGB2BGR),
-                    [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+        (out_dir / name).write_bytes(jpeg_bytes(crop, quality))
     return names
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import cv2
 from tqdm import tqdm
 
 from ..manifests.table import read_table, write_table
@@ -12,7 +11,7 @@ from ..manifests.units import (StageSpec, Unit, UnitError, UnitOutput, load_stat
                                writer_lock)
 from ..manifests.workspace import Shard, Workspace, WorkspaceError
 from .discover import Discovery, discover
-from .video import FrameReader, VideoError, probe
+from .video import FrameReader, VideoError, jpeg_bytes, probe
 
 VIDEO_COLUMNS = ["video_id", "path", "label", "source_id", "group", "split", "dataset", "method",
                  "size", "mtime_ns", "sha256", "frames", "fps", "width", "height", "codec"]
@@ -67,12 +66,10 @@ def extract_video(unit: Unit, out_dir: Path, *, stride: int, max_frames: int | N
     rows = []
     for frame in reader:
         name = f"{frame.index:06d}.jpg"
-        # cvtColor, not a [:, :, ::-1] view: libjpeg on a negative-stride view is 2.4x slower per 1080p frame
-        bgr = cv2.cvtColor(frame.image, cv2.COLOR_RGB2BGR)
-        ok, jpg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
-        if not ok:
-            raise UnitError(f"{unit.payload}: JPEG encoding failed at frame {frame.index}")
-        (out_dir / name).write_bytes(jpg.tobytes())
+        try:
+            (out_dir / name).write_bytes(jpeg_bytes(frame.image, jpeg_quality))
+        except ValueError as e:
+            raise UnitError(f"{unit.payload}: {e} at frame {frame.index}") from None
         rows.append({"frame_index": frame.index, "timestamp": f"{frame.timestamp:.6f}", "path": name})
     if not rows:
         raise UnitError(f"{unit.payload}: no frame could be decoded")

@@ -19,6 +19,7 @@ from skimage.transform import SimilarityTransform
 from torchvision.ops import box_iou, nms
 
 from .mtcnn import MTCNN
+from .video import jpeg_bytes
 
 # ArcFace (insightface) 112x112 template: left eye, right eye, nose tip, left and right mouth corners.
 ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -235,11 +236,9 @@ def template_points(hq_size: int, margin: float) -> np.ndarray:
 
 
 def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
-    """An RGB image as extract and align store it (OpenCV's JPEG at `quality`) and read it back."""
-    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    """An RGB image as extract and align store it, read back as align and training read it."""
+    stored = np.frombuffer(jpeg_bytes(image, quality), np.uint8)
+    return cv2.cvtColor(cv2.imdecode(stored, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
 def _as_stored(frame: np.ndarray, matrix: np.ndarray, size: int, quality: int) -> np.ndarray:

@@ -174,19 +174,18 @@ def _assign_splits(videos: pd.DataFrame, group_of: pd.Series, previous: pd.DataF
         if group in old:
             fixed[group] = _most_restrictive(old[group])
             if len(old[group]) > 1:
-                forced.setdefault("merges previously separate splits", []).append((group, old[group]))
+                forced.setdefault("merged", []).append(
+                    f"group '{group}' merges previously separate splits {sorted(old[group])}: now {fixed[group]}")
             if binding and _most_restrictive(binding) != fixed[group]:
-                forced.setdefault(f"keeps previous split {fixed[group]} over official", []).append((group, binding))
+                forced.setdefault("kept", []).append(
+                    f"group '{group}' keeps previous split {fixed[group]} over official {sorted(binding)}")
         elif binding:
             fixed[group] = _most_restrictive(binding)
             if len(binding) > 1:
-                forced.setdefault("has official splits", []).append((group, binding))
-    for what, cases in forced.items():
-        group, splits = cases[0]
-        case = f"group '{group}' {what} {sorted(splits)}" + ("" if what.startswith("keeps") else
-                                                             f": {'now' if 'merges' in what else 'using'} "
-                                                             f"{fixed[group]}")
-        notes.append(case + (f" (and {len(cases) - 1} more groups)" if len(cases) > 1 else ""))
+                forced.setdefault("official", []).append(
+                    f"group '{group}' has official splits {sorted(binding)}: using {fixed[group]}")
+    # one note per kind (a dataset may force hundreds of groups alike), with its first case
+    notes += [first + (f" (and {len(rest)} more groups)" if rest else "") for first, *rest in forced.values()]
     has_fake = (table.label == "fake").groupby(table.group_name).any()
     split_of = dict(fixed)
     for (val, test), groups in pools.items():

@@ -1,4 +1,4 @@
-"""Reading and writing video frames.
+"""Reading and writing video frames, and the JPEG every stored image (frame, crop) is written as.
 
 Every stage that reads a video goes through `probe` and `FrameReader`, so that bad files fail
 with one clear reason and frame indices mean the same thing whichever decoder produced them.
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import av
+import cv2
 import numpy as np
 
 try:
@@ -51,6 +52,16 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float = 30,
         if stream is not None:
             for packet in stream.encode():
                 container.mux(packet)
+
+
+def jpeg_bytes(image: np.ndarray, quality: int) -> bytes:
+    """An RGB image (a frame, a crop) as dfpipe stores it: OpenCV's JPEG at `quality`. One encoder for extract,
+    align and score-video, which reproduces the stored pixels. cvtColor, not a [:, :, ::-1] view: libjpeg on a
+    negative-stride view is 2.4x slower per 1080p frame."""
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return data.tobytes()
 
 
 class VideoError(Exception):
