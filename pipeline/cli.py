@@ -37,9 +37,7 @@ def command(fn):
         except click.exceptions.Exit:
             raise
         except KeyboardInterrupt:  # finished work is recorded as it completes: say so instead of "Aborted!"
-            how = ("rerun it with --resume to go on from the last finished epoch" if fn.__name__ == "train"
-                   else "rerun the same command to complete the rest")
-            click.echo(f"\ninterrupted: finished work is kept; {how}", err=True)
+            click.echo("\ninterrupted: finished work is kept; rerun the same command to complete the rest", err=True)
             sys.exit(EXIT_INTERRUPTED)
         except Exception as e:  # noqa: BLE001
             if not _user_error(e):
@@ -193,9 +191,10 @@ def align(work, device, batch_size, detect_every, detect_max_side, min_face_size
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
               help="Run folder: config.yaml, metrics.csv, last.pt, best.pt.")
 @click.option("--resume", is_flag=True,
-              help="Continue from RUN_DIR/last.pt with the run's RUN_DIR/config.yaml (unless --config is given); "
-                   "only the epochs (not under the cosine or onecycle schedule, which is planned for them), "
-                   "early-stop patience, workers and device may change.")
+              help="Continue RUN_DIR/last.pt with the run's RUN_DIR/config.yaml (unless --config is given), "
+                   "e.g. for more epochs; only the epochs (not under the cosine or onecycle schedule, which is "
+                   "planned for them), early-stop patience, workers and device may change. Not needed to finish "
+                   "an interrupted run: the same command again does.")
 @click.option("--epochs", type=int, default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
@@ -221,14 +220,7 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
         "train.epochs": epochs, "train.batch_size": batch_size, "train.workers": workers, "train.device": device,
         "model.hq_backbone": hq_backbone, "model.lq_backbone": lq_backbone, "model.pretrained_hq": pretrained_hq,
         "model.pretrained_lq": pretrained_lq})
-    try:
-        result = run_train(work, run_dir, cfg, resume=resume, progress=not quiet)
-    except KeyboardInterrupt:
-        if (Path(run_dir) / "last.pt").is_file():
-            raise  # `command` says: rerun with --resume
-        click.echo("\ninterrupted before the first epoch finished, so there is nothing to resume: rerun the same "
-                   "command", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    result = run_train(work, run_dir, cfg, resume=resume, progress=not quiet)
     if result:
         click.echo("train: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in result.items() if not isinstance(v, dict)))
@@ -296,7 +288,7 @@ def score_video(paths, checkpoint, out, labels, work, split, aggregate, threshol
 
 def _stages():
     """(name, spec, units-for-status) of every stage with a workspace manifest, in pipeline order."""
-    from ..stages import align as al
+    from ..stages import align_units as al
     from ..stages import extract as ex
     return [("extract", ex.SPEC, ex.status_units), ("align", al.SPEC, al.status_units)]
 

@@ -1,11 +1,11 @@
 """`dfpipe align`: extracted frames -> face tracks -> 224x224 HQ and 112x112 LQ aligned crops per face.
 
-Detection, tracking and alignment live in `faces.py` (shared with score-video); this module maps them onto the
-workspace: which videos to do, pair-aware cropping of fakes, and the faces manifest.
+Detection, tracking and alignment live in `faces.py` (shared with score-video), the units and the faces manifest's
+spec in `align_units.py`; this module maps the one onto the other: pair-aware cropping of fakes and the rows
+recorded for each video.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import cv2
@@ -13,69 +13,16 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from ..manifests.table import read_table
-from ..manifests.units import (StageSpec, Unit, UnitError, UnitOutput, complete, fingerprint, load_params,
-                               load_state, run_stage)
+from ..manifests.units import Unit, UnitError, UnitOutput, load_state, run_stage
 from ..manifests.workspace import Shard, Workspace
 from ..pipeline.workers import prefetch
 from . import extract
+from .align_units import SPEC, params_of, plan_units
 from .faces import FaceDetector, FaceStream, align_face, no_face_reason, resolve_device, select_tracks
 from .video import Frame, jpeg_bytes
 
-FACE_COLUMNS = ["video_id", "frame_index", "timestamp", "status", "track_id", "x1", "y1", "x2", "y2", "prob",
-                "landmarks", "scale", "mode", "hq_path", "lq_path", "hq_sha256", "lq_sha256"]
-
-SPEC = StageSpec(
-    name="align", version=4, area="faces", rows_table="faces.csv", row_columns=FACE_COLUMNS,
-    file_columns=[("hq_path", "hq_sha256"), ("lq_path", "lq_sha256")],
-    info_columns=["mode", "frames", "frames_with_face", "tracks"],
-    rows_info="frames", rows_key="frame_index",  # every sampled frame has its rows: faces, or one no_face
-)
-
-# settings that cannot change a crop (where it runs, how many frames go to the detector at once)
-NOT_IN_FINGERPRINT = ("device", "batch_size")
 # frames of a fake on which `lines_up` checks that it is frame-aligned with its source before cropping it so
 PAIR_CHECK_FRAMES = 3
-
-
-def params_of(cfg) -> dict:
-    return {k: v for k, v in cfg.align.items() if k not in NOT_IN_FINGERPRINT}
-
-
-def _frames_digest(rows: list[dict]) -> str:
-    return hashlib.sha256("".join(f"{r['frame_index']}:{r['sha256']};" for r in rows).encode()).hexdigest()
-
-
-def plan_units(ws: Workspace, pair_aware: bool, merge: bool = True) -> list[Unit]:
-    """One unit per extracted video. A fake whose source was extracted with the same frame size and the same
-    sampled frames is cropped with its source's tracks (payload 'source'), so its digest covers both; for any
-    other fake with a source, payload 'unpaired' says why it is not."""
-    videos = {v["video_id"]: v for v in read_table(ws.manifest("videos.csv"), extract.VIDEO_COLUMNS)
-              .to_dict("records")}
-    done = {vid: rec for vid, rec in load_state(ws, extract.SPEC, merge=merge).items()
-            if rec.status == "done" and complete(extract.SPEC, rec)}
-    units = []
-    for vid, rec in sorted(done.items()):
-        rows = sorted(rec.rows, key=lambda r: int(r["frame_index"]))
-        digest, source, unpaired = _frames_digest(rows), None, ""
-        src = videos.get(vid, {}).get("source_id", "")
-        if pair_aware and videos.get(vid, {}).get("label") == "fake" and src:
-            if src not in videos:
-                unpaired = "source video not in the workspace"
-            elif src not in done:
-                unpaired = "source not extracted"
-            elif any(videos[vid][k] != videos[src][k] for k in ("width", "height")):
-                unpaired = "frame size differs from the source's"
-            else:
-                src_rows = sorted(done[src].rows, key=lambda r: int(r["frame_index"]))
-                if [r["frame_index"] for r in rows] == [r["frame_index"] for r in src_rows]:
-                    source, digest = src, digest + _frames_digest(src_rows)
-                else:
-                    unpaired = "sampled frames differ from the source's"
-        payload = {"frames": [(int(r["frame_index"]), float(r["timestamp"]), r["path"]) for r in rows],
-                   "source": source, "source_id": src, "unpaired": unpaired}
-        units.append(Unit(vid, digest, payload, shard_key=source or vid))
-    return units
 
 
 def _read_frames(ws: Workspace, frames: list[tuple[int, float, str]]):
@@ -222,20 +169,3 @@ def run_align(ws: Workspace, cfg, *, shard: Shard = Shard(), retry_failed: bool 
             summaries.append(run_stage(ws, SPEC, params, units, work, shard=shard, workers=0, only=phase,
                                        retry_failed=retry_failed, progress=progress))
     return summaries[0].merge(summaries[1])
-
-
-def status_units(ws: Workspace) -> list[Unit]:
-    """Reads only (no journal merge), so that `status` works on a workspace it may not write to."""
-    params = load_params(ws, SPEC) or {}
-    return plan_units(ws, params.get("pair_aware", True), merge=False)
-
-
-def behind(ws: Workspace) -> list[str]:
-    """Extracted videos whose crops are missing, incomplete in faces.csv, or were cut from older frames or with
-    other settings (failures aside: they are results). Training on them would use crops of a video that has changed
-    since, or only some of them."""
-    params = load_params(ws, SPEC)
-    records = load_state(ws, SPEC, merge=False)
-    return [u.id for u in status_units(ws) if (rec := records.get(u.id)) is None
-            or (rec.status != "failed" and (params is None or rec.fingerprint != fingerprint(SPEC, params, u)
-                                            or not complete(SPEC, rec)))]

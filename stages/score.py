@@ -40,7 +40,7 @@ from ..manifests.table import atomic_write_bytes, check_writable, read_table, wr
 from ..manifests.units import sha256_file
 from ..manifests.workspace import LockHeld, Shard, Workspace, lock_file
 from ..pipeline.workers import one_line, prefetch
-from . import align as align_stage
+from . import align_units
 from . import pairs as pairs_mod
 from .aggregate import RULE_KEYS, RULES, video_score
 from .dataset import clip_positions
@@ -192,8 +192,8 @@ class Scoring:
 
     def _params(self, skip: tuple[str, ...] = ()) -> dict:
         return {**{k: v for k, v in self.__dict__.items() if k not in skip},
-                "align": {k: v for k, v in self.align.items() if k not in align_stage.NOT_IN_FINGERPRINT},
-                "face_path": align_stage.SPEC.version}  # a changed face path gives other crops: rescore
+                "align": {k: v for k, v in self.align.items() if k not in align_units.NOT_IN_FINGERPRINT},
+                "face_path": align_units.SPEC.version}  # a changed face path gives other crops: rescore
 
 
 def _digest(params: dict) -> str:

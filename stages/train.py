@@ -45,7 +45,7 @@ from ..manifests.units import load_state
 from ..manifests.workspace import Workspace
 from ..models.dual_stream import DualStreamNet
 from ..pipeline import __version__
-from . import align as align_stage
+from . import align_units
 from . import pairs as pairs_mod
 from .aggregate import RULE_KEYS, choose_rule, video_score
 from .dataset import BalancedSampler, SequenceDataset, collate_clips
@@ -132,8 +132,8 @@ def faces_table(ws: Workspace) -> pd.DataFrame:
     disk and recorded, just not yet in the table), and integer frame_index/track_id: the dataset orders frames
     numerically ('12' < '3' as text). Refused while align has work left: training would silently use old crops of
     a changed video, or leave new videos out."""
-    load_state(ws, align_stage.SPEC)
-    behind = align_stage.behind(ws)
+    load_state(ws, align_units.SPEC)
+    behind = align_units.behind(ws)
     if behind:
         raise TrainError(f"{ws.root}: {len(behind)} extracted video(s) have no crops yet or crops of an older "
                          f"version (e.g. {behind[0]}); run `dfpipe align --work {ws.root}` first")
@@ -450,10 +450,12 @@ def git_commit() -> str | None:
 # rate, ...) would make its later epochs incomparable with the earlier ones that best-epoch selection weighs them
 # against.
 RESUMABLE = ("train.epochs", "train.early_stop_patience", "train.workers", "train.device")
+WHERE_IT_RUNS = ("train.workers", "train.device")  # what the same command run again may change
 
 
-def changed_settings(saved: dict, now: dict) -> list[str]:
-    """`key (run: x, now: y)` for each training setting (pairs, dataset, model, train) that differs."""
+def changed_settings(saved: dict, now: dict, may_change: tuple[str, ...]) -> list[str]:
+    """`key (run: x, now: y)` for each training setting (pairs, dataset, model, train) not in `may_change` that
+    differs."""
     def flat(tree: dict, prefix: str = "") -> dict:
         out = {}
         for key, value in tree.items():
@@ -461,7 +463,7 @@ def changed_settings(saved: dict, now: dict) -> list[str]:
         return out
     old, new = (flat({k: c.get(k, {}) for k in ("pairs", "dataset", "model", "train")}) for c in (saved, now))
     return [f"{k} (run: {old.get(k)!r}, now: {new.get(k)!r})" for k in sorted(old.keys() | new.keys())
-            if k not in RESUMABLE and old.get(k) != new.get(k)]
+            if k not in may_change and old.get(k) != new.get(k)]
 
 
 def write_run_files(run_dir: Path, cfg, digest: str, ctx: Ranks, resume: bool) -> None:
@@ -570,14 +572,18 @@ def predict(model: DualStreamNet, loader: DataLoader, *, ctx: Ranks, dtype, prog
 
 
 def val_metrics(pred: pd.DataFrame) -> dict:
-    """NaN for an epoch whose val logits diverged (possible under fp16): early stopping counts it as no
-    improvement and the run goes on from the best epoch, rather than ending in an error."""
+    """The loss is class-balanced (each class's mean BCE, averaged): FF++ has 4 fakes per real, and a plain mean
+    would pick the best epoch and the patience mostly by the fakes, while training sees the classes evenly.
+    NaN for an epoch whose val logits diverged (possible under fp16): early stopping counts it as no improvement
+    and the run goes on from the best epoch, rather than ending in an error."""
     logits = torch.tensor(pred.logit.to_numpy())
     if not torch.isfinite(logits).all():
         return dict.fromkeys(VAL_METRICS, math.nan)
     labels = torch.tensor(pred.label.to_numpy(), dtype=torch.float64)
+    losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    loss = torch.stack([losses[labels == c].mean() for c in (0.0, 1.0) if (labels == c).any()]).mean()
     metrics = binary_metrics(pred.label, torch.sigmoid(logits).numpy(), threshold=0.5)
-    return {"loss": F.binary_cross_entropy_with_logits(logits, labels).item(), **metrics}
+    return {"loss": loss.item(), **metrics}
 
 
 def calibrate(pred: pd.DataFrame, score_cfg) -> dict:
@@ -635,8 +641,9 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
         raise TrainError(f"train.epochs must be at least 1, got {t.epochs}")
     if resume and not last_path.is_file():
         raise TrainError(f"{last_path}: nothing to resume (no last.pt in the run folder)")
-    if not resume and last_path.exists():
-        raise TrainError(f"{run_dir}: already holds a run (last.pt); pass --resume or choose another --run folder")
+    # The same command again on a run it started continues that run (or finds it finished), like every stage's
+    # rerun; --resume is for continuing it with other epochs or patience.
+    rerun = not resume and last_path.exists()
     random.seed(t.seed)
     np.random.seed(t.seed)
 
@@ -644,7 +651,7 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
     extracted = extract_settings(ws)
     videos = read_table(_require(ws.manifest("videos.csv"), "run dfpipe extract first"), VIDEO_COLUMNS)
     if ctx.main:  # align must not rewrite the crops under training
-        locks.enter_context(ws.reading(align_stage.SPEC.name, "train"))
+        locks.enter_context(ws.reading(align_units.SPEC.name, "train"))
     faces = from_main(faces_table(ws) if ctx.main else None, ctx)
     pairs = from_main(update_pairs(ws, videos, faces, cfg.pairs) if ctx.main else None, ctx)
     digest = pairs_mod.pairs_digest(pairs)
@@ -668,11 +675,15 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
     early = {"best_loss": math.inf, "best_epoch": -1, "bad_epochs": 0}
     history: list[dict] = []
     start_epoch = 0
-    if resume:
+    if resume or rerun:
         ckpt = load_checkpoint(last_path)
         if ckpt["pairs_digest"] != digest:
             raise TrainError(f"{last_path}: the training pairs changed since this run started; start a new run")
-        changed = changed_settings(ckpt["config"], cfg.to_dict())
+        changed = changed_settings(ckpt["config"], cfg.to_dict(), RESUMABLE if resume else WHERE_IT_RUNS)
+        if changed and rerun:
+            raise TrainError(f"{run_dir}: already holds a run with other settings ({'; '.join(changed)}); choose "
+                             f"another --run folder, or continue this one with --resume (only "
+                             f"{', '.join(sorted(RESUMABLE))} may change)")
         if changed:
             raise TrainError(f"{last_path}: a resumed run keeps its settings (only {', '.join(sorted(RESUMABLE))} "
                              f"may change); these differ: {'; '.join(changed)}")
@@ -685,6 +696,13 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
         if scaler.is_enabled() and ckpt["scaler"]:  # a run resumed on another device may change precision
             scaler.load_state_dict(ckpt["scaler"])
         early, history, start_epoch = ckpt["early_stop"], ckpt["history"], ckpt["epoch"]
+        if rerun and _finished(early, start_epoch, t) and best_path.is_file() and \
+                load_checkpoint(best_path)["calibration"] is not None:
+            if ctx.main:
+                tqdm.write(f"train: {run_dir} already holds this run, finished at epoch {start_epoch} and "
+                           "calibrated: nothing to do")
+            return _summary(early, history, load_checkpoint(best_path)["calibration"], best_path, last_path, t) \
+                if ctx.main else {}
         if ctx.main:
             restore_best(ckpt, best_path)
         if len(ckpt["rng"]) == ctx.world:
@@ -694,9 +712,9 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
                         ctx.world)
     if ctx.main:
         check_writable(run_dir)
-        write_run_files(run_dir, cfg, digest, ctx, resume)
-        finished = start_epoch >= t.epochs or early["bad_epochs"] >= t.early_stop_patience
-        plan = (f"no epoch left to run (finished at epoch {start_epoch}): recalibrating best.pt" if finished
+        write_run_files(run_dir, cfg, digest, ctx, resume or rerun)
+        plan = (f"no epoch left to run (finished at epoch {start_epoch}): recalibrating best.pt"
+                if _finished(early, start_epoch, t)
                 else f"epochs {start_epoch + 1}-{t.epochs}")
         tqdm.write(f"train: {train_loader.dataset.stats['clips']} train clips, {len(val_loader.dataset)} val clips, "
                    f"{steps} batches/epoch x {ctx.world} rank(s) on {ctx.device}, {plan}")
@@ -775,8 +793,14 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
         tqdm.write(f"best epoch {early['best_epoch']} (val loss {early['best_loss']:.4f}); calibration: "
                    f"temperature {calibration['temperature']:.3f}, threshold {calibration['threshold']:.3f}, "
                    f"aggregate {calibration['aggregate']}")
-    if not ctx.main:
-        return {}
+    return _summary(early, history, calibration, best_path, last_path, t) if ctx.main else {}
+
+
+def _finished(early: dict, epoch: int, t) -> bool:
+    return epoch >= t.epochs or early["bad_epochs"] >= t.early_stop_patience
+
+
+def _summary(early: dict, history: list[dict], calibration: dict, best_path: Path, last_path: Path, t) -> dict:
     return {"best_epoch": early["best_epoch"], "best_val_loss": early["best_loss"], "epochs_run": len(history),
             "stopped_early": early["bad_epochs"] >= t.early_stop_patience, "calibration": calibration,
             "val": history[early["best_epoch"] - 1], "best": str(best_path), "last": str(last_path)}

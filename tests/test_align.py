@@ -13,7 +13,7 @@ from conftest import dfpipe, kill_at_random_moments, make_clip, snapshot, timed_
 from dfpipe.manifests.units import Unit, UnitError
 from dfpipe.manifests.workspace import Workspace, WorkspaceError
 from dfpipe.pipeline.config import load_config
-from dfpipe.stages import align
+from dfpipe.stages import align, align_units
 from dfpipe.stages.align import run_align
 from dfpipe.stages.demo import make_demo_dataset
 
@@ -101,12 +101,12 @@ def test_one_reextracted_video_redoes_only_its_units(extracted, tmp_path):
     videos["path"] = videos.path.str.replace(str(extracted / "data"), str(data), regex=False)
     videos.to_csv(ws / "manifests/videos.csv", index=False, lineterminator="\n")
     dfpipe("extract", data, "--work", ws, "--quiet")
-    assert align.behind(Workspace(ws)) == ["fake/fake_001", "real/real_001"]
+    assert align_units.behind(Workspace(ws)) == ["fake/fake_001", "real/real_001"]
     out = dfpipe("train", "--work", ws, "--run", tmp_path / "run", check=False)  # would train on the old crops
     assert out.returncode == 2 and "2 extracted video(s) have no crops yet or crops of an older" in out.stderr
     out = dfpipe("align", "--work", ws, "--quiet", check=False)
     assert "2 already done, 2 processed" in out.stdout  # real_001 + fake_001 (its frames no longer match)
-    assert align.behind(Workspace(ws)) == []
+    assert align_units.behind(Workspace(ws)) == []
     after = faces_table(ws)
     units = pd.read_csv(ws / "manifests/align.csv", keep_default_na=False).set_index("video_id")
     assert units.loc["fake/fake_001", "mode"] == "detect (sampled frames differ from the source's)"

@@ -28,7 +28,7 @@ from dfpipe.manifests.units import Journal, Record
 from dfpipe.manifests.workspace import Shard, Workspace, WorkspaceError
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
-from dfpipe.stages import align, extract
+from dfpipe.stages import align_units, extract
 from dfpipe.stages import pairs as pairs_mod
 from dfpipe.stages import train as train_mod
 from dfpipe.stages.aggregate import RULE_KEYS, RULES, video_score
@@ -36,7 +36,8 @@ from dfpipe.stages.dataset import SequenceDataset, collate_clips
 from dfpipe.stages.evaluate import binary_metrics, fit_threshold
 from dfpipe.stages.train import (METRIC_COLUMNS, VAL_METRICS, Ranks, TrainError, amp_dtype, batch_inputs, calibrate,
                                  faces_table, load_checkpoint, make_criterion, make_loaders, make_scheduler,
-                                 model_from_checkpoint, run_train, train_one_epoch, val_metrics)
+                                 model_from_checkpoint, run_train, save_checkpoint, train_one_epoch,
+                                 val_metrics)
 
 TINY = "test_efficientnet"
 HQ, LQ = 64, 32
@@ -87,7 +88,7 @@ def make_workspace(root, per_class: int, val_per_class: int):
                 row.update({f"{stream}_path": rel, f"{stream}_sha256": f"{video_id}-{frame}-{stream}"})
             faces.append(row)
     write_table(root / "manifests/videos.csv", videos, extract.VIDEO_COLUMNS)
-    write_table(root / "manifests/faces.csv", faces, align.FACE_COLUMNS)
+    write_table(root / "manifests/faces.csv", faces, align_units.FACE_COLUMNS)
     (root / "manifests/extract.params.json").write_text(json.dumps({"stride": STRIDE, "jpeg_quality": 95}))
     return root
 
@@ -293,6 +294,14 @@ def test_a_diverged_val_epoch_gives_nan_metrics_not_an_error():
     assert not diverged["loss"] < math.inf  # early stopping: not an improvement
 
 
+def test_the_val_loss_weighs_both_classes_alike():
+    """One real clip, four fakes: a real called fake must cost as much as four fakes called real."""
+    pred = pd.DataFrame({"logit": [2.0, 3.0, 3.0, 3.0, 3.0], "label": [0, 1, 1, 1, 1]})
+    real_loss, fake_loss = math.log1p(math.exp(2.0)), math.log1p(math.exp(-3.0))
+    assert val_metrics(pred)["loss"] == pytest.approx((real_loss + fake_loss) / 2)
+    assert val_metrics(pred.iloc[1:])["loss"] == pytest.approx(fake_loss)  # one class: its mean
+
+
 def test_the_threshold_is_fitted_on_the_video_scores_it_is_applied_to():
     """Three tracks of four clips per video, scored by the max over tracks: video scores sit above their clips',
     so a threshold fitted on clips calls real videos fake."""
@@ -333,6 +342,38 @@ def test_killed_and_resumed_run_reproduces_the_uninterrupted_metrics(trained, wo
     assert len(json.loads((tmp_path / "run.json").read_text())["resumed"]) == 1
 
 
+def test_the_same_command_again_completes_a_killed_run_and_then_does_nothing(trained, workspace, tmp_path,
+                                                                           monkeypatch):
+    """Like every stage: the rerun of an interrupted `train` continues it (same bytes as the uninterrupted run),
+    a rerun of a finished one leaves it alone, and one with other settings is refused."""
+    run_dir, summary = trained
+    saves = []
+
+    def killed_after_epoch_1(path, state):
+        save_checkpoint(path, state)
+        saves.append(path.name)
+        if saves == ["last.pt", "best.pt"]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", killed_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(workspace, tmp_path, tiny_cfg(), resume=False)
+    monkeypatch.undo()
+    assert len(metrics(tmp_path)) == 1
+    again = run_train(workspace, tmp_path, tiny_cfg(), resume=False)
+    for name in ("metrics.csv", "last.pt", "best.pt"):
+        assert (tmp_path / name).read_bytes() == (run_dir / name).read_bytes(), name
+    assert again["best_epoch"] == summary["best_epoch"] and again["calibration"] == summary["calibration"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert run_train(workspace, tmp_path, tiny_cfg(), resume=False) == again  # finished: nothing to do
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
+    with pytest.raises(TrainError, match=r"other settings \(train\.lr_head .*--resume"):
+        run_train(workspace, tmp_path, tiny_cfg(lr_head=0.5), resume=False)
+    with pytest.raises(TrainError, match=r"other settings \(train\.epochs \(run: 4, now: 5\)\)"):
+        run_train(workspace, tmp_path, tiny_cfg(epochs=5), resume=False)  # more epochs: that is --resume
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
+
+
 def test_resume_refuses_changed_training_settings_and_the_cli_resumes_with_the_runs_config(trained, workspace,
                                                                                           tmp_path):
     run_train(workspace, tmp_path, tiny_cfg(epochs=1), resume=False)
@@ -350,8 +391,8 @@ def test_resume_refuses_changed_training_settings_and_the_cli_resumes_with_the_r
 
 def test_refuses_to_overwrite_a_run_resume_nothing_or_train_without_manifests(trained, workspace, tmp_path):
     run_dir, _ = trained
-    with pytest.raises(TrainError, match="already holds a run"):
-        run_train(workspace, run_dir, tiny_cfg(), resume=False)
+    with pytest.raises(TrainError, match="already holds a run with other settings"):
+        run_train(workspace, run_dir, tiny_cfg(seed=1), resume=False)
     with pytest.raises(TrainError, match="nothing to resume"):
         run_train(workspace, tmp_path, tiny_cfg(), resume=True)
     with pytest.raises(TrainError, match=r"extract\.params\.json: not found \(run dfpipe extract first\)"):
@@ -403,14 +444,16 @@ def test_paired_source_crops_join_the_batch_as_reals():
 def test_train_reads_the_faces_an_unmerged_align_journal_holds(workspace, tmp_path):
     ws = Workspace(tmp_path / "ws")
     shutil.copytree(workspace, ws.root)
-    faces = read_table(ws.manifest("faces.csv"), align.FACE_COLUMNS)
+    faces = read_table(ws.manifest("faces.csv"), align_units.FACE_COLUMNS)
     late = "real_03"  # recorded by a shard of align whose journal nobody has merged yet
     frames = faces.groupby("video_id").frame_index.nunique()
-    write_table(ws.manifest("align.csv"), [{"video_id": v, "status": "done", "fingerprint": "f", "frames": frames[v]}
-                                           for v in sorted(set(faces.video_id) - {late})], align.SPEC.unit_columns)
-    write_table(ws.manifest("faces.csv"), faces[faces.video_id != late].to_dict("records"), align.FACE_COLUMNS)
-    Journal(ws, align.SPEC, Shard(1, 2)).append(late, Record("done", "f", "", {"frames": frames[late]},
-                                                             rows=faces[faces.video_id == late].to_dict("records")))
+    done = [{"video_id": v, "status": "done", "fingerprint": "f", "frames": frames[v]}
+            for v in sorted(set(faces.video_id) - {late})]
+    write_table(ws.manifest("align.csv"), done, align_units.SPEC.unit_columns)
+    write_table(ws.manifest("faces.csv"), faces[faces.video_id != late].to_dict("records"), align_units.FACE_COLUMNS)
+    late_rows = faces[faces.video_id == late].to_dict("records")
+    Journal(ws, align_units.SPEC, Shard(1, 2)).append(late, Record("done", "f", "", {"frames": frames[late]},
+                                                                   rows=late_rows))
     got = faces_table(ws)
     assert sorted(set(got.video_id)) == sorted(set(faces.video_id)) and len(got) == len(faces)
 
