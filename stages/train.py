@@ -696,13 +696,16 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
         if scaler.is_enabled() and ckpt["scaler"]:  # a run resumed on another device may change precision
             scaler.load_state_dict(ckpt["scaler"])
         early, history, start_epoch = ckpt["early_stop"], ckpt["history"], ckpt["epoch"]
-        if rerun and _finished(early, start_epoch, t) and best_path.is_file() and \
-                load_checkpoint(best_path)["calibration"] is not None:
-            if ctx.main:
+        if rerun and _finished(early, start_epoch, t):
+            best = load_checkpoint(best_path) if best_path.is_file() else {}
+            # The calibration is written last (a run killed before it gets it now), and a best.pt of another epoch
+            # is one `restore_best` replaces.
+            if best.get("calibration") is not None and best["epoch"] == early["best_epoch"]:
+                if not ctx.main:
+                    return {}
                 tqdm.write(f"train: {run_dir} already holds this run, finished at epoch {start_epoch} and "
                            "calibrated: nothing to do")
-            return _summary(early, history, load_checkpoint(best_path)["calibration"], best_path, last_path, t) \
-                if ctx.main else {}
+                return _summary(early, history, best["calibration"], best_path, last_path, t)
         if ctx.main:
             restore_best(ckpt, best_path)
         if len(ckpt["rng"]) == ctx.world:
