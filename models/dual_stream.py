@@ -16,12 +16,18 @@ from dfpipe.models.convlstm import ConvLSTM
 
 
 class Stream(nn.Module):
-    """Backbone on every frame, ConvLSTM over time, global average pool: (B,T,3,H,W) in [0,1] -> (B, filters[-1])."""
+    """Backbone on every frame, ConvLSTM over time, global average pool: (B,T,3,H,W) in [0,1] -> (B, filters[-1]).
 
-    def __init__(self, backbone: Backbone, filters: list[int], kernel_size: int, channels_last: bool):
+    ``bottleneck`` C puts a 1x1 convolution to C channels between them: an EfficientNet's last map has 1280-1792
+    channels, and the ConvLSTM's first 3x3 gates over all of them cost more than the whole backbone (~0.7 GMAC per
+    224 px frame against Lite2's ~0.4), for features a linear projection keeps."""
+
+    def __init__(self, backbone: Backbone, filters: list[int], kernel_size: int, channels_last: bool,
+                 bottleneck: int | None = None):
         super().__init__()
         self.backbone = backbone
-        self.temporal = ConvLSTM(backbone.out_channels, filters, kernel_size)
+        self.bottleneck = nn.Conv2d(backbone.out_channels, bottleneck, 1) if bottleneck else nn.Identity()
+        self.temporal = ConvLSTM(bottleneck or backbone.out_channels, filters, kernel_size)
         self.set_normalisation()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)  # the ConvLSTM too: a weight in the other layout is copied per call
@@ -36,7 +42,7 @@ class Stream(nn.Module):
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         batch, steps = clips.shape[:2]
         frames = ((clips.flatten(0, 1) - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-        features = self.backbone(frames).unflatten(0, (batch, steps))
+        features = self.bottleneck(self.backbone(frames)).unflatten(0, (batch, steps))
         return self.temporal(features).mean(dim=(2, 3))
 
 
@@ -73,15 +79,16 @@ def _check_clips(name: str, clips: torch.Tensor) -> None:
 class DualStreamNet(nn.Module):
     def __init__(self, *, hq_backbone: str, lq_backbone: str, convlstm_filters: list[int], convlstm_kernel: int,
                  mlp: list[int], dropout: list[float], pretrained_hq: str | None, pretrained_lq: str | None,
-                 channels_last: bool):
+                 channels_last: bool, bottleneck: int | None = None):
+        """``bottleneck`` defaults to none: the shape of checkpoints written before it existed."""
         super().__init__()
-        self.hq = Stream(build_backbone(hq_backbone, pretrained=pretrained_hq), convlstm_filters, convlstm_kernel,
-                         channels_last)
-        self.lq = Stream(build_backbone(lq_backbone, pretrained=pretrained_lq), convlstm_filters, convlstm_kernel,
-                         channels_last)
+        self.hq = Stream(build_backbone(hq_backbone, pretrained=pretrained_hq, setting="model.pretrained_hq"),
+                         convlstm_filters, convlstm_kernel, channels_last, bottleneck)
+        self.lq = Stream(build_backbone(lq_backbone, pretrained=pretrained_lq, setting="model.pretrained_lq"),
+                         convlstm_filters, convlstm_kernel, channels_last, bottleneck)
         self.fusion = AttentionFusion(convlstm_filters[-1], convlstm_filters[-1], mlp[0])
         self.classifier = classifier_head(mlp, dropout)
-        self.backbones_frozen = False
+        self.backbones_frozen = self.backbone_stats_fixed = False
 
     @classmethod
     def from_config(cls, model_cfg: Mapping) -> "DualStreamNet":
@@ -111,6 +118,11 @@ class DualStreamNet(nn.Module):
                 stream.to(dtype)
         return self
 
+    @property
+    def initial_weights(self) -> dict[str, str]:
+        """Where each backbone's weights came from ("random", "imagenet: <file> (<where found>)", "file: <path>")."""
+        return {"hq": self.hq.backbone.weights, "lq": self.lq.backbone.weights}
+
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
         return chain(self.hq.backbone.parameters(), self.lq.backbone.parameters())
 
@@ -118,17 +130,19 @@ class DualStreamNet(nn.Module):
         backbone = {id(p) for p in self.backbone_parameters()}
         return (p for p in self.parameters() if id(p) not in backbone)
 
-    def freeze_backbones(self, frozen: bool) -> None:
+    def freeze_backbones(self, frozen: bool, *, keep_bn_stats: bool = False) -> None:
         """Frozen backbones also keep their BatchNorm statistics: updating them from a few deepfake clips would
-        drift the pretrained features the head is being fitted to."""
+        drift the pretrained features the head is being fitted to. ``keep_bn_stats`` keeps them while the
+        backbones train too (BatchNorm as a fixed affine layer, the usual way to fine-tune on small batches)."""
         self.backbones_frozen = frozen
+        self.backbone_stats_fixed = frozen or keep_bn_stats
         for p in self.backbone_parameters():
             p.requires_grad_(not frozen)
         self.train(self.training)  # re-applies the mode so the backbones' BatchNorm follows the new setting now
 
     def train(self, mode: bool = True) -> "DualStreamNet":
         super().train(mode)
-        if self.backbones_frozen:
+        if self.backbone_stats_fixed:
             self.hq.backbone.eval()
             self.lq.backbone.eval()
         return self

@@ -199,16 +199,20 @@ def align(work, device, batch_size, detect_every, detect_max_side, min_face_size
 @click.option("--batch-size", type=int, default=None)
 @click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
-@click.option("--hq-backbone", default=None, help="efficientnet-b0..b7 or any timm model name.")
-@click.option("--lq-backbone", default=None)
-@click.option("--pretrained-hq", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Local weight file for the HQ backbone (nothing is ever downloaded).")
-@click.option("--pretrained-lq", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--hq-backbone", default=None,
+              help="efficientnet-b0..b7 or any timm model name [default: tf_efficientnet_lite2].")
+@click.option("--lq-backbone", default=None, help="[default: tf_efficientnet_lite0]")
+@click.option("--pretrained-hq", metavar="imagenet|FILE", default=None,
+              help="Starting weights of the HQ backbone: imagenet (found on this machine, see `dfpipe weights`; "
+                   "nothing is ever downloaded) or a local weight file [default: imagenet].")
+@click.option("--pretrained-lq", metavar="imagenet|FILE", default=None, help="The same for the LQ backbone.")
+@click.option("--from-scratch", is_flag=True, default=None,
+              help="Allow backbones without pretrained weights (model.pretrained_* null): random init.")
 @click.option("--quiet", is_flag=True, help="No progress bars (the per-epoch lines stay).")
 @config_options
 @command
 def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbone, lq_backbone, pretrained_hq,
-          pretrained_lq, quiet, config_file, overrides):
+          pretrained_lq, from_scratch, quiet, config_file, overrides):
     """Build leak-free training pairs from the workspace and train the dual-stream detector.
 
     Runs on CPU or CUDA, single process or `torchrun --nproc_per_node N -m dfpipe.pipeline.cli train ...`.
@@ -219,7 +223,7 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
     cfg = make_config(config_file, overrides, **{
         "train.epochs": epochs, "train.batch_size": batch_size, "train.workers": workers, "train.device": device,
         "model.hq_backbone": hq_backbone, "model.lq_backbone": lq_backbone, "model.pretrained_hq": pretrained_hq,
-        "model.pretrained_lq": pretrained_lq})
+        "model.pretrained_lq": pretrained_lq, "train.from_scratch": from_scratch})
     result = run_train(work, run_dir, cfg, resume=resume, progress=not quiet)
     if result:
         click.echo("train: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -284,6 +288,26 @@ def score_video(paths, checkpoint, out, labels, work, split, aggregate, threshol
     click.echo(summary.line())
     # like a failed unit elsewhere: a video that could not be read (no face is a result, not a failure)
     sys.exit(EXIT_FAILED_UNITS if any(summary.counts.get(s) for s in ("error", "undecodable", "empty")) else 0)
+
+
+@main.command()
+@click.argument("names", nargs=-1)
+@command
+def weights(names):
+    """Which backbones have ImageNet weights on this machine, and where from (nothing is ever downloaded).
+
+    NAMES: backbones to look up besides the known ones (any timm model name).
+    """
+    from ..models.backbones import is_backbone
+    from ..models.pretrained import KNOWN, find_imagenet, where_to_put, weights_dir
+    unknown = [n for n in names if not is_backbone(n)]
+    if unknown:
+        raise click.BadParameter(f"unknown backbone {', '.join(unknown)}: neither efficientnet-b0..b7 nor a timm "
+                                 "model name", param_hint="NAMES")
+    click.echo(f"weights folder: {weights_dir()} (set $DFPIPE_WEIGHTS to change it)")
+    for name in dict.fromkeys([*KNOWN, *names]):
+        source = find_imagenet(name)
+        click.echo(f"{name:<24}" + (f"imagenet: {source.describe()}" if source else f"missing: {where_to_put(name)}"))
 
 
 def _stages():

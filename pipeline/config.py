@@ -119,7 +119,7 @@ COUNT, POSITIVE, NON_NEGATIVE = _at_least(0), _at_least(1), _at_least(0, integer
 SEED = ((lambda v: _is_int(v) and 0 <= v < 2 ** 32), "an integer from 0 to 2**32 - 1")  # numpy's range
 FRACTION, PROBABILITY = _between(0, 1, open_high=True), _between(0, 1)
 DEVICE = _one_of("auto", "cpu", "cuda")
-WEIGHT_FILE = _or_null(((lambda v: isinstance(v, str) and bool(v)), "a weight file path"))
+WEIGHT_FILE = _or_null(((lambda v: isinstance(v, str) and bool(v)), "imagenet or a weight file path"))
 RULES: dict[str, Rule] = {
     "extract.stride": POSITIVE, "extract.max_frames": _or_null(POSITIVE), "extract.jpeg_quality": _between(1, 100),
     "extract.decoder": _one_of("auto", "decord", "pyav"), "extract.workers": COUNT,
@@ -138,7 +138,8 @@ RULES: dict[str, Rule] = {
     "dataset.val_clips_per_track": POSITIVE,
     **{f"dataset.augment.{k}": PROBABILITY for k in ("flip", "affine", "color_jitter", "jpeg", "blur", "noise",
                                                       "cutout")},
-    "model.convlstm_filters": _list_of(POSITIVE), "model.convlstm_kernel": POSITIVE,
+    "dataset.synthesize": _one_of("none", "sbi"), "dataset.sbi_fraction": PROBABILITY,
+    "model.bottleneck": _or_null(POSITIVE), "model.convlstm_filters": _list_of(POSITIVE), "model.convlstm_kernel": POSITIVE,
     "model.mlp": _list_of(POSITIVE), "model.dropout": (lambda v: v == [] or _list_of(FRACTION)[0](v),
                                                         _list_of(FRACTION)[1]),
     "model.pretrained_hq": WEIGHT_FILE, "model.pretrained_lq": WEIGHT_FILE,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
@@ -25,9 +25,14 @@ from torch.utils.data import Dataset, Sampler, default_collate
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
+from .synthesize import BlendParams, crop_outline, self_blend
+
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("video_id", "frame_index", "status", "track_id", "hq_path", "lq_path")
+GEOMETRY_COLUMNS = ("landmarks", "x1", "y1", "x2", "y2")  # where the face is: what a self-blended fake's mask needs
+REAL, FAKE, BLENDED = 0, 1, 2  # item kinds: BalancedSampler gives self-blended fakes their share of the fakes
+BLENDED_SUFFIX = "#sbi"  # a self-blended clip's video id: validation scores it as a video of its own
 PAIR_KEYS = ("hq_real", "lq_real")
 
 # Augmentation ranges: mild on purpose, strong geometric or colour changes would hide the blending artefacts.
@@ -60,6 +65,8 @@ class Segment:
     frames: tuple[int, ...]
     hq_paths: tuple[str, ...]
     lq_paths: tuple[str, ...]
+    landmarks: np.ndarray | None = field(default=None, compare=False)  # (frames, 5, 2) in frame pixels
+    boxes: np.ndarray | None = field(default=None, compare=False)      # (frames, 4)
 
 
 def face_rows(faces: pd.DataFrame, labels: Mapping[str, int]) -> pd.DataFrame:
@@ -84,16 +91,26 @@ def face_rows(faces: pd.DataFrame, labels: Mapping[str, int]) -> pd.DataFrame:
     return rows
 
 
-def track_segments(rows: pd.DataFrame, labels: Mapping[str, int]) -> list[Segment]:
-    """Split the face rows (from ``face_rows``) into runs of one track over adjacent sampled frames."""
+def track_segments(rows: pd.DataFrame, labels: Mapping[str, int], geometry: bool = False) -> list[Segment]:
+    """Split the face rows (from ``face_rows``) into runs of one track over adjacent sampled frames; with
+    ``geometry`` each segment carries its faces' landmarks and boxes."""
+    if geometry:
+        missing = [c for c in GEOMETRY_COLUMNS if c not in rows.columns]
+        if missing:
+            raise ValueError(f"faces table: missing columns {', '.join(missing)} (needed by dataset.synthesize)")
+        marks = np.array(" ".join(rows["landmarks"].astype(str)).split(), dtype=float).reshape(-1, 5, 2)
+        boxes = rows[["x1", "y1", "x2", "y2"]].to_numpy(dtype=float)
     same_track = (rows["video_id"] == rows["video_id"].shift()) & (rows["track_id"] == rows["track_id"].shift())
     new_run = ~same_track | (rows["position"].diff() != 1)
     segments = []
+    at = 0  # the runs come in row order (the key grows with the rows)
     for _, run in rows.groupby(new_run.cumsum(), sort=False):
         video_id = run["video_id"].iloc[0]
+        where = slice(at, at + len(run))
+        at += len(run)
         segments.append(Segment(video_id, int(run["track_id"].iloc[0]), int(labels[video_id]),
                                 tuple(run["frame_index"].astype(int).tolist()), tuple(run["hq_path"]),
-                                tuple(run["lq_path"])))
+                                tuple(run["lq_path"]), *((marks[where], boxes[where]) if geometry else ())))
     return segments
 
 
@@ -235,6 +252,11 @@ class SequenceDataset(Dataset):
     score-video would score with clip_every N (see `scoring_clips`), for calibration. Segments shorter than
     ``clip_len`` are dropped (``short_tracks: skip``) or padded with their edge frames (``pad``).
 
+    With ``synthesize: sbi`` every real segment also gives a self-blended fake item (`synthesize.self_blend`, one
+    draw per clip, made from the crops as they are read, before augmentation); in validation only when the split
+    has no fake of its own, since a detector is judged on real fakes where there are any. ``crop_margin`` (align's
+    margin) places the face outline in the crop.
+
     With ``paired`` (training only) a fake item also carries ``hq_real``/``lq_real``: the crops of its source real
     (``sources[fake_id]``, which must be in ``labels`` too) with the same track_id at the same frame indices,
     augmented identically. Pair-aware alignment makes these pixel-aligned with the fake's crops. A fake whose source
@@ -248,19 +270,25 @@ class SequenceDataset(Dataset):
     def __init__(self, root: str | Path, faces: pd.DataFrame, labels: Mapping[str, int], *, train: bool,
                  clip_len: int, short_tracks: str, val_clips_per_track: int, augment: Mapping[str, float], seed: int,
                  sources: Mapping[str, str] | None = None, paired: bool = False, scoring_every: int | None = None,
-                 **_):
+                 synthesize: str = "none", sbi_fraction: float = 0.5, crop_margin: float | None = None, **_):
         if short_tracks not in ("skip", "pad"):
             raise ValueError(f"dataset.short_tracks: '{short_tracks}' is neither skip nor pad")
         if train and paired and sources is None:
             raise ValueError("dataset.paired: needs the sources mapping (fake video -> real video)")
+        if synthesize not in ("none", "sbi"):
+            raise ValueError(f"dataset.synthesize: '{synthesize}' is neither none nor sbi")
+        if synthesize == "sbi" and crop_margin is None:
+            raise ValueError("dataset.synthesize: sbi needs crop_margin (align.margin) to place the face in the crop")
         self.root = Path(root)
         self.train = train
         self.clip_len = clip_len
         self.augment = dict(augment)
         self.seed = seed
         self.epoch = 0
+        self.crop_margin = crop_margin
+        self.sbi_fraction = sbi_fraction
         rows = face_rows(faces, labels)
-        segments = track_segments(rows, labels)
+        segments = track_segments(rows, labels, geometry=synthesize == "sbi")
         short = sum(len(s.frames) < clip_len for s in segments)
         self.short_counts = {"short_skipped": short if short_tracks == "skip" else 0,
                              "short_padded": short if short_tracks == "pad" else 0}
@@ -272,6 +300,11 @@ class SequenceDataset(Dataset):
         else:
             self.clips = [(i, start) for i, s in enumerate(self.segments)
                           for start in evenly_spaced_starts(len(s.frames), clip_len, val_clips_per_track)]
+        self.kinds = [self.segments[i].label for i, _ in self.clips]
+        if synthesize == "sbi" and (train or FAKE not in self.kinds):
+            blended = [clip for clip, kind in zip(self.clips, self.kinds) if kind == REAL]
+            self.clips += blended
+            self.kinds += [BLENDED] * len(blended)
         self.sources = dict(sources or {}) if train and paired else {}
         source_rows = rows[rows["video_id"].isin(set(self.sources.values()))]
         self.real_crops = {(v, int(t), int(f)): (hq, lq) for v, t, f, hq, lq in source_rows[
@@ -293,13 +326,13 @@ class SequenceDataset(Dataset):
     @property
     def item_labels(self) -> list[int]:
         """Label of every item, in index order (what ``BalancedSampler`` balances)."""
-        return [self.segments[i].label for i, _ in self.clips]
+        return [int(kind != REAL) for kind in self.kinds]
 
     @property
     def stats(self) -> dict[str, int]:
         """Counts for the training log."""
-        return {"segments": len(self.segments), "clips": len(self.clips), **self.short_counts,
-                "failed_clips": int(self._failed)}
+        return {"segments": len(self.segments), "clips": len(self.clips), "blended": self.kinds.count(BLENDED),
+                **self.short_counts, "failed_clips": int(self._failed)}
 
     def _pair_paths(self, segment: Segment, frames: Sequence[int]) -> dict[str, list[str]]:
         real = self.sources.get(segment.video_id) if segment.label == 1 else None
@@ -312,6 +345,7 @@ class SequenceDataset(Dataset):
         """An index past the end is a repeat draw of `index % len(self)` (BalancedSampler oversampling): its own
         seed gives the repeat another random start and augmentation, not a copy of the first draw."""
         seg_index, start = self.clips[index % len(self.clips)]
+        blend = self.kinds[index % len(self.clips)] == BLENDED
         segment = self.segments[seg_index]
         gen = seeded_generator(self.seed, self.epoch, index)
         if start is None:
@@ -319,7 +353,7 @@ class SequenceDataset(Dataset):
         positions = clip_positions(len(segment.frames), start, self.clip_len)
         frames = [segment.frames[p] for p in positions]
         streams = {"hq": [segment.hq_paths[p] for p in positions], "lq": [segment.lq_paths[p] for p in positions],
-                   **self._pair_paths(segment, frames)}
+                   **({} if blend else self._pair_paths(segment, frames))}
         try:
             clips = {name: read_crops(self.root, paths) for name, paths in streams.items()}
         except CropError as e:
@@ -327,9 +361,14 @@ class SequenceDataset(Dataset):
                         frames[0], e)
             self._failed += 1
             return None
+        if blend:
+            outlines = crop_outline(segment.landmarks[positions], segment.boxes[positions],
+                                    hq_size=clips["hq"].shape[-1], margin=self.crop_margin)
+            clips["hq"], clips["lq"], _ = self_blend(clips["hq"], clips["lq"], outlines, BlendParams.sample(gen))
         augment = ClipAugment.sample(self.augment, gen) if self.train else ClipAugment()
         item = {name: augment(clip, gen) for name, clip in clips.items()}
-        item.update(label=torch.tensor(float(segment.label)), video_id=segment.video_id,
+        item.update(label=torch.tensor(float(blend or segment.label)),
+                    video_id=segment.video_id + (BLENDED_SUFFIX if blend else ""),
                     track_id=segment.track_id, start=frames[0])
         return item
 
@@ -355,22 +394,28 @@ def collate_clips(batch: Sequence[dict | None]) -> dict | None:
 class BalancedSampler(Sampler[int]):
     """Draws real and fake items equally often per epoch; with ``num_replicas`` > 1 it replaces DistributedSampler.
 
-    Each class is shuffled (the same way on every rank) and dealt out to the ranks, so ranks draw from disjoint items
-    whenever a class has at least ``num_replicas`` items; each rank then takes the same number of items of each class
-    from its share, cycling through fresh permutations of a share smaller than that number (oversampling the minority
-    class instead of truncating the majority's epoch); see `_draw` for how a repeat is told apart.
+    Self-blended fakes (kind BLENDED) take ``blended_share`` of the fakes' half when the dataset has fakes of its
+    own, all of it when it has none. Each kind is shuffled (the same way on every rank) and dealt out to the ranks, so
+    ranks draw from disjoint items whenever a kind has at least ``num_replicas`` items; each rank then takes its
+    quota of each kind from its share, cycling through fresh permutations of a share smaller than that (oversampling
+    the minority instead of truncating the majority's epoch); see `_draw` for how a repeat is told apart.
     """
 
-    def __init__(self, dataset: SequenceDataset, *, seed: int, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, dataset: SequenceDataset, *, seed: int, num_replicas: int = 1, rank: int = 0,
+                 blended_share: float = 0.5):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"BalancedSampler: rank {rank} is outside 0..{num_replicas - 1}")
-        labels = np.asarray(dataset.item_labels)
-        self.classes = [np.flatnonzero(labels == label) for label in (0, 1)]
-        for name, members in zip(("real", "fake"), self.classes):
-            if len(members) == 0:
-                raise ValueError(f"BalancedSampler: the dataset has no {name} clips to balance")
-        self.per_class = math.ceil(len(labels) / (2 * num_replicas))
-        self.size = len(labels)
+        kinds = np.asarray(dataset.kinds)
+        self.kinds = [np.flatnonzero(kinds == kind) for kind in (REAL, FAKE, BLENDED)]
+        if len(self.kinds[REAL]) == 0:
+            raise ValueError("BalancedSampler: the dataset has no real clips to balance")
+        if len(self.kinds[FAKE]) + len(self.kinds[BLENDED]) == 0:
+            raise ValueError("BalancedSampler: the dataset has no fake clips to balance")
+        self.per_class = math.ceil(len(kinds) / (2 * num_replicas))
+        blended = (0 if len(self.kinds[BLENDED]) == 0 else self.per_class if len(self.kinds[FAKE]) == 0
+                   else round(self.per_class * blended_share))
+        self.quotas = [self.per_class, self.per_class - blended, blended]
+        self.size = len(kinds)
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
@@ -382,23 +427,25 @@ class BalancedSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _draw(self, share: np.ndarray, gen: torch.Generator) -> np.ndarray:
-        """Round r of a share smaller than per_class is offset by r * len(dataset): the dataset reads it as a repeat
+    def _draw(self, share: np.ndarray, count: int, gen: torch.Generator) -> np.ndarray:
+        """Round r of a share smaller than ``count`` is offset by r * len(dataset): the dataset reads it as a repeat
         draw of the same clip with a seed of its own."""
-        rounds = math.ceil(self.per_class / len(share))
+        rounds = math.ceil(count / len(share))
         return np.concatenate([share[torch.randperm(len(share), generator=gen).numpy()] + r * self.size
-                               for r in range(rounds)])[:self.per_class]
+                               for r in range(rounds)])[:count]
 
     def __iter__(self) -> Iterator[int]:
         common = seeded_generator(self.seed, self.epoch)
         own = seeded_generator(self.seed, self.epoch, self.rank)
         drawn = []
-        for members in self.classes:
+        for members, quota in zip(self.kinds, self.quotas):
+            if quota == 0:
+                continue
             shuffled = members[torch.randperm(len(members), generator=common).numpy()]
             if len(shuffled) >= self.num_replicas:
                 share = shuffled[self.rank::self.num_replicas]
             else:
                 share = shuffled[[self.rank % len(shuffled)]]
-            drawn.append(self._draw(share, own))
+            drawn.append(self._draw(share, quota, own))
         order = np.concatenate(drawn)[torch.randperm(len(self), generator=own).numpy()]
         return iter(order.tolist())

@@ -44,18 +44,20 @@ from ..manifests.table import atomic_write_bytes, check_writable, read_table, wr
 from ..manifests.units import load_state
 from ..manifests.workspace import Workspace
 from ..models.dual_stream import DualStreamNet
+from ..models.pretrained import IMAGENET, require_imagenet
 from ..pipeline import __version__
 from . import align_units
 from . import pairs as pairs_mod
 from .aggregate import RULE_KEYS, choose_rule, video_score
-from .dataset import BalancedSampler, SequenceDataset, collate_clips
+from .dataset import GEOMETRY_COLUMNS, BalancedSampler, SequenceDataset, collate_clips
 from .evaluate import binary_metrics, fit_temperature, fit_threshold
 from .faces import resolve_device
 
 log = logging.getLogger(__name__)
 
 VIDEO_COLUMNS = ["video_id", "label", "source_id", "group", "split", "dataset", "method"]
-FACE_COLUMNS = ["video_id", "frame_index", "status", "track_id", "hq_path", "lq_path", "hq_sha256", "lq_sha256"]
+FACE_COLUMNS = ["video_id", "frame_index", "status", "track_id", "hq_path", "lq_path", "hq_sha256", "lq_sha256",
+                *GEOMETRY_COLUMNS]
 VAL_METRICS = ("loss", "accuracy", "auc", "ap", "precision", "recall", "f1", "eer")
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", *(f"val_{k}" for k in VAL_METRICS), "lr_backbone", "lr_head"]
 LABELS = {"real": 0, "fake": 1}
@@ -179,7 +181,7 @@ def split_labels(pairs: pd.DataFrame, videos: pd.DataFrame) -> dict[str, dict[st
 
 
 def make_loaders(root: Path, faces: pd.DataFrame, labels: dict[str, dict[str, int]], sources: dict[str, str],
-                 cfg, ctx: Ranks) -> tuple[DataLoader, DataLoader]:
+                 cfg, ctx: Ranks, crop_margin: float) -> tuple[DataLoader, DataLoader]:
     """Train: balanced (or shuffled) and sharded by rank. Val: each rank scores every world-th clip, in order.
 
     The train loader's workers are not persistent: ``SequenceDataset.set_epoch`` must reach fresh worker copies each
@@ -188,8 +190,9 @@ def make_loaders(root: Path, faces: pd.DataFrame, labels: dict[str, dict[str, in
     """
     t = cfg.train
     train_ds = SequenceDataset(root, faces, labels["train"], train=True, seed=t.seed, sources=sources,
-                               **cfg.dataset)
-    val_ds = SequenceDataset(root, faces, labels["val"], train=False, seed=t.seed, **cfg.dataset)
+                               crop_margin=crop_margin, **cfg.dataset)
+    val_ds = SequenceDataset(root, faces, labels["val"], train=False, seed=t.seed, crop_margin=crop_margin,
+                             **cfg.dataset)
     if len(train_ds) == 0 or len(val_ds) == 0:
         empty = "train" if len(train_ds) == 0 else "val"
         raise TrainError(f"{root / pairs_mod.PAIRS}: the {empty} split has no track of at least dataset.clip_len="
@@ -207,7 +210,8 @@ def make_loaders(root: Path, faces: pd.DataFrame, labels: dict[str, dict[str, in
                          f"{missing[0]} video(s) in it, none with a track of dataset.clip_len={cfg.dataset.clip_len} "
                          "crops; see `dfpipe status` for failed videos): more videos, or dataset.balanced=false")
     if cfg.dataset.balanced:
-        sampler = BalancedSampler(train_ds, seed=t.seed, num_replicas=ctx.world, rank=ctx.rank)
+        sampler = BalancedSampler(train_ds, seed=t.seed, num_replicas=ctx.world, rank=ctx.rank,
+                                  blended_share=cfg.dataset.sbi_fraction)
     else:
         sampler = DistributedSampler(train_ds, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=t.seed)
     train = DataLoader(train_ds, sampler=sampler, generator=torch.Generator().manual_seed(t.seed),
@@ -466,15 +470,16 @@ def changed_settings(saved: dict, now: dict, may_change: tuple[str, ...]) -> lis
             if k not in may_change and old.get(k) != new.get(k)]
 
 
-def write_run_files(run_dir: Path, cfg, digest: str, ctx: Ranks, resume: bool) -> None:
-    """config.yaml (the resolved config) and run.json (provenance); a resume appends its start time."""
+def write_run_files(run_dir: Path, cfg, digest: str, ctx: Ranks, resume: bool, initial_weights: dict) -> None:
+    """config.yaml (the resolved config) and run.json (provenance: where each backbone's starting weights came
+    from, "random" included); a resume appends its start time."""
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     path = run_dir / "run.json"
     info = json.loads(path.read_text()) if resume and path.is_file() else {"started": now, "resumed": []}
     if resume:
         info["resumed"].append(now)
     info.update(dfpipe_version=__version__, git_commit=git_commit(), pairs_digest=digest, world_size=ctx.world,
-                device=str(ctx.device))
+                device=str(ctx.device), initial_weights=info.get("initial_weights", initial_weights))
     atomic_write_bytes(path, (json.dumps(info, indent=1) + "\n").encode())
     atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
 
@@ -634,11 +639,24 @@ def run_train(ws_root: str | Path, run_dir: str | Path, cfg, *, resume: bool, pr
             dist.destroy_process_group()
 
 
+def check_initial_weights(model_cfg, from_scratch: bool) -> None:
+    """Before any work: a detector fine-tuned from random backbones on a few hundred videos does not detect (see
+    the README's quality benchmark), so that takes asking for; and `imagenet` must resolve on this machine."""
+    for stream in ("hq", "lq"):
+        setting, backbone = f"model.pretrained_{stream}", model_cfg[f"{stream}_backbone"]
+        if model_cfg[setting.split(".")[1]] is None and not from_scratch:
+            raise TrainError(f"{setting} is null: the {stream.upper()} backbone {backbone} would start from random "
+                             "weights; use imagenet (see `dfpipe weights`) or a weight file, or pass --from-scratch")
+        if model_cfg[setting.split(".")[1]] == IMAGENET:
+            require_imagenet(backbone, setting)
+
+
 def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool, locks: ExitStack) -> dict:
     t = cfg.train
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if t.epochs < 1:
         raise TrainError(f"train.epochs must be at least 1, got {t.epochs}")
+    check_initial_weights(cfg.model, t.from_scratch)
     if resume and not last_path.is_file():
         raise TrainError(f"{last_path}: nothing to resume (no last.pt in the run folder)")
     # The same command again on a run it started continues that run (or finds it finished), like every stage's
@@ -659,7 +677,8 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
     sources = {f: r for f, r in zip(pairs.fake_id, pairs.real_id) if f in labels["train"] and r in labels["train"]}
 
     # 2. data
-    train_loader, val_loader = make_loaders(ws.root, faces, labels, sources, cfg, ctx)
+    crops = align_params(ws, cfg)
+    train_loader, val_loader = make_loaders(ws.root, faces, labels, sources, cfg, ctx, crops["margin"])
     steps = min(len(train_loader), t.steps_per_epoch or len(train_loader))
     updates_per_epoch = math.ceil(steps / t.accumulate)
 
@@ -705,7 +724,7 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
                     return {}
                 tqdm.write(f"train: {run_dir} already holds this run, finished at epoch {start_epoch} and "
                            "calibrated: nothing to do")
-                return _summary(early, history, best["calibration"], best_path, last_path, t)
+                return _summary(early, history, best["calibration"], best_path, last_path, t, model)
         if ctx.main:
             restore_best(ckpt, best_path)
         if len(ckpt["rng"]) == ctx.world:
@@ -715,14 +734,16 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
                         ctx.world)
     if ctx.main:
         check_writable(run_dir)
-        write_run_files(run_dir, cfg, digest, ctx, resume or rerun)
+        write_run_files(run_dir, cfg, digest, ctx, resume or rerun, model.initial_weights)
         plan = (f"no epoch left to run (finished at epoch {start_epoch}): recalibrating best.pt"
                 if _finished(early, start_epoch, t)
                 else f"epochs {start_epoch + 1}-{t.epochs}")
         tqdm.write(f"train: {train_loader.dataset.stats['clips']} train clips, {len(val_loader.dataset)} val clips, "
                    f"{steps} batches/epoch x {ctx.world} rank(s) on {ctx.device}, {plan}")
+        for stream, weights in model.initial_weights.items():
+            tqdm.write(f"train: {stream.upper()} backbone {cfg.model[f'{stream}_backbone']} starts from {weights}")
     meta = {"config": cfg.to_dict(), "model_config": cfg.model.to_dict(), "extract": extracted,
-            "align": align_params(ws, cfg), "clip_len": cfg.dataset.clip_len, "calibration": None,
+            "align": crops, "clip_len": cfg.dataset.clip_len, "calibration": None,
             "dfpipe_version": __version__, "pairs_digest": digest}
     writer = tensorboard(run_dir, ctx)
 
@@ -733,7 +754,7 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
             break  # resumed a run that had already stopped
         frozen = epoch < t.freeze_backbone_epochs
         if net is None or frozen != model.backbones_frozen:
-            model.freeze_backbones(frozen)
+            model.freeze_backbones(frozen, keep_bn_stats=t.freeze_bn)
             net = wrap(model, ctx)
         train_loader.sampler.set_epoch(epoch)
         train_loader.dataset.set_epoch(epoch)
@@ -787,8 +808,9 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
         raise TrainError(f"{run_dir}: no epoch reached a finite val loss, so there is no best.pt to calibrate")
     best = load_checkpoint(best_path)
     model.load_state_dict(best["model"])
-    clips = SequenceDataset(ws.root, faces, labels["val"], train=False, seed=t.seed,  # score-video pads short tracks
-                            **{**cfg.dataset, "scoring_every": cfg.score.clip_every, "short_tracks": "pad"})
+    clips = SequenceDataset(ws.root, faces, labels["val"], train=False, seed=t.seed, crop_margin=crops["margin"],
+                            **{**cfg.dataset, "scoring_every": cfg.score.clip_every,
+                               "short_tracks": "pad"})  # score-video pads short tracks
     pred = predict(model, eval_loader(clips, cfg, ctx, persistent=False), ctx=ctx, dtype=dtype, progress=bars)
     calibration = calibrate(pred, cfg.score)
     if ctx.main:
@@ -796,14 +818,16 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
         tqdm.write(f"best epoch {early['best_epoch']} (val loss {early['best_loss']:.4f}); calibration: "
                    f"temperature {calibration['temperature']:.3f}, threshold {calibration['threshold']:.3f}, "
                    f"aggregate {calibration['aggregate']}")
-    return _summary(early, history, calibration, best_path, last_path, t) if ctx.main else {}
+    return _summary(early, history, calibration, best_path, last_path, t, model) if ctx.main else {}
 
 
 def _finished(early: dict, epoch: int, t) -> bool:
     return epoch >= t.epochs or early["bad_epochs"] >= t.early_stop_patience
 
 
-def _summary(early: dict, history: list[dict], calibration: dict, best_path: Path, last_path: Path, t) -> dict:
-    return {"best_epoch": early["best_epoch"], "best_val_loss": early["best_loss"], "epochs_run": len(history),
+def _summary(early: dict, history: list[dict], calibration: dict, best_path: Path, last_path: Path, t,
+             model: DualStreamNet) -> dict:
+    return {"initial_weights": ", ".join(f"{k} {v.split(':')[0]}" for k, v in model.initial_weights.items()),
+            "best_epoch": early["best_epoch"], "best_val_loss": early["best_loss"], "epochs_run": len(history),
             "stopped_early": early["bad_epochs"] >= t.early_stop_patience, "calibration": calibration,
             "val": history[early["best_epoch"] - 1], "best": str(best_path), "last": str(last_path)}

@@ -14,7 +14,11 @@ from torchvision.io import write_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from dfpipe.pipeline.config import load_config
-from dfpipe.stages.dataset import BalancedSampler, ClipAugment, SequenceDataset, collate_clips
+from dfpipe.stages.dataset import (BLENDED, BLENDED_SUFFIX, FAKE, REAL, BalancedSampler, ClipAugment, SequenceDataset,
+                                   collate_clips)
+from dfpipe.stages import dataset as dataset_mod
+from dfpipe.stages import synthesize
+from dfpipe.stages.faces import template_points
 
 T = 4
 SAMPLED = list(range(0, 46, 3))          # 16 sampled frames per video; frame 48 is sampled but has no face
@@ -78,7 +82,8 @@ def augment_only(*names: str) -> dict[str, float]:
 def make(workspace, train, **overrides) -> SequenceDataset:
     """Augmentation off unless asked for: colour changes would garble the colour-coded frame indices."""
     root, faces = workspace
-    kw = {**load_config().dataset, "clip_len": T, "seed": 0, "augment": augment_only(), **overrides}
+    kw = {**load_config().dataset, "clip_len": T, "seed": 0, "augment": augment_only(), "synthesize": "none",
+          **overrides}
     return SequenceDataset(root, faces, LABELS, train=train, sources=SOURCES, **kw)
 
 
@@ -210,7 +215,7 @@ def test_dataloader_workers_reproduce_items_and_share_the_failure_count(workspac
 
 def test_balanced_sampler_draws_both_labels_equally_on_disjoint_ranks():
     labels = [0] * 30 + [1] * 6
-    dataset = SimpleNamespace(item_labels=labels)
+    dataset = SimpleNamespace(kinds=labels)
     ranks = [BalancedSampler(dataset, seed=0, num_replicas=2, rank=r) for r in range(2)]
     draws = [list(s) for s in ranks]
     assert [len(d) for d in draws] == [len(s) for s in ranks] == [18, 18]
@@ -236,7 +241,7 @@ def test_balanced_sampler_on_the_dataset(workspace):
     assert (first["video_id"], first["track_id"]) == (again["video_id"], again["track_id"])
     assert first["start"] != again["start"] or not torch.equal(first["hq"], again["hq"])
     with pytest.raises(ValueError, match="no fake clips"):
-        BalancedSampler(SimpleNamespace(item_labels=[0, 0]), seed=0)
+        BalancedSampler(SimpleNamespace(kinds=[0, 0]), seed=0)
 
 
 def test_paired_fakes_carry_their_source_crops_at_the_same_frames(workspace):
@@ -253,10 +258,93 @@ def test_paired_fakes_carry_their_source_crops_at_the_same_frames(workspace):
 
 def test_bad_input_is_rejected(workspace):
     root, faces = workspace
-    kw = {**load_config().dataset, "seed": 0}
+    kw = {**load_config().dataset, "seed": 0, "synthesize": "none"}
     with pytest.raises(ValueError, match="missing columns lq_path"):
         SequenceDataset(root, faces.drop(columns="lq_path"), LABELS, train=True, **kw)
     with pytest.raises(ValueError, match="short_tracks"):
         SequenceDataset(root, faces, LABELS, train=True, **(kw | {"short_tracks": "trim"}))
     with pytest.raises(ValueError, match="sources"):
         SequenceDataset(root, faces, LABELS, train=True, **(kw | {"paired": True}))
+
+
+# ---------------------------------------------------------------- self-blended fakes (dataset.synthesize: sbi)
+
+MARGIN = 1.3
+
+
+def with_geometry(faces: pd.DataFrame, shift_per_frame: float = 0.0) -> pd.DataFrame:
+    """Landmarks at the crop template in frame coordinates (so a frame's crop is the frame), moved right by
+    ``shift_per_frame`` px per frame index: the face outline, and so the blend mask, moves with them."""
+    points = template_points(224, MARGIN)
+    out = faces.copy()
+    dx = out["frame_index"].to_numpy(float) * shift_per_frame
+    out["landmarks"] = [" ".join(f"{v:.2f}" for v in (points + [d, 0]).ravel()) for d in dx]
+    out["x1"], out["y1"], out["x2"], out["y2"] = 62 + dx, 50.0, 162 + dx, 180.0
+    return out
+
+
+def test_self_blended_fakes_differ_from_their_real_clip_only_around_the_face(workspace):
+    """Validation on reals only: each real clip is followed by its self-blended fake (same frames, label 1, a video
+    id of its own); outside the face the pixels are the real clip's, inside they are not."""
+    root, faces = workspace
+    only_real = {"r": 0}
+    ds = SequenceDataset(root, with_geometry(faces), only_real, train=False, **{
+        **load_config().dataset, "clip_len": T, "seed": 0, "augment": augment_only(), "synthesize": "sbi",
+        "crop_margin": MARGIN})
+    reals = [item for item in ds if item["label"] == 0]
+    fakes = [item for item in ds if item["label"] == 1]
+    assert len(reals) == len(fakes) > 0 and ds.stats["blended"] == len(fakes)
+    for real, fake in zip(reals, fakes):
+        assert fake["video_id"] == "r" + BLENDED_SUFFIX and (fake["track_id"], fake["start"]) == (
+            real["track_id"], real["start"])
+        for stream, size in (("hq", 224), ("lq", 112)):
+            diff = (fake[stream] - real[stream]).abs().amax(dim=1)          # (T, H, W)
+            corner = size // 10
+            assert diff[:, :corner, :corner].max() == 0 and diff[:, -corner:, -corner:].max() == 0
+        assert (fake["hq"] - real["hq"]).abs()[:, :, 90:140, 90:140].mean() > 1e-3  # the blend shows on the face
+
+
+def test_val_keeps_to_real_fakes_where_the_split_has_them(workspace):
+    root, faces = workspace
+    kw = {**load_config().dataset, "clip_len": T, "seed": 0, "augment": augment_only(), "synthesize": "sbi",
+          "crop_margin": MARGIN}
+    assert SequenceDataset(root, with_geometry(faces), LABELS, train=False, **kw).stats["blended"] == 0
+    train = SequenceDataset(root, with_geometry(faces), LABELS, train=True, **kw)
+    assert train.stats["blended"] == train.kinds.count(REAL) == 2          # one per real segment
+    with pytest.raises(ValueError, match="crop_margin"):
+        SequenceDataset(root, faces, LABELS, train=True, **(kw | {"crop_margin": None}))
+    with pytest.raises(ValueError, match="missing columns landmarks"):
+        SequenceDataset(root, faces, LABELS, train=True, **kw)
+
+
+def test_blend_mask_follows_the_face_through_the_clip(workspace, monkeypatch):
+    """Each frame's mask is made from that frame's face: a box moving 1 px per frame index (3 per sampled frame)
+    against fixed landmarks moves the outline by as much in the crop (tests/test_synthesize.py: the mask moves with
+    its outline)."""
+    root, faces = workspace
+    seen = []
+
+    def spy(hq, lq, outlines, params):
+        seen.append(outlines)
+        return synthesize.self_blend(hq, lq, outlines, params)
+    monkeypatch.setattr(dataset_mod, "self_blend", spy)
+    moving = with_geometry(faces)
+    moving[["x1", "x2"]] += moving[["frame_index"]].to_numpy(float)
+    ds = SequenceDataset(root, moving, {"r": 0}, train=True, **{
+        **load_config().dataset, "clip_len": T, "seed": 0, "augment": augment_only(), "synthesize": "sbi",
+        "crop_margin": MARGIN})
+    fake = next(ds[i] for i in range(len(ds)) if ds.kinds[i] == BLENDED and ds.segments[ds.clips[i][0]].track_id == 0)
+    outlines = seen[-1]
+    assert outlines.shape == (T, 5 + synthesize.ELLIPSE_POINTS, 2)
+    np.testing.assert_allclose(np.diff(outlines[:, 5:, 0], axis=0), 3.0, atol=1e-3)   # the box's ellipse moves
+    np.testing.assert_allclose(np.diff(outlines[:, :5], axis=0), 0.0, atol=1e-3)      # the landmarks stay put
+    assert fake["label"] == 1
+
+
+def test_balanced_sampler_gives_self_blended_fakes_their_share():
+    kinds = [REAL] * 20 + [FAKE] * 4 + [BLENDED] * 20
+    drawn = [kinds[i % len(kinds)] for i in BalancedSampler(SimpleNamespace(kinds=kinds), seed=0, blended_share=0.25)]
+    assert drawn.count(REAL) == 22 and drawn.count(BLENDED) == round(22 * 0.25) and drawn.count(FAKE) == 22 - 6
+    only_blended = [REAL] * 20 + [BLENDED] * 20
+    drawn = [only_blended[i % 40] for i in BalancedSampler(SimpleNamespace(kinds=only_blended), seed=0)]
+    assert drawn.count(REAL) == drawn.count(BLENDED) == 20

@@ -20,7 +20,8 @@ TINY = "test_efficientnet"
 
 
 def tiny_model_cfg(**overrides) -> dict:
-    cfg = dict(load_config().model, hq_backbone=TINY, lq_backbone=TINY, convlstm_filters=[8, 4], mlp=[16, 8, 4])
+    cfg = dict(load_config().model, hq_backbone=TINY, lq_backbone=TINY, convlstm_filters=[8, 4], mlp=[16, 8, 4],
+               pretrained_hq=None, pretrained_lq=None, bottleneck=None)
     cfg.update(overrides)
     return cfg
 
@@ -78,8 +79,8 @@ def test_efficientnet_pytorch_backbone_computes_exactly_the_original_network():
 
 
 def test_inference_form_keeps_the_outputs_and_removes_every_batchnorm():
-    model = DualStreamNet.from_config(dict(load_config().model, hq_backbone="efficientnet-b0",
-                                           convlstm_filters=[8, 4], mlp=[16, 8, 4])).eval()
+    model = DualStreamNet.from_config(dict(tiny_model_cfg(), hq_backbone="efficientnet-b0",
+                                           lq_backbone="efficientnet-b0")).eval()
     randomise_batchnorm(model.hq.backbone)
     randomise_batchnorm(model.lq.backbone, seed=1)
     hq, lq = torch.rand(2, 3, 3, 112, 112), torch.rand(2, 3, 3, 56, 56)

@@ -26,7 +26,7 @@ from sklearn.metrics import roc_auc_score
 
 STRIDE, CLIP_LEN, BATCH = 2, 3, 3
 TINY = {"hq_backbone": "test_efficientnet", "lq_backbone": "test_efficientnet", "convlstm_filters": [8, 8],
-        "mlp": [16, 8, 4], "dropout": [0.2, 0.2]}
+        "mlp": [16, 8, 4], "dropout": [0.2, 0.2], "pretrained_hq": None, "pretrained_lq": None, "bottleneck": None}
 DEMO = ["fake/fake_000", "fake/fake_001", "real/real_000", "real/real_001"]
 BAD = {"empty.mp4": "empty", "garbage.mp4": "undecodable", "noface.mp4": "no_face"}
 
@@ -403,8 +403,9 @@ def test_a_shard_that_owns_no_video_still_writes_both_files(root, checkpoint, tm
 def test_checkpoint_from_train_scores_a_workspace_split(root, tmp_path):
     ws = tmp_path / "ws"
     shutil.copytree(root / "ws", ws)
-    cfg = load_config(overrides=[{"model": TINY, "dataset": {"clip_len": CLIP_LEN},
-                                  "train": {"epochs": 1, "batch_size": 2, "workers": 0, "amp": "off"},
+    cfg = load_config(overrides=[{"model": TINY, "dataset": {"clip_len": CLIP_LEN, "synthesize": "none"},
+                                  "train": {"epochs": 1, "batch_size": 2, "workers": 0, "amp": "off",
+                                            "from_scratch": True},
                                   "align": {"device": "cpu"}, "score": {"device": "cpu"}}])
     run_train(ws, tmp_path / "run", cfg, resume=False)
     summary = run(tmp_path / "run/best.pt", [], tmp_path / "scores.csv", cfg=cfg, work=str(ws), split="val")

@@ -34,6 +34,7 @@ from dfpipe.stages import train as train_mod
 from dfpipe.stages.aggregate import RULE_KEYS, RULES, video_score
 from dfpipe.stages.dataset import SequenceDataset, collate_clips
 from dfpipe.stages.evaluate import binary_metrics, fit_threshold
+from dfpipe.stages.faces import template_points
 from dfpipe.stages.train import (METRIC_COLUMNS, VAL_METRICS, Ranks, TrainError, amp_dtype, batch_inputs, calibrate,
                                  faces_table, load_checkpoint, make_criterion, make_loaders, make_scheduler,
                                  model_from_checkpoint, run_train, save_checkpoint, train_one_epoch,
@@ -46,7 +47,8 @@ FRAMES = range(0, 12 * STRIDE, STRIDE)                 # 12 sampled frames, one 
 VAL = {"real_06", "real_07", "fake_06", "fake_07"}   # official split: 2 + 2 val videos, 6 + 6 train
 EPOCHS = 4
 OVERFIT_EPOCHS = 12
-TRAIN_OVERRIDES = dict(batch_size=4, workers=0, epochs=EPOCHS, lr_backbone=3e-3, lr_head=3e-3, deterministic=True)
+TRAIN_OVERRIDES = dict(batch_size=4, workers=0, epochs=EPOCHS, lr_backbone=3e-3, lr_head=3e-3, deterministic=True,
+                       from_scratch=True, freeze_backbone_epochs=0, freeze_bn=False)
 
 
 def face_frames(seed: int, fake: bool) -> list[torch.Tensor]:
@@ -110,8 +112,8 @@ def workspace(tmp_path_factory):
 def tiny_cfg(**train):
     return load_config(overrides=[{
         "model": {"hq_backbone": TINY, "lq_backbone": TINY, "convlstm_filters": [16, 8], "mlp": [32, 32],
-                  "dropout": [0.2]},
-        "dataset": {"clip_len": 4, "augment": {"flip": 0.5, **dict.fromkeys(
+                  "dropout": [0.2], "pretrained_hq": None, "pretrained_lq": None, "bottleneck": None},
+        "dataset": {"clip_len": 4, "synthesize": "none", "augment": {"flip": 0.5, **dict.fromkeys(
             ["affine", "color_jitter", "jpeg", "blur", "noise", "cutout"], 0.0)}},
         "train": {**TRAIN_OVERRIDES, **train},
     }])
@@ -210,7 +212,7 @@ def test_a_train_split_without_real_clips_is_explained(workspace):
               "val": {v: int(v.startswith("fake")) for v in VAL}}
     with pytest.raises(TrainError, match=r"training_pairs.csv: the train split has no real clip to balance \(0 "
                                          r"real video\(s\) in it.*dataset.balanced=false"):
-        make_loaders(workspace, faces, labels, {}, tiny_cfg(), Ranks(0, 1, torch.device("cpu")))
+        make_loaders(workspace, faces, labels, {}, tiny_cfg(), Ranks(0, 1, torch.device("cpu")), 1.3)
 
 
 def test_a_val_split_with_one_class_is_refused(workspace):
@@ -221,7 +223,7 @@ def test_a_val_split_with_one_class_is_refused(workspace):
               "val": {v: 0 for v in VAL if v.startswith("real")}}
     with pytest.raises(TrainError, match=r"training_pairs.csv: the val split has no fake clip \(0 fake video\(s\) in "
                                          r"it\): early stopping, calibration and the threshold need both classes"):
-        make_loaders(workspace, faces, labels, {}, tiny_cfg(), Ranks(0, 1, torch.device("cpu")))
+        make_loaders(workspace, faces, labels, {}, tiny_cfg(), Ranks(0, 1, torch.device("cpu")), 1.3)
 
 
 def test_new_split_settings_draw_the_splits_anew(tmp_path, capsys):
@@ -430,6 +432,41 @@ def test_alternative_options_run_end_to_end(workspace, tmp_path):
     assert table.epoch.tolist() == [1, 2] and table.notna().all(axis=None)
     assert table.lr_head[0] != table.lr_head[1] and table.lr_backbone[0] < table.lr_head[0]
     assert summary["calibration"]["aggregate"] in RULES
+
+
+def test_kept_batchnorm_statistics_stay_while_the_backbones_train(workspace, tmp_path):
+    """train.freeze_bn: the backbones' weights move, their BatchNorm running statistics do not."""
+    run_train(workspace, tmp_path, tiny_cfg(epochs=1, steps_per_epoch=2, freeze_bn=True), resume=False)
+    trained = load_checkpoint(tmp_path / "last.pt")["model"]
+    torch.manual_seed(0)
+    initial = DualStreamNet.from_config(tiny_cfg().model).state_dict()
+    stats = [k for k in initial if ".backbone." in k and k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in initial if ".backbone." in k and k.endswith("weight")]
+    assert stats and all(torch.equal(initial[k], trained[k]) for k in stats)
+    assert not all(torch.equal(initial[k], trained[k]) for k in weights)
+
+
+def test_reals_alone_train_a_detector_of_self_blended_fakes(tmp_path):
+    """dataset.synthesize: sbi on a workspace of real videos only: the fakes are self-blended from the training
+    reals, validation and calibration score self-blended fakes of the val reals as videos of their own, and the
+    run records that its backbones started from random weights."""
+    root = make_workspace(tmp_path / "ws", per_class=6, val_per_class=2)
+    faces = read_table(root / "manifests/faces.csv", align_units.FACE_COLUMNS)
+    points = template_points(HQ, 1.3)  # frame == crop: the landmarks sit on the template
+    faces["landmarks"] = " ".join(f"{v:.2f}" for v in points.ravel())
+    faces["x1"], faces["y1"], faces["x2"], faces["y2"] = 0.28 * HQ, 0.22 * HQ, 0.72 * HQ, 0.8 * HQ
+    faces = faces[faces.video_id.str.startswith("real")]
+    write_table(root / "manifests/faces.csv", faces, align_units.FACE_COLUMNS)
+    videos = read_table(root / "manifests/videos.csv", extract.VIDEO_COLUMNS)
+    write_table(root / "manifests/videos.csv", videos[videos.label == "real"], extract.VIDEO_COLUMNS)
+    cfg = tiny_cfg(epochs=2)
+    cfg.dataset["synthesize"] = "sbi"
+    summary = run_train(root, tmp_path / "run", cfg, resume=False)
+    table = metrics(tmp_path / "run")
+    assert table.val_auc.notna().all() and summary["calibration"]["threshold"] is not None
+    assert summary["initial_weights"] == "hq random, lq random"
+    info = json.loads((tmp_path / "run/run.json").read_text())
+    assert info["initial_weights"] == {"hq": "random", "lq": "random"}
 
 
 def test_paired_source_crops_join_the_batch_as_reals():
