@@ -26,6 +26,7 @@ from conftest import dfpipe
 from dfpipe.manifests.table import read_table, write_table
 from dfpipe.manifests.units import Journal, Record
 from dfpipe.manifests.workspace import Shard, Workspace, WorkspaceError
+from dfpipe.models.backbones import build_backbone
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import align_units, extract
@@ -446,17 +447,42 @@ def test_kept_batchnorm_statistics_stay_while_the_backbones_train(workspace, tmp
     assert not all(torch.equal(initial[k], trained[k]) for k in weights)
 
 
-def test_reals_alone_train_a_detector_of_self_blended_fakes(tmp_path):
-    """dataset.synthesize: sbi on a workspace of real videos only: the fakes are self-blended from the training
-    reals, validation and calibration score self-blended fakes of the val reals as videos of their own, and the
-    run records that its backbones started from random weights."""
-    root = make_workspace(tmp_path / "ws", per_class=6, val_per_class=2)
+def with_geometry(root):
+    """Landmarks and boxes for every face, as align writes them (self-blending draws its mask from them)."""
     faces = read_table(root / "manifests/faces.csv", align_units.FACE_COLUMNS)
     points = template_points(HQ, 1.3)  # frame == crop: the landmarks sit on the template
     faces["landmarks"] = " ".join(f"{v:.2f}" for v in points.ravel())
     faces["x1"], faces["y1"], faces["x2"], faces["y2"] = 0.28 * HQ, 0.22 * HQ, 0.72 * HQ, 0.8 * HQ
-    faces = faces[faces.video_id.str.startswith("real")]
     write_table(root / "manifests/faces.csv", faces, align_units.FACE_COLUMNS)
+    return root
+
+
+def test_the_default_recipe_starts_from_the_shipped_imagenet_weights(tmp_path):
+    """`dfpipe train` with pipeline/defaults.yaml (only the budget cut to one step): both backbones load the
+    ImageNet weights the Lite packages installed, with no file supplied; after the head-first epoch they are still
+    exactly those weights (BatchNorm statistics included), and the run records where they came from."""
+    root = with_geometry(make_workspace(tmp_path / "ws", per_class=4, val_per_class=1))
+    (tmp_path / "budget.yaml").write_text(yaml.safe_dump({
+        "dataset": {"clip_len": 4}, "train": {"epochs": 1, "steps_per_epoch": 1, "batch_size": 2, "workers": 0}}))
+    proc = dfpipe("train", "--work", root, "--run", tmp_path / "run", "--config", tmp_path / "budget.yaml")
+    for stream, name in (("HQ", "tf_efficientnet_lite2"), ("LQ", "tf_efficientnet_lite0")):
+        assert f"{stream} backbone {name} starts from imagenet:" in proc.stdout + proc.stderr
+    info = json.loads((tmp_path / "run/run.json").read_text())
+    assert info["initial_weights"]["hq"].startswith("imagenet:") and "efficientnet-lite2" in info["initial_weights"]["hq"]
+    best = load_checkpoint(tmp_path / "run/best.pt")["model"]
+    for stream, name in (("hq", "tf_efficientnet_lite2"), ("lq", "tf_efficientnet_lite0")):
+        shipped = build_backbone(name, pretrained="imagenet").state_dict()
+        assert all(torch.equal(best[f"{stream}.backbone.{k}"], v) for k, v in shipped.items())
+    assert yaml.safe_load((tmp_path / "run/config.yaml").read_text())["dataset"]["synthesize"] == "sbi"
+
+
+def test_reals_alone_train_a_detector_of_self_blended_fakes(tmp_path):
+    """dataset.synthesize: sbi on a workspace of real videos only: the fakes are self-blended from the training
+    reals, validation and calibration score self-blended fakes of the val reals as videos of their own, and the
+    run records that its backbones started from random weights."""
+    root = with_geometry(make_workspace(tmp_path / "ws", per_class=6, val_per_class=2))
+    faces = read_table(root / "manifests/faces.csv", align_units.FACE_COLUMNS)
+    write_table(root / "manifests/faces.csv", faces[faces.video_id.str.startswith("real")], align_units.FACE_COLUMNS)
     videos = read_table(root / "manifests/videos.csv", extract.VIDEO_COLUMNS)
     write_table(root / "manifests/videos.csv", videos[videos.label == "real"], extract.VIDEO_COLUMNS)
     cfg = tiny_cfg(epochs=2)
