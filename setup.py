@@ -32,16 +32,17 @@ setup(
         "numpy",
         "pandas>=2",
         "scikit-learn>=1.3",
-        "scikit-image>=0.22",
+        "scikit-image>=0.26",  # SimilarityTransform.from_estimate
+        "scipy>=1.10",
         "opencv-python-headless>=4.8",
         "matplotlib>=3.7",
-        "pillow>=10",
         "tqdm",
         "click>=8",
         "pyyaml>=6",
-        "psutil",
     ],
     # efficientnet-lite-pytorch: the reference the Lite weights were published for, to test their conversion
-    extras_require={"dev": ["pytest>=7", "pytest-timeout", "efficientnet-lite-pytorch>=0.1"]},
+    # tensorboard: train also logs its metrics there when it is installed
+    extras_require={"dev": ["pytest>=7", "pytest-timeout", "efficientnet-lite-pytorch>=0.1"],
+                    "tensorboard": ["tensorboard>=2.14"]},
     entry_points={"console_scripts": ["dfpipe=dfpipe.pipeline.cli:main"]},
 )

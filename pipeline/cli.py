@@ -241,7 +241,10 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
               help="CSV path,label or a DFDC metadata.json: adds <name>_metrics.json and plots.")
 @click.option("--work", type=click.Path(file_okay=False), default=None,
               help="Score the videos of a workspace split (with --split), labels included.")
-@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None)
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None,
+              help="Refused when the workspace's splits are not the ones the checkpoint was trained on.")
+@click.option("--run-splits", is_flag=True,
+              help="Take --split from the checkpoint's run folder (its training_pairs.csv), not the workspace.")
 @click.option("--aggregate", type=click.Choice(["mean", "median", "max", "topk", "confident"]), default=None,
               help="Clip -> track rule [default: the one chosen on validation, stored in the checkpoint].")
 @click.option("--threshold", type=float, default=None, help="Decision threshold [default: the checkpoint's].")
@@ -259,8 +262,8 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @config_options
 @command
-def score_video(paths, checkpoint, out, labels, work, split, aggregate, threshold, tta_flip, clip_every, max_frames,
-                fallback_score, device, batch_size, shard, quiet, config_file, overrides):
+def score_video(paths, checkpoint, out, labels, work, split, run_splits, aggregate, threshold, tta_flip, clip_every,
+                max_frames, fallback_score, device, batch_size, shard, quiet, config_file, overrides):
     """Score raw videos (files, folders or a CSV list): one score per video, no files on disk but the results.
 
     Decodes, detects, tracks and aligns in memory with the settings the model was trained with, and reruns skip
@@ -272,6 +275,8 @@ def score_video(paths, checkpoint, out, labels, work, split, aggregate, threshol
         raise click.UsageError("give video files, folders or a CSV list, or --work DIR --split SPLIT")
     if bool(work) != bool(split):
         raise click.UsageError("--work and --split go together")
+    if run_splits and not split:
+        raise click.UsageError("--run-splits needs --work DIR --split SPLIT")
     cfg = make_config(config_file, overrides, **{
         "score.aggregate": aggregate, "score.threshold": threshold, "score.tta_flip": tta_flip,
         "score.clip_every": clip_every,
@@ -284,7 +289,7 @@ def score_video(paths, checkpoint, out, labels, work, split, aggregate, threshol
         click.echo(f"note: frames are sampled and faces cropped with the checkpoint's settings, as in training; "
                    f"ignoring {', '.join(ignored)}", err=True)
     summary = run_score(list(paths), checkpoint, cfg, out=out, labels=labels, work=work, split=split,
-                        shard=Shard.parse(shard), progress=not quiet)
+                        run_splits=run_splits, shard=Shard.parse(shard), progress=not quiet)
     click.echo(summary.line())
     # like a failed unit elsewhere: a video that could not be read (no face is a result, not a failure)
     sys.exit(EXIT_FAILED_UNITS if any(summary.counts.get(s) for s in ("error", "undecodable", "empty")) else 0)

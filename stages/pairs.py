@@ -34,6 +34,7 @@ from scipy.sparse.csgraph import connected_components
 VIDEOS = "manifests/videos.csv"
 FACES = "manifests/faces.csv"
 PAIRS = "manifests/training_pairs.csv"
+RUN_PAIRS = "training_pairs.csv"  # the run folder's copy: the splits its checkpoint was trained on
 
 SPLIT_SETTINGS = ("seed", "val_fraction", "test_fraction")  # what a split was drawn with
 COLUMNS = ["fake_id", "real_id", "split", "group", "dataset", "method", "fake_digest", "real_digest"]

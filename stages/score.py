@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -129,28 +130,57 @@ def read_labels(path: str | Path) -> dict[str, str]:
     return {**{n: next(iter(v)) for n, v in names.items() if len(v) == 1}, **labels}
 
 
-def _workspace_videos(work: str, split: str) -> list[VideoInput]:
-    """The videos of one split of a trained workspace, labelled, so a held-out split is scored like new videos."""
+@dataclass(frozen=True)
+class TrainedSplits:
+    """The splits a checkpoint was trained on: its pairs digest, and the copy of its training pairs in its run folder.
+    A later `train` may redraw the workspace's (another pairs.seed, new videos), and its "test" split may then hold
+    this model's training videos."""
+    checkpoint: str
+    digest: str | None   # None: a checkpoint that records none (hand-made); nothing to check against
+    own: bool = False    # --run-splits: read the split from the run folder's copy, not the workspace
+
+    def pairs(self, ws: Workspace, split: str) -> tuple[Path, pd.DataFrame]:
+        path = Path(self.checkpoint).parent / pairs_mod.RUN_PAIRS if self.own else ws.root / pairs_mod.PAIRS
+        if not path.is_file():
+            raise ScoreError(f"{path}: not found" + (" (a run trained before dfpipe kept its splits has none; score "
+                                                      "the workspace's split without --run-splits)" if self.own
+                                                      else " (dfpipe train writes it)"))
+        pairs = read_table(path, pairs_mod.COLUMNS)
+        if self.digest is not None and pairs_mod.pairs_digest(pairs) != self.digest:
+            if self.own:
+                raise ScoreError(f"{path}: not the training pairs {self.checkpoint} records (its digest differs)")
+            raise ScoreError(f"{path}: the workspace's splits are not the ones {self.checkpoint} was trained on (a "
+                             f"later train redrew them), so its {split} split may hold that model's training videos; "
+                             f"--run-splits scores the run's own {split} split")
+        return path, pairs
+
+
+def _workspace_videos(work: str, split: str, trained: TrainedSplits) -> list[VideoInput]:
+    """The videos of one split of the workspace a checkpoint was trained on, labelled, so a held-out split is
+    scored like new videos."""
     if split not in pairs_mod.SPLITS:
         raise ScoreError(f"--split '{split}': expected one of {', '.join(pairs_mod.SPLITS)}")
     ws = Workspace(work)
-    pairs_path = ws.root / pairs_mod.PAIRS
-    if not pairs_path.is_file():
-        raise ScoreError(f"{pairs_path}: not found (dfpipe train writes it)")
-    ids = pairs_mod.split_videos(read_table(pairs_path, pairs_mod.COLUMNS))[split]
+    pairs_path, pairs = trained.pairs(ws, split)
+    ids = pairs_mod.split_videos(pairs)[split]
     videos = read_table(ws.manifest("videos.csv"), ["video_id", "path", "label"])
+    missing = sorted(ids - set(videos.video_id))
+    if missing:
+        raise ScoreError(f"{ws.manifest('videos.csv')}: {len(missing)} video(s) of the {split} split in {pairs_path} "
+                         f"are not in this workspace (first: {missing[0]}); is --work the one the run trained on?")
     return [VideoInput(os.path.abspath(p), _label(lab, f"{ws.manifest('videos.csv')}: {v}"))
             for v, p, lab in zip(videos.video_id, videos.path, videos.label) if v in ids]
 
 
-def list_inputs(inputs: list[str], *, labels: str | None, work: str | None, split: str | None) -> list[VideoInput]:
+def list_inputs(inputs: list[str], *, labels: str | None, work: str | None, split: str | None,
+                trained: TrainedSplits | None = None) -> list[VideoInput]:
     """Every video to score, once, sorted by path; a label from the input list beats the workspace's, which beats
-    `--labels`."""
+    `--labels`. A workspace split is read as ``trained`` says (the checkpoint's splits)."""
     if (work is None) != (split is None):
         raise ScoreError("--work and --split go together (score one split of a workspace)")
     found = [v for arg in inputs for v in _expand(arg)]
     if work is not None:
-        found += _workspace_videos(work, split)
+        found += _workspace_videos(work, split, trained or TrainedSplits("", None))
     extra = read_labels(labels) if labels else {}
     videos: dict[str, VideoInput] = {}
     for v in found:
@@ -728,15 +758,18 @@ class ScoreSummary:
 # ---------------------------------------------------------------- the run
 
 def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str | None, work: str | None,
-              split: str | None, shard: Shard, progress: bool) -> ScoreSummary:
+              split: str | None, shard: Shard, progress: bool, run_splits: bool = False) -> ScoreSummary:
     """Score every input video not already scored with these settings; write CSV, JSON lines and, with labels,
-    <stem>_metrics.json and plots beside the CSV (not for a shard: the merging run writes them)."""
+    <stem>_metrics.json and plots beside the CSV (not for a shard: the merging run writes them). A workspace
+    split is the one the checkpoint was trained on, or refused (``run_splits``: read it from the run folder)."""
     csv_path, jsonl = output_paths(out, shard)
-    videos = [v for v in list_inputs(inputs, labels=labels, work=work, split=split) if shard.owns(v.path)]
+    ckpt = load_checkpoint(checkpoint)
+    trained = TrainedSplits(checkpoint, ckpt.get("pairs_digest"), own=run_splits)
+    videos = [v for v in list_inputs(inputs, labels=labels, work=work, split=split, trained=trained)
+              if shard.owns(v.path)]
     if labels and videos and not any(v.label for v in videos):
         tqdm.write(f"score-video: {labels} labels none of the {len(videos)} videos (matched by path, then by file "
                    "name): no metrics")
-    ckpt = load_checkpoint(checkpoint)
     scoring = scoring_settings(ckpt, cfg, checkpoint)
     model_digest = sha256_file(Path(checkpoint))[:16]
     try:

@@ -470,9 +470,13 @@ def changed_settings(saved: dict, now: dict, may_change: tuple[str, ...]) -> lis
             if k not in may_change and old.get(k) != new.get(k)]
 
 
-def write_run_files(run_dir: Path, cfg, digest: str, ctx: Ranks, resume: bool, initial_weights: dict) -> None:
-    """config.yaml (the resolved config) and run.json (provenance: where each backbone's starting weights came
-    from, "random" included); a resume appends its start time."""
+def write_run_files(run_dir: Path, cfg, pairs: pd.DataFrame, ctx: Ranks, resume: bool,
+                    initial_weights: dict) -> None:
+    """config.yaml (the resolved config), run.json (provenance: where each backbone's starting weights came
+    from, "random" included; a resume appends its start time) and the training pairs the run was trained on: the
+    workspace's may be redrawn by a later run, and its held-out split must still be the one this model never saw."""
+    digest = pairs_mod.pairs_digest(pairs)
+    write_table(run_dir / pairs_mod.RUN_PAIRS, pairs, pairs_mod.COLUMNS)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     path = run_dir / "run.json"
     info = json.loads(path.read_text()) if resume and path.is_file() else {"started": now, "resumed": []}
@@ -734,7 +738,7 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
                         ctx.world)
     if ctx.main:
         check_writable(run_dir)
-        write_run_files(run_dir, cfg, digest, ctx, resume or rerun, model.initial_weights)
+        write_run_files(run_dir, cfg, pairs, ctx, resume or rerun, model.initial_weights)
         plan = (f"no epoch left to run (finished at epoch {start_epoch}): recalibrating best.pt"
                 if _finished(early, start_epoch, t)
                 else f"epochs {start_epoch + 1}-{t.epochs}")

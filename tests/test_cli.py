@@ -21,6 +21,9 @@ def test_cli_rejects_a_bad_value_before_any_work(tmp_path):
                   "--out", tmp_path / "s.csv", check=False)
     assert proc.returncode == 2 and "score.threshold: must be a number in [0, 1]" in proc.stderr
     assert not list(tmp_path.glob("s.*"))
+    result = CliRunner().invoke(main, ["score-video", str(tmp_path / "v.mp4"), "--checkpoint", str(tmp_path / "x.pt"),
+                                       "--run-splits"])
+    assert result.exit_code == 2 and "--run-splits needs --work DIR --split SPLIT" in result.stderr
     proc = dfpipe("verify", "--work", tmp_path / "typo", check=False)
     assert proc.returncode == 2 and "not a dfpipe workspace" in proc.stderr and not (tmp_path / "typo").exists()
 

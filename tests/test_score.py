@@ -14,9 +14,11 @@ import pandas as pd
 import pytest
 import torch
 from conftest import dfpipe, make_clip, moov_first
+from dfpipe.manifests.table import write_table
 from dfpipe.manifests.workspace import Shard, Workspace
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
+from dfpipe.stages import pairs as pairs_mod
 from dfpipe.stages import score
 from dfpipe.stages.dataset import clip_positions, face_rows, read_crops, scoring_clips, track_segments
 from dfpipe.stages.demo import make_demo_dataset
@@ -414,6 +416,26 @@ def test_checkpoint_from_train_scores_a_workspace_split(root, tmp_path):
     assert len(table) >= 1 and (table.status == "ok").all() and table.score.between(0, 1).all()
     assert list(table.true_label) == [videos.loc[p, "label"] for p in table.path]
     assert (tmp_path / "scores_metrics.json").is_file()
+
+    # A later train redraws the workspace's splits: its val split is no longer the one this model was validated on.
+    pairs = pd.read_csv(ws / pairs_mod.PAIRS, keep_default_na=False)
+    assert pairs_mod.pairs_digest(pd.read_csv(tmp_path / "run" / pairs_mod.RUN_PAIRS, keep_default_na=False)) == \
+        score.load_checkpoint(tmp_path / "run/best.pt")["pairs_digest"] == pairs_mod.pairs_digest(pairs)
+    redrawn = pairs.assign(split=pairs.split.map({"train": "val", "val": "train", "test": "test"}))
+    write_table(ws / pairs_mod.PAIRS, redrawn, pairs_mod.COLUMNS)
+    with pytest.raises(score.ScoreError, match=r"training_pairs.csv: the workspace's splits are not the ones "
+                                               r".*best.pt was trained on .*--run-splits scores the run's own val"):
+        run(tmp_path / "run/best.pt", [], tmp_path / "again.csv", cfg=cfg, work=str(ws), split="val")
+    own = run(tmp_path / "run/best.pt", [], tmp_path / "own.csv", cfg=cfg, work=str(ws), split="val", run_splits=True)
+    assert list(pd.read_csv(own.csv).path) == list(table.path)
+    videos_csv = ws / "manifests/videos.csv"
+    write_table(videos_csv, videos.reset_index().query("path != @table.path[0]"), list(videos.reset_index()))
+    with pytest.raises(score.ScoreError, match=r"videos.csv: 1 video\(s\) of the val split in .*run/training_pairs"
+                                               r".csv are not in this workspace"):  # another workspace than the run's
+        run(tmp_path / "run/best.pt", [], tmp_path / "own.csv", cfg=cfg, work=str(ws), split="val", run_splits=True)
+    (tmp_path / "run" / pairs_mod.RUN_PAIRS).unlink()  # a run trained before runs kept their splits
+    with pytest.raises(score.ScoreError, match=r"run/training_pairs.csv: not found \(a run trained before"):
+        run(tmp_path / "run/best.pt", [], tmp_path / "own.csv", cfg=cfg, work=str(ws), split="val", run_splits=True)
 
 
 # ---------------------------------------------------------------- inputs

@@ -591,7 +591,7 @@ def test_two_process_ddp_run_writes_one_checkpoint_set(workspace, tmp_path):
                           capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.csv",
-                                                         "run.json"]
+                                                         "run.json", "training_pairs.csv"]
     assert len(metrics(run_dir)) == 1
     assert json.loads((run_dir / "run.json").read_text())["world_size"] == 2
     assert done.stdout.count("epoch 1/1") == 1  # rank 0 alone reports
