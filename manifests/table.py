@@ -18,6 +18,8 @@ from typing import Iterable, Mapping
 
 import pandas as pd
 
+from .errors import DfpipeError, InputError
+
 TMP_PREFIX = ".tmp-"
 STALE_TMP_SECONDS = 600  # a temp file this old is a killed writer's: a write takes seconds, even of a checkpoint
 _UMASK = os.umask(0o022)  # reading the umask means setting it: put it straight back
@@ -32,7 +34,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class NotWritable(OSError):
+class NotWritable(DfpipeError, OSError):
     """Names the user's path, not the private temp file the write failed on, and prints without '[Errno N]'."""
 
     def __str__(self) -> str:
@@ -94,7 +96,7 @@ def read_table(path: str | Path, columns: list[str]) -> pd.DataFrame:
     df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise ValueError(f"{path}: manifest lacks columns {missing} (written by another dfpipe version?)")
+        raise InputError(f"{path}: manifest lacks columns {missing} (written by another dfpipe version?)")
     return df[columns]
 
 

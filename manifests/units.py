@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
+from .errors import DfpipeError
 from .table import atomic_write_bytes, read_table, write_table
 from .workspace import Shard, Workspace, replace_dir
 from ..pipeline.workers import run_parallel
@@ -70,7 +71,7 @@ class UnitOutput:
     info: dict = field(default_factory=dict)
 
 
-class UnitError(Exception):
+class UnitError(DfpipeError):
     """A unit that cannot be done for a reason worth a manifest row (bad video, no face...)."""
 
 

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .errors import DfpipeError
 from .table import check_writable
 
 
-class WorkspaceError(RuntimeError):
+class WorkspaceError(DfpipeError, RuntimeError):
     pass
 
 
@@ -74,7 +75,7 @@ def _holder(path: Path) -> str:
     return "another process"
 
 
-class LockHeld(Exception):
+class LockHeld(DfpipeError):
     def __init__(self, holder: str):
         super().__init__(holder)
         self.holder = holder

@@ -18,6 +18,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from dfpipe.models.pretrained import IMAGENET, fit_to, require_imagenet
 
+from ..manifests.errors import InputError
+
 log = logging.getLogger(__name__)
 
 EFFICIENTNET_PYTORCH = tuple(f"efficientnet-b{i}" for i in range(8))
@@ -86,7 +88,7 @@ class TimmBackbone(Backbone):
         rows = max(1, round(math.sqrt(n * height / width)))
         cols = n // rows
         if rows * cols != n:
-            raise ValueError(f"backbone {self.name}: {n} patch tokens do not form a grid for a {height}x{width} input")
+            raise InputError(f"backbone {self.name}: {n} patch tokens do not form a grid for a {height}x{width} input")
         return patches.reshape(patches.shape[0], rows, cols, patches.shape[2]).permute(0, 3, 1, 2)
 
 
@@ -125,7 +127,7 @@ def is_backbone(name: str) -> bool:
 def _timm(name: str) -> Backbone:
     import timm
     if not is_backbone(name):
-        raise ValueError(f"unknown backbone '{name}': neither efficientnet-b0..b7 nor a timm model name")
+        raise InputError(f"unknown backbone '{name}': neither efficientnet-b0..b7 nor a timm model name")
     net = timm.create_model(name, pretrained=False, num_classes=0, global_pool="")
     cfg = net.pretrained_cfg
     classifier = cfg.get("classifier") or ()
@@ -145,9 +147,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         with open(path, "rb") as f:
             head = f.read(4)
         if path.suffix != ".safetensors" and head[:2] != b"PK" and head[:1] != b"\x80":  # zip or pickle: torch.save
-            raise ValueError(f"{path}: not a weight file (expected what torch.save writes, or .safetensors)") from None
+            raise InputError(f"{path}: not a weight file (expected what torch.save writes, or .safetensors)") from None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{path}: cannot read weights ({reason})") from None
+        raise InputError(f"{path}: cannot read weights ({reason})") from None
 
 
 def load_weights(backbone: Backbone, path: str | Path) -> None:

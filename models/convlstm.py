@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..manifests.errors import InputError
+
 
 class ConvLSTMCell(nn.Module):
     """One layer. The gate pre-activations (input, forget, output, candidate) are one convolution over [x_t, h_{t-1}],
@@ -15,7 +17,7 @@ class ConvLSTMCell(nn.Module):
     def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int):
         super().__init__()
         if kernel_size % 2 == 0:
-            raise ValueError(f"ConvLSTM kernel_size must be odd to keep the feature map size, got {kernel_size}")
+            raise InputError(f"ConvLSTM kernel_size must be odd to keep the feature map size, got {kernel_size}")
         self.hidden_channels = hidden_channels
         # Drawn as the one convolution it is (same random numbers, so a seed gives the same network as ever),
         # then held as its halves.

@@ -14,6 +14,8 @@ from torch import nn
 from dfpipe.models.backbones import Backbone, build_backbone
 from dfpipe.models.convlstm import ConvLSTM
 
+from ..manifests.errors import InputError
+
 
 class Stream(nn.Module):
     """Backbone on every frame, ConvLSTM over time, global average pool: (B,T,3,H,W) in [0,1] -> (B, filters[-1]).
@@ -63,7 +65,7 @@ class AttentionFusion(nn.Module):
 def classifier_head(mlp: list[int], dropout: list[float]) -> nn.Sequential:
     """mlp[0] -> mlp[1] -> ... -> 1, with dropout[i] after hidden layer i."""
     if len(dropout) != len(mlp) - 1:
-        raise ValueError(f"model.dropout needs {len(mlp) - 1} values (one per hidden layer of model.mlp), "
+        raise InputError(f"model.dropout needs {len(mlp) - 1} values (one per hidden layer of model.mlp), "
                          f"got {dropout}")
     layers: list[nn.Module] = []
     for size_in, size_out, p in zip(mlp, mlp[1:], dropout):

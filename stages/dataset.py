@@ -25,6 +25,7 @@ from torch.utils.data import Dataset, Sampler, default_collate
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
+from ..manifests.errors import DfpipeError, InputError
 from .synthesize import BlendParams, crop_outline, self_blend
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ NOISE_STD = (0.01, 0.05)         # on the [0, 1] intensity scale
 CUTOUT_SIDE = (0.1, 0.4)         # fraction of the crop side
 
 
-class CropError(Exception):
+class CropError(DfpipeError):
     pass
 
 
@@ -77,17 +78,17 @@ def face_rows(faces: pd.DataFrame, labels: Mapping[str, int]) -> pd.DataFrame:
     """
     missing = [c for c in REQUIRED_COLUMNS if c not in faces.columns]
     if missing:
-        raise ValueError(f"faces table: missing columns {', '.join(missing)}")
+        raise InputError(f"faces table: missing columns {', '.join(missing)}")
     bad = {v: y for v, y in labels.items() if y not in (0, 1)}
     if bad:
-        raise ValueError(f"labels: expected 0 (real) or 1 (fake), got {bad}")
+        raise InputError(f"labels: expected 0 (real) or 1 (fake), got {bad}")
     rows = faces[faces["video_id"].isin(list(labels))].copy()
     rows["position"] = rows.groupby("video_id")["frame_index"].rank(method="dense").astype(int)
     rows = rows[rows["status"] == "face"].sort_values(["video_id", "track_id", "frame_index"])
     if rows.duplicated(["video_id", "track_id", "frame_index"]).any():
-        raise ValueError("faces table: a track has two faces in the same frame")
+        raise InputError("faces table: a track has two faces in the same frame")
     if rows[["hq_path", "lq_path"]].isna().any(axis=None):
-        raise ValueError("faces table: face rows without hq_path or lq_path")
+        raise InputError("faces table: face rows without hq_path or lq_path")
     return rows
 
 
@@ -97,7 +98,7 @@ def track_segments(rows: pd.DataFrame, labels: Mapping[str, int], geometry: bool
     if geometry:
         missing = [c for c in GEOMETRY_COLUMNS if c not in rows.columns]
         if missing:
-            raise ValueError(f"faces table: missing columns {', '.join(missing)} (needed by dataset.synthesize)")
+            raise InputError(f"faces table: missing columns {', '.join(missing)} (needed by dataset.synthesize)")
         marks = np.array(" ".join(rows["landmarks"].astype(str)).split(), dtype=float).reshape(-1, 5, 2)
         boxes = rows[["x1", "y1", "x2", "y2"]].to_numpy(dtype=float)
     same_track = (rows["video_id"] == rows["video_id"].shift()) & (rows["track_id"] == rows["track_id"].shift())
@@ -272,13 +273,13 @@ class SequenceDataset(Dataset):
                  sources: Mapping[str, str] | None = None, paired: bool = False, scoring_every: int | None = None,
                  synthesize: str = "none", sbi_fraction: float = 0.5, crop_margin: float | None = None, **_):
         if short_tracks not in ("skip", "pad"):
-            raise ValueError(f"dataset.short_tracks: '{short_tracks}' is neither skip nor pad")
+            raise InputError(f"dataset.short_tracks: '{short_tracks}' is neither skip nor pad")
         if train and paired and sources is None:
-            raise ValueError("dataset.paired: needs the sources mapping (fake video -> real video)")
+            raise InputError("dataset.paired: needs the sources mapping (fake video -> real video)")
         if synthesize not in ("none", "sbi"):
-            raise ValueError(f"dataset.synthesize: '{synthesize}' is neither none nor sbi")
+            raise InputError(f"dataset.synthesize: '{synthesize}' is neither none nor sbi")
         if synthesize == "sbi" and crop_margin is None:
-            raise ValueError("dataset.synthesize: sbi needs crop_margin (align.margin) to place the face in the crop")
+            raise InputError("dataset.synthesize: sbi needs crop_margin (align.margin) to place the face in the crop")
         self.root = Path(root)
         self.train = train
         self.clip_len = clip_len

@@ -16,6 +16,8 @@ from skimage.data import astronaut
 
 from dfpipe.stages.video import write_video
 
+from ..manifests.errors import InputError
+
 # Where things are in the 512x512 astronaut photo (x, y pixels). The face box is what MTCNN reports on it, so
 # sizes asked of the generator mean the same as sizes the aligner will measure.
 FACE_BOX = (181.0, 62.0, 268.0, 172.0)
@@ -191,11 +193,11 @@ def make_demo_dataset(out_dir: str | Path, *, n_real: int, n_fake: int, frames: 
     ``(seed, k)`` stream, so a clip does not change when the set grows."""
     out_dir = Path(out_dir)
     if n_fake < 0 or n_fake > n_real:
-        raise ValueError(f"{out_dir}: n_fake={n_fake} must be within 0..n_real={n_real} (fake k comes from real k)")
+        raise InputError(f"{out_dir}: n_fake={n_fake} must be within 0..n_real={n_real} (fake k comes from real k)")
     if min(n_real, frames, width, height) < 1 or fps <= 0:
-        raise ValueError(f"{out_dir}: n_real, frames, width, height and fps must be positive")
+        raise InputError(f"{out_dir}: n_real, frames, width, height and fps must be positive")
     if width % 2 or height % 2:
-        raise ValueError(f"{out_dir}: width and height must be even for yuv420p H.264, got {width}x{height}")
+        raise InputError(f"{out_dir}: width and height must be even for yuv420p H.264, got {width}x{height}")
     sprite = head_sprite()
     (out_dir / "real").mkdir(parents=True, exist_ok=True)
     if n_fake:

@@ -17,6 +17,7 @@ from typing import Callable, Iterable
 
 import pandas as pd
 
+from ..manifests.errors import InputError
 from ..manifests.workspace import safe_name
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
@@ -39,7 +40,7 @@ CELEB_GROUPS_NOTE = {False: "Celeb-DF: each fake " + SWAP_DONORS.format("identit
                            "video); identities are shared between train and test, as in the official protocol"}
 
 
-class DiscoveryError(ValueError):
+class DiscoveryError(InputError):
     pass
 
 

@@ -18,6 +18,7 @@ from scipy.optimize import linear_sum_assignment
 from skimage.transform import SimilarityTransform
 from torchvision.ops import box_iou, nms
 
+from ..manifests.errors import InputError
 from .mtcnn import MTCNN
 from .video import jpeg_bytes
 
@@ -70,7 +71,7 @@ def resolve_device(device: str) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{device}': no CUDA GPU is usable here (torch.cuda.is_available() is False); "
+        raise InputError(f"device '{device}': no CUDA GPU is usable here (torch.cuda.is_available() is False); "
                          "use --device auto or cpu")
     return resolved
 
@@ -309,7 +310,7 @@ class FaceStream:
                  as_stored: tuple[int, int] | None = None, **_):
         for name, value in (("smooth_window", smooth_window), ("detect_every", detect_every)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
         self._frames = frames
         self._detector = detector
         self._behind = (smooth_window - 1) // 2

@@ -31,6 +31,8 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from ..manifests.errors import InputError
+
 VIDEOS = "manifests/videos.csv"
 FACES = "manifests/faces.csv"
 PAIRS = "manifests/training_pairs.csv"
@@ -50,22 +52,22 @@ def _text(table: pd.DataFrame, columns: list[str], where: str) -> pd.DataFrame:
     """CSV round trips turn '' into NaN and ids into numbers; compare everything as plain strings."""
     missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise ValueError(f"{where}: missing columns {', '.join(missing)}")
+        raise InputError(f"{where}: missing columns {', '.join(missing)}")
     return table[columns].astype(object).fillna("").astype(str).reset_index(drop=True)
 
 
 def _check_videos(videos: pd.DataFrame) -> None:
     duplicated = videos.video_id[videos.video_id.duplicated()]
     if len(duplicated):
-        raise ValueError(f"{VIDEOS}: duplicate video_id '{duplicated.iloc[0]}'")
+        raise InputError(f"{VIDEOS}: duplicate video_id '{duplicated.iloc[0]}'")
     for column, allowed in (("label", {"real", "fake"}), ("split", {"", *SPLITS})):
         bad = videos[~videos[column].isin(allowed)]
         if len(bad):
-            raise ValueError(f"{VIDEOS}: video '{bad.video_id.iloc[0]}' has {column} '{bad[column].iloc[0]}'")
+            raise InputError(f"{VIDEOS}: video '{bad.video_id.iloc[0]}' has {column} '{bad[column].iloc[0]}'")
     fakes = set(videos.video_id[videos.label == "fake"])
     bad = videos[(videos.label == "fake") & videos.source_id.isin(fakes)]
     if len(bad):
-        raise ValueError(f"{VIDEOS}: fake '{bad.video_id.iloc[0]}' names fake '{bad.source_id.iloc[0]}' as its source")
+        raise InputError(f"{VIDEOS}: fake '{bad.video_id.iloc[0]}' names fake '{bad.source_id.iloc[0]}' as its source")
 
 
 def crop_digests(faces: pd.DataFrame) -> dict[str, str]:
@@ -75,7 +77,7 @@ def crop_digests(faces: pd.DataFrame) -> dict[str, str]:
     try:
         keys = faces[["frame_index", "track_id"]].reset_index(drop=True)[crops].apply(pd.to_numeric).astype(np.int64)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"{FACES}: frame_index/track_id must be integers ({e})") from None
+        raise InputError(f"{FACES}: frame_index/track_id must be integers ({e})") from None
     text = text[crops]
     rows = sorted(zip(text.video_id.tolist(), keys.frame_index.tolist(), keys.track_id.tolist(),
                       text.hq_sha256.tolist(), text.lq_sha256.tolist()))
@@ -122,7 +124,7 @@ def _previous_splits(previous: pd.DataFrame | None, videos: pd.DataFrame, group_
     previous = _text(previous, ["fake_id", "real_id", "split", "group"], PAIRS)
     bad = previous[~previous.split.isin(SPLITS)]
     if len(bad):
-        raise ValueError(f"{PAIRS}: group '{bad.group.iloc[0]}' has split '{bad.split.iloc[0]}'")
+        raise InputError(f"{PAIRS}: group '{bad.group.iloc[0]}' has split '{bad.split.iloc[0]}'")
     video_split = {video: split for split, ids in split_videos(previous).items() for video in ids}
     group_split = dict(zip(previous.group, previous.split))
     found: dict[str, set[str]] = {}
@@ -237,7 +239,7 @@ def build_training_pairs(videos: pd.DataFrame, faces: pd.DataFrame, previous: pd
     (conflicting official or previous splits) are in ``result.attrs["notes"]``.
     """
     if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
-        raise ValueError(f"pairs config: val_fraction={val_fraction} and test_fraction={test_fraction} "
+        raise InputError(f"pairs config: val_fraction={val_fraction} and test_fraction={test_fraction} "
                          "must be >= 0 and sum to less than 1")
     videos = _text(videos, _VIDEO_COLUMNS, VIDEOS)
     _check_videos(videos)

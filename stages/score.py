@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from ..manifests.errors import InputError
 from ..manifests.table import atomic_write_bytes, check_writable, read_table, write_table
 from ..manifests.units import sha256_file
 from ..manifests.workspace import LockHeld, Shard, Workspace, lock_file
@@ -60,7 +61,7 @@ DECISION = ("rule", "rule_params", "threshold", "fallback_score", "suspicious_fr
 Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-class ScoreError(ValueError):
+class ScoreError(InputError):
     """A problem with the inputs, the checkpoint or the output path, reported as one line."""
 
 
@@ -295,9 +296,9 @@ class ClipCutter:
 
     def __init__(self, clip_len: int, *, track_max_gap: int, min_track_len: int, clip_every: int = 1, **_):
         if clip_len < 1:
-            raise ValueError(f"clip_len must be at least 1, got {clip_len}")
+            raise InputError(f"clip_len must be at least 1, got {clip_len}")
         if not isinstance(clip_every, int) or clip_every < 1:
-            raise ValueError(f"score.clip_every must be a positive integer, got {clip_every!r}")
+            raise InputError(f"score.clip_every must be a positive integer, got {clip_every!r}")
         self.clip_len = clip_len
         self.clip_every = clip_every
         self._cut: dict[int, int] = {}  # full clips cut per track so far
@@ -412,7 +413,7 @@ class ClipQueue:
 
     def __init__(self, predict: Predict, batch_size: int):
         if batch_size < 1:
-            raise ValueError(f"score.batch_size must be at least 1, got {batch_size}")
+            raise InputError(f"score.batch_size must be at least 1, got {batch_size}")
         self.predict = predict
         self.batch_size = batch_size
         self._items: list[tuple[Any, np.ndarray, np.ndarray]] = []

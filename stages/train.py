@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.ops import sigmoid_focal_loss
 from tqdm import tqdm
 
+from ..manifests.errors import InputError
 from ..manifests.table import atomic_write_bytes, check_writable, read_table, write_table
 from ..manifests.units import load_state
 from ..manifests.workspace import Workspace
@@ -63,7 +64,7 @@ METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", *(f"val_{k}" for k in VAL_
 LABELS = {"real": 0, "fake": 1}
 
 
-class TrainError(ValueError):
+class TrainError(InputError):
     """A problem with the workspace, the run folder or the config, reported as one line."""
 
 

@@ -19,6 +19,8 @@ import av
 import cv2
 import numpy as np
 
+from ..manifests.errors import DfpipeError, InputError
+
 try:
     import decord
     # decord's own FFmpeg logs to stderr ("partial file" on a truncated file); its errors reach us as exceptions,
@@ -64,7 +66,7 @@ def jpeg_bytes(image: np.ndarray, quality: int) -> bytes:
     return data.tobytes()
 
 
-class VideoError(Exception):
+class VideoError(DfpipeError):
     """A video that cannot be read; callers log `str(err)` as one line and skip the file."""
 
     def __init__(self, path: str | Path, reason: str):
@@ -146,9 +148,9 @@ class FrameReader:
 
     def __init__(self, path: str | Path, *, stride: int, max_frames: int | None, decoder: str, **_):
         if stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
+            raise InputError(f"stride must be >= 1, got {stride}")
         if max_frames is not None and max_frames < 0:
-            raise ValueError(f"max_frames must be >= 0 or None, got {max_frames}")
+            raise InputError(f"max_frames must be >= 0 or None, got {max_frames}")
         self.path = Path(path)
         self.stride = stride
         self.max_frames = max_frames
@@ -203,9 +205,9 @@ class FrameReader:
 def decoder_chain(decoder: str) -> tuple[str, ...]:
     """The decoders to try in order for a `decoder` setting from the config."""
     if decoder not in DECODERS:
-        raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     if decoder == "decord" and decord is None:
-        raise ValueError("decoder 'decord' requested but decord is not installed on this platform")
+        raise InputError("decoder 'decord' requested but decord is not installed on this platform")
     if decoder == "auto":
         return ("pyav", "decord") if decord is not None else ("pyav",)
     return (decoder,)

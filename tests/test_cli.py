@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 
 from click.testing import CliRunner
 
 from conftest import dfpipe
-from dfpipe.pipeline.cli import EXIT_INTERRUPTED, main
+from dfpipe.manifests.errors import DfpipeError
+from dfpipe.pipeline.cli import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, main
 from dfpipe.stages import train as train_mod
+from dfpipe.stages.train import TrainError
 
 
 def test_cli_rejects_a_bad_value_before_any_work(tmp_path):
@@ -34,6 +37,33 @@ def test_ctrl_c_exits_130_saying_a_rerun_completes_the_work(tmp_path, monkeypatc
     result = CliRunner().invoke(main, ["train", "--work", str(tmp_path / "ws"), "--run", str(tmp_path / "run")])
     assert result.exit_code == EXIT_INTERRUPTED == 130
     assert "interrupted: finished work is kept; rerun the same command to complete the rest" in result.stderr
+
+
+def test_a_bug_exits_3_with_its_traceback_in_a_log_file_and_a_bad_input_exits_2(tmp_path, monkeypatch):
+    """A ValueError that dfpipe does not explain is a bug (exit 3), not a bad input (exit 2) nor a failed video (1)."""
+    def bug(*args, **kwargs):
+        raise ValueError("shapes (2, 3) and (4,) do not line up")
+    monkeypatch.setattr(train_mod, "run_train", bug)
+    (tmp_path / "run").mkdir()
+    args = ["train", "--work", str(tmp_path / "ws"), "--run", str(tmp_path / "run")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == EXIT_INTERNAL == 3 and result.stdout == ""
+    logs = list((tmp_path / "run").glob("dfpipe-error-*.log"))
+    assert len(logs) == 1 and result.stderr == (
+        f"internal error: ValueError: shapes (2, 3) and (4,) do not line up (a bug in dfpipe; the traceback is in "
+        f"{logs[0].resolve()})\n")
+    text = logs[0].read_text()
+    assert text.startswith("Traceback (most recent call last):") and "in bug" in text and "do not line up" in text
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # no run folder yet: the temp folder
+    result = CliRunner().invoke(main, ["train", "--work", str(tmp_path / "ws"), "--run", str(tmp_path / "new")])
+    assert result.exit_code == 3 and len(list((tmp_path / "tmp").glob("dfpipe-error-*.log"))) == 1
+
+    monkeypatch.setattr(train_mod, "run_train", lambda *a, **kw: (_ for _ in ()).throw(TrainError("bad run")))
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == EXIT_BAD_INPUT == 2 and result.stderr == "error: bad run\n"
+    assert isinstance(TrainError("x"), DfpipeError) and len(list((tmp_path / "run").glob("*.log"))) == 1
 
 
 def test_score_video_says_which_align_overrides_it_ignores(tmp_path):
