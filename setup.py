@@ -14,8 +14,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # Each top-level folder is installed as dfpipe.<folder>; nothing lands as a bare `models` or `stages`.
-    packages=[f"dfpipe.{name}" for name in FOLDERS],
-    package_dir={f"dfpipe.{name}": name for name in FOLDERS},
+    # api/ is the `dfpipe` package itself: the library functions and `Detector` (`import dfpipe`).
+    packages=["dfpipe", *(f"dfpipe.{name}" for name in FOLDERS)],
+    package_dir={"dfpipe": "api", **{f"dfpipe.{name}": name for name in FOLDERS}},
     package_data={"dfpipe.pipeline": ["defaults.yaml"]},
     install_requires=[
         "torch>=2.14",

@@ -30,9 +30,11 @@ from dfpipe.manifests.table import read_table
 from dfpipe.manifests.workspace import Shard
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
-from dfpipe.stages import score
+from dfpipe.stages import score, score_store
 from dfpipe.stages.dataset import clip_positions, face_rows, read_crops, scoring_clips, track_segments
 from dfpipe.stages.demo import head_motion, head_sprite, random_background
+from dfpipe.stages.faces import resolve_device
+from dfpipe.stages.train import amp_dtype, load_checkpoint, model_from_checkpoint
 from dfpipe.stages.video import write_video
 
 CLI = [sys.executable, "-m", "dfpipe.pipeline.cli"]
@@ -103,9 +105,9 @@ def config(batch_size: str, clip_every: str):
 
 
 def child_score(checkpoint: str, out: str, batch_size: str, clip_every: str, *videos: str) -> dict:
-    summary = score.run_score(list(videos), checkpoint, config(batch_size, clip_every), out=out, labels=None, work=None,
-                              split=None, shard=Shard(), progress=False)
-    rows = read_table(summary.csv, score.CSV_COLUMNS).to_dict("records")
+    summary = score_store.run_score(list(videos), checkpoint, config(batch_size, clip_every), out=out, labels=None,
+                                    work=None, split=None, shard=Shard(), progress=False)
+    rows = read_table(summary.csv, score_store.CSV_COLUMNS).to_dict("records")
     return {"video_seconds": sum(float(r["seconds"]) for r in rows) / len(rows),
             "clips": sum(int(r["clips"]) for r in rows),
             "status": ", ".join(sorted({f"{r['status']} {r['reason']}".strip() for r in rows})),
@@ -115,11 +117,11 @@ def child_score(checkpoint: str, out: str, batch_size: str, clip_every: str, *vi
 def child_staged_model(checkpoint: str, ws: str, batch_size: str, clip_every: str) -> dict:
     """The model over the staged JPEG crops, cut into the clips score-video cuts (`scoring_clips`)."""
     cfg = config(batch_size, clip_every)
-    ckpt = score.load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint)
     settings = score.scoring_settings(ckpt, cfg, checkpoint)
-    device = score.resolve_device(cfg.score.device)
-    predict = score.ClipModel(score.model_from_checkpoint(ckpt, device), device=device,
-                              dtype=score.amp_dtype(cfg.train.amp, device), temperature=settings.temperature,
+    device = resolve_device(cfg.score.device)
+    predict = score.ClipModel(model_from_checkpoint(ckpt, device), device=device,
+                              dtype=amp_dtype(cfg.train.amp, device), temperature=settings.temperature,
                               tta_flip=False)
     faces = read_table(Path(ws) / "manifests/faces.csv", ["video_id", "frame_index", "status", "track_id",
                                                            "hq_path", "lq_path"])

@@ -271,7 +271,7 @@ def score_video(paths, checkpoint, out, labels, work, split, run_splits, aggrega
     videos already in the output.
     """
     from ..manifests.workspace import Shard
-    from ..stages.score import run_score
+    from ..stages.score_store import run_score
     if not paths and not work:
         raise click.UsageError("give video files, folders or a CSV list, or --work DIR --split SPLIT")
     if bool(work) != bool(split):

@@ -10,7 +10,7 @@ from pathlib import Path
 from dfpipe.models.pretrained import LITE_PACKAGES
 
 REPO = Path(__file__).resolve().parents[1]
-FOLDERS = ["pipeline", "models", "stages", "manifests"]
+FOLDERS = ["api", "pipeline", "models", "stages", "manifests"]
 
 
 def _setup_call() -> ast.Call:

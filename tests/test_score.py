@@ -19,11 +19,11 @@ from dfpipe.manifests.workspace import Shard, Workspace
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import pairs as pairs_mod
-from dfpipe.stages import score
+from dfpipe.stages import score, score_store
 from dfpipe.stages.dataset import clip_positions, face_rows, read_crops, scoring_clips, track_segments
 from dfpipe.stages.demo import make_demo_dataset
 from dfpipe.stages.faces import FrameFaces
-from dfpipe.stages.train import align_params, run_train
+from dfpipe.stages.train import align_params, load_checkpoint, model_from_checkpoint, run_train
 from sklearn.metrics import roc_auc_score
 
 STRIDE, CLIP_LEN, BATCH = 2, 3, 3
@@ -111,8 +111,8 @@ def model_calls(monkeypatch) -> list:
 
 def run(checkpoint, inputs, out, cfg=None, **kw):
     kw = {"labels": None, "work": None, "split": None, "shard": Shard(), **kw}
-    return score.run_score([str(p) for p in inputs], str(checkpoint), cfg or config(), out=str(out), progress=False,
-                           **kw)
+    return score_store.run_score([str(p) for p in inputs], str(checkpoint), cfg or config(), out=str(out),
+                                 progress=False, **kw)
 
 
 def jsonl(path: Path) -> dict[str, dict]:
@@ -143,8 +143,8 @@ def test_streaming_clips_equal_the_staged_jpegs_and_their_probabilities(root, sc
     hq, lq, probs = (np.concatenate(c) for c in zip(*calls))
     clips = [(v, *clip) for v in DEMO for clip in rows[str(root / f"data/{v}.mp4")]["clip_probs"]]
     assert len(clips) == len(hq) == 4 * 2  # 8 sampled frames per video: two non-overlapping clips of 3
-    ckpt = score.load_checkpoint(root / "tiny.pt")
-    model = score.model_from_checkpoint(ckpt, "cpu")
+    ckpt = load_checkpoint(root / "tiny.pt")
+    model = model_from_checkpoint(ckpt, "cpu")
     staged_probs, own, others = [], [], []
     for (video, track, prob, frames), h, low, p in zip(clips, hq, lq, probs):
         sampled = sorted(faces.frame_index[faces.video_id == video])
@@ -172,7 +172,7 @@ def test_streaming_clips_equal_the_staged_jpegs_and_their_probabilities(root, sc
 def test_every_video_gets_a_status_and_only_face_videos_a_score(root, checkpoint, scored):
     summary, _ = scored
     table = pd.read_csv(summary.csv, keep_default_na=False)
-    assert list(table.columns) == score.CSV_COLUMNS and list(table.path) == sorted(table.path)
+    assert list(table.columns) == score_store.CSV_COLUMNS and list(table.path) == sorted(table.path)
     by_path = table.set_index("path")
     for name, status in BAD.items():
         row = by_path.loc[str(root / "bad" / name)]
@@ -420,7 +420,7 @@ def test_checkpoint_from_train_scores_a_workspace_split(root, tmp_path):
     # A later train redraws the workspace's splits: its val split is no longer the one this model was validated on.
     pairs = pd.read_csv(ws / pairs_mod.PAIRS, keep_default_na=False)
     assert pairs_mod.pairs_digest(pd.read_csv(tmp_path / "run" / pairs_mod.RUN_PAIRS, keep_default_na=False)) == \
-        score.load_checkpoint(tmp_path / "run/best.pt")["pairs_digest"] == pairs_mod.pairs_digest(pairs)
+        load_checkpoint(tmp_path / "run/best.pt")["pairs_digest"] == pairs_mod.pairs_digest(pairs)
     redrawn = pairs.assign(split=pairs.split.map({"train": "val", "val": "train", "test": "test"}))
     write_table(ws / pairs_mod.PAIRS, redrawn, pairs_mod.COLUMNS)
     with pytest.raises(score.ScoreError, match=r"training_pairs.csv: the workspace's splits are not the ones "
@@ -436,6 +436,50 @@ def test_checkpoint_from_train_scores_a_workspace_split(root, tmp_path):
     (tmp_path / "run" / pairs_mod.RUN_PAIRS).unlink()  # a run trained before runs kept their splits
     with pytest.raises(score.ScoreError, match=r"run/training_pairs.csv: not found \(a run trained before"):
         run(tmp_path / "run/best.pt", [], tmp_path / "own.csv", cfg=cfg, work=str(ws), split="val", run_splits=True)
+
+
+
+# ---------------------------------------------------------------- the Python API
+
+def test_detector_scores_from_python_exactly_as_score_video_does(root, checkpoint, scored):
+    """`dfpipe.Detector` is what score-video runs: the same scores, clips, tracks and statuses, with no file."""
+    import dfpipe
+    rows = jsonl(scored[0].jsonl)
+    files = sorted(root.rglob("*"))
+    detector = dfpipe.Detector.from_checkpoint(checkpoint, device="cpu", config=config())
+    paths = sorted(rows)
+    results = {r.path: r for r in detector.score_many(paths)}
+    assert sorted(results) == paths
+    for path, row in rows.items():
+        got = results[path]
+        assert isinstance(got, dfpipe.VideoScore)
+        assert (got.status, got.reason, got.score, got.label, got.threshold) == (
+            row["status"], row["reason"], row["score"], row["label"], row["threshold"])
+        assert [list(f) for f in [got.suspicious_frames]] == [row["suspicious_frames"]]
+        assert [[t.track, c.probability, list(c.frames)] for t in got.tracks for c in t.clips] == row["clip_probs"]
+        assert {str(t.track): t.score for t in got.tracks} == row["track_scores"]
+        assert (got.frames_sampled, got.frames_with_face) == (row["frames_sampled"], row["frames_with_face"])
+        assert got.seconds >= 0 and (got.seconds > 0) == (got.status != "empty")
+    real = next(p for p in paths if rows[p]["status"] == "ok")
+    one = detector.score(real)
+    assert one.status == "ok" and one.score == results[real].score and len(one.tracks) == 1
+    assert detector.score(root / "bad/noface.mp4").status == "no_face"
+    assert detector.score(root / "bad/garbage.mp4").score is None
+    assert sorted(root.rglob("*")) == files  # nothing written
+
+
+def test_stage_functions_return_the_summaries_the_commands_print(root, tmp_path):
+    import dfpipe
+    summary = dfpipe.extract(root / "data", tmp_path / "ws", extract={"stride": STRIDE})
+    assert (summary.ran, summary.failed) == (4, []) and (tmp_path / "ws/manifests/frames.csv").is_file()
+    again = dfpipe.extract(root / "data", tmp_path / "ws", extract={"stride": STRIDE})
+    assert (again.ran, again.skipped) == (0, 4)  # resumable as the command is
+    summary = dfpipe.align(tmp_path / "ws", align={"min_face_size": 40, "pair_aware": False})
+    assert (summary.ran, summary.failed) == (4, [])
+    faces, staged = (pd.read_csv(ws / "manifests/faces.csv", keep_default_na=False) for ws in (tmp_path / "ws",
+                                                                                                 root / "ws"))
+    assert (faces.status == "face").sum() == (staged.status == "face").sum() == 4 * 8  # as `dfpipe align` found
+    assert sorted(faces.hq_sha256) == sorted(staged.hq_sha256)
 
 
 # ---------------------------------------------------------------- inputs
@@ -459,7 +503,7 @@ def test_inputs_from_folders_lists_labels_and_metadata(root, tmp_path):
 
 
 def test_uncalibrated_checkpoint_needs_rule_and_threshold(root, checkpoint):
-    ckpt = {**score.load_checkpoint(checkpoint), "calibration": None}
+    ckpt = {**load_checkpoint(checkpoint), "calibration": None}
     with pytest.raises(score.ScoreError, match="not calibrated"):
         score.scoring_settings(ckpt, config(), "last.pt")
     settings = score.scoring_settings(ckpt, config(aggregate="max", threshold=0.3), "last.pt")
@@ -557,13 +601,13 @@ def test_queue_runs_full_batches_across_owners_and_flushes_the_rest():
 
 
 def test_flip_tta_averages_the_clip_and_its_mirror(checkpoint):
-    model = score.model_from_checkpoint(score.load_checkpoint(checkpoint), "cpu")
+    model = model_from_checkpoint(load_checkpoint(checkpoint), "cpu")
     rng = np.random.default_rng(0)
     hq = rng.integers(0, 256, (2, CLIP_LEN, 224, 224, 3), dtype=np.uint8)
     lq = rng.integers(0, 256, (2, CLIP_LEN, 112, 112, 3), dtype=np.uint8)
     hq[1] = np.concatenate([hq[1, :, :, :112], hq[1, :, :, :112][:, :, ::-1]], axis=2)  # mirror-symmetric clip
     lq[1] = np.concatenate([lq[1, :, :, :56], lq[1, :, :, :56][:, :, ::-1]], axis=2)
-    temperature = score.load_checkpoint(checkpoint)["calibration"]["temperature"]
+    temperature = load_checkpoint(checkpoint)["calibration"]["temperature"]
     plain, tta = (score.ClipModel(model, device=torch.device("cpu"), dtype=None, temperature=temperature, tta_flip=f)
                   for f in (False, True))
     mirrored = plain(hq[:, :, :, ::-1].copy(), lq[:, :, :, ::-1].copy())
@@ -573,9 +617,9 @@ def test_flip_tta_averages_the_clip_and_its_mirror(checkpoint):
 
 
 def test_checkpoint_model_is_the_trained_model_and_bf16_scoring_stays_close(checkpoint):
-    ckpt = score.load_checkpoint(checkpoint)
+    ckpt = load_checkpoint(checkpoint)
     mapped = {t.untyped_storage().data_ptr() for t in ckpt["model"].values()}  # the file's memory map
-    model = score.model_from_checkpoint(ckpt, "cpu")
+    model = model_from_checkpoint(ckpt, "cpu")
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     reference = DualStreamNet.from_config(ckpt["model_config"]).eval()
     reference.load_state_dict(ckpt["model"])
@@ -587,7 +631,7 @@ def test_checkpoint_model_is_the_trained_model_and_bf16_scoring_stays_close(chec
                            tta_flip=False)(hq, lq)
     fp32 = score.ClipModel(model, device=torch.device("cpu"), dtype=None, temperature=temperature, tta_flip=False)
     np.testing.assert_allclose(fp32(hq, lq), want, rtol=1e-5)
-    bf16 = score.ClipModel(score.model_from_checkpoint(ckpt, "cpu"), device=torch.device("cpu"),
+    bf16 = score.ClipModel(model_from_checkpoint(ckpt, "cpu"), device=torch.device("cpu"),
                            dtype=torch.bfloat16, temperature=temperature, tta_flip=False)
     assert next(bf16.model.parameters()).dtype == torch.bfloat16  # cast, not autocast: no BatchNorm round trips
     assert {p.dtype for p in bf16.model.classifier.parameters()} == {torch.float32}
@@ -621,7 +665,7 @@ def test_shared_videos_all_get_a_status(shared_data, tmp_path):
     model = DualStreamNet.from_config({**cfg.model, **TINY})
     align = {**cfg.align.to_dict(), "min_track_len": 2}
     ckpt = make_checkpoint(tmp_path / "tiny.pt", model, cfg, align, stride=15)
-    summary = score.run_score([str(shared_data / "dfdc_sample"), str(tmp_path / "wild.csv"),
+    summary = score_store.run_score([str(shared_data / "dfdc_sample"), str(tmp_path / "wild.csv"),
                                str(shared_data / "multiface")], str(ckpt), cfg,
                               out=str(tmp_path / "scores.csv"), labels=str(shared_data / "dfdc_sample/metadata.json"),
                               work=None, split=None, shard=Shard(), progress=False)
