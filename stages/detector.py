@@ -20,7 +20,7 @@ from .train import amp_dtype, load_checkpoint, model_from_checkpoint
 @dataclass(frozen=True)
 class ClipScore:
     probability: float        # calibrated
-    frames: tuple[int, ...]   # sampled frame indices (frame number / the checkpoint's stride)
+    frames: tuple[int, ...]   # frame numbers in the video (every stride-th frame is sampled)
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class VideoScore:
     label: str                # "fake", "real", or "" without a score
     threshold: float
     tracks: tuple[TrackScore, ...]
-    suspicious_frames: tuple[int, ...]  # sampled frame indices of the most fake clips, most suspicious first
+    suspicious_frames: tuple[int, ...]  # first frame numbers of the most fake clips, most suspicious first
     frames_sampled: int
     frames_with_face: int
     seconds: float            # decoding, faces and this video's share of the model batches
