@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections import Counter
@@ -23,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 from tqdm import tqdm
 
 from .errors import DfpipeError
+from .jsonl import Appender
 from .table import atomic_write_bytes, read_table, write_table
 from .workspace import Shard, Workspace, replace_dir
 from ..pipeline.workers import run_parallel
@@ -190,32 +190,16 @@ def _compact(ws: Workspace, spec: StageSpec, records: dict[str, Record], journal
         j.unlink(missing_ok=True)
 
 
-class Journal:
-    """Append-only, fsynced record log of one writer (one stage shard)."""
+class Journal(Appender):
+    """The record log of one writer (one stage shard)."""
 
     def __init__(self, ws: Workspace, spec: StageSpec, shard: Shard):
         _journal_dir(ws).mkdir(parents=True, exist_ok=True)
-        self.path = _journal_dir(ws) / f"{spec.name}.{shard.name}.jsonl"
-        self._f = open(self.path, "a+b")  # writes always append; the read is for the check below
-        self._drop_torn_tail()
-
-    def _drop_torn_tail(self) -> None:
-        """A crash mid-append leaves a line without its newline; the next record must not be glued onto it."""
-        self._f.seek(0)
-        data = self._f.read()
-        if data and not data.endswith(b"\n"):
-            self._f.truncate(data.rfind(b"\n") + 1)
+        super().__init__(_journal_dir(ws) / f"{spec.name}.{shard.name}.jsonl")
 
     def append(self, unit: str, rec: Record) -> None:
-        line = json.dumps({"seq": time.time_ns(), "unit": unit, "status": rec.status,
-                           "fingerprint": rec.fingerprint, "reason": rec.reason, "info": rec.info,
-                           "rows": rec.rows}, ensure_ascii=False, default=str)
-        self._f.write(line.encode("utf-8") + b"\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-
-    def close(self) -> None:
-        self._f.close()
+        super().append({"seq": time.time_ns(), "unit": unit, "status": rec.status, "fingerprint": rec.fingerprint,
+                        "reason": rec.reason, "info": rec.info, "rows": rec.rows})
 
 
 # ---------------------------------------------------------------- deciding what to do

@@ -19,6 +19,8 @@ import pandas as pd
 
 from ..manifests.errors import InputError
 from ..manifests.workspace import safe_name
+from .components import smallest_in_component
+from .labels import ALIASES, NOT_A_LABEL
 
 VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm"})
 SPLITS = ("train", "val", "test")
@@ -32,7 +34,6 @@ CELEB_REAL = re.compile(r"(id\d+)_(\d+)")                  # id0_0000
 CELEB_FAKE = re.compile(r"(id\d+)_(id\d+)_(\d+)")          # id0_id1_0000: frames of id0_0000, face of id1
 CELEB_TEST_LIST = "List_of_testing_videos.txt"
 LABEL_PREFIX = re.compile(r"^(real|fake)[\s_\-.]*", re.IGNORECASE)
-CSV_LABELS = {"real": "real", "fake": "fake", "0": "real", "1": "fake"}
 SWAP_DONORS = ("is grouped with the {} whose video it was made from; a face donor's own videos may sit in another "
                "split (the swaps connect nearly every identity)")
 CELEB_GROUPS_NOTE = {False: "Celeb-DF: each fake " + SWAP_DONORS.format("identity"),
@@ -130,21 +131,9 @@ def _check_id(video_id: str, path: str) -> None:
 
 
 def _union_groups(identities: list[list[str]]) -> list[str]:
-    """Union-find over identities; each component is named by its smallest identity, so names are stable."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for ids in identities:
-        for other in ids[1:]:
-            a, b = find(ids[0]), find(other)
-            parent[max(a, b)] = min(a, b)
-    return [find(ids[0]) for ids in identities]
+    """Each video's group: the smallest identity of its component (videos sharing an identity are linked)."""
+    smallest = smallest_in_component(identities)
+    return [smallest[ids[0]] for ids in identities]
 
 
 def video_files(candidates: Iterable[Path], base: Path) -> list[Path]:
@@ -370,7 +359,7 @@ def _csv(path: Path) -> tuple[list[dict], list[str]]:
         target = Path(os.path.abspath(base / text))
         return id_by_key.get(str(target)) or _csv_id(target, base)
 
-    labels = [CSV_LABELS[v.lower()] for v in table["label"]]
+    labels = [ALIASES[v.lower()] for v in table["label"]]
     sources = [source_id(s) if lab == "fake" else "" for s, lab in zip(table["source"], labels)]
     explicit = dict(zip(ids, table["group"]))
     source_of = dict(zip(ids, sources))
@@ -400,7 +389,7 @@ def _read_table(path: Path) -> pd.DataFrame:
     table = table.reindex(columns=["path", "label", "source", "split", "group"], fill_value="")
     table = table.apply(lambda col: col.str.strip())
     checks = (("path", table["path"] == "", "empty path"),
-              ("label", ~table["label"].str.lower().isin(list(CSV_LABELS)), "label {} is not real, fake, 0 or 1"),
+              ("label", ~table["label"].str.lower().isin(list(ALIASES)), NOT_A_LABEL),
               ("split", ~table["split"].isin(["", *SPLITS]), "split {} is not train, val, test or empty"))
     for column, bad, reason in checks:
         if bad.any():

@@ -28,10 +28,9 @@ from operator import itemgetter
 
 import numpy as np
 import pandas as pd
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from ..manifests.errors import InputError
+from .components import smallest_in_component
 
 VIDEOS = "manifests/videos.csv"
 FACES = "manifests/faces.csv"
@@ -93,20 +92,12 @@ def _components(videos: pd.DataFrame) -> pd.Series:
     """
     with_group = videos[videos.group != ""]
     fakes = videos[(videos.label == "fake") & (videos.source_id != "")]
-    edges = pd.DataFrame({
-        "a": pd.concat(["v:" + with_group.video_id, "v:" + fakes.video_id]),
-        "b": pd.concat(["g:" + with_group.group, "v:" + fakes.source_id]),
-    })
-    nodes, index = np.unique(np.concatenate([("v:" + videos.video_id).to_numpy(), edges.a, edges.b]),
-                             return_inverse=True)
-    n_videos, n_edges = len(videos), len(edges)
-    a, b = index[n_videos:n_videos + n_edges], index[n_videos + n_edges:]
-    graph = coo_matrix((np.ones(n_edges), (a, b)), shape=(len(nodes), len(nodes)))
-    _, component = connected_components(graph, directed=False)
-    names = pd.DataFrame({"component": component, "kind": [n[0] for n in nodes], "name": [n[2:] for n in nodes]})
-    # 'g' < 'v': a component with any group label is named after its smallest label.
-    names = names.sort_values(["component", "kind", "name"]).drop_duplicates("component").set_index("component").name
-    return pd.Series(names.loc[component[index[:n_videos]]].to_numpy(), index=videos.video_id.to_numpy())
+    # 'g:' < 'v:': a component with any group label is named after its smallest label.
+    smallest = smallest_in_component([
+        *(("v:" + v,) for v in videos.video_id),
+        *zip("v:" + with_group.video_id, "g:" + with_group.group),
+        *zip("v:" + fakes.video_id, "v:" + fakes.source_id)])
+    return pd.Series([smallest["v:" + v][2:] for v in videos.video_id], index=videos.video_id.to_numpy())
 
 
 def _most_restrictive(splits: set[str]) -> str:

@@ -33,8 +33,10 @@ from . import align_units
 from . import pairs as pairs_mod
 from .aggregate import RULE_KEYS, RULES, video_score
 from .dataset import clip_positions
-from .discover import CSV_LABELS, read_user_csv, video_files
+from .discover import read_user_csv, video_files
+from .extract import VIDEO_COLUMNS
 from .faces import FaceDetector, FaceStream, FrameFaces, no_face_reason, select_tracks
+from .labels import parse_label
 from .video import FrameReader, VideoError
 
 STATUSES = ("ok", "no_face", "undecodable", "empty", "error")
@@ -57,12 +59,10 @@ class VideoInput:
 
 
 def _label(value: str, where: str) -> str | None:
-    text = str(value).strip().lower()
-    if not text:
-        return None
-    if text not in CSV_LABELS:
-        raise ScoreError(f"{where}: label {value!r} is not real, fake, 0 or 1")
-    return CSV_LABELS[text]
+    try:
+        return parse_label(value)
+    except InputError as e:
+        raise ScoreError(f"{where}: {e}") from None
 
 
 def _list_file(path: Path) -> list[VideoInput]:
@@ -147,7 +147,7 @@ def _workspace_videos(work: str, split: str, trained: TrainedSplits) -> list[Vid
     ws = Workspace(work)
     pairs_path, pairs = trained.pairs(ws, split)
     ids = pairs_mod.split_videos(pairs)[split]
-    videos = read_table(ws.manifest("videos.csv"), ["video_id", "path", "label"])
+    videos = read_table(ws.manifest("videos.csv"), VIDEO_COLUMNS)
     missing = sorted(ids - set(videos.video_id))
     if missing:
         raise ScoreError(f"{ws.manifest('videos.csv')}: {len(missing)} video(s) of the {split} split in {pairs_path} "

@@ -19,17 +19,19 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from tqdm import tqdm
 
+from ..manifests.jsonl import Appender, json_lines
 from ..manifests.table import atomic_write_bytes, check_writable, write_table
 from ..manifests.units import sha256_file
 from ..manifests.workspace import LockHeld, Shard, lock_file
 from .detector import Detector
 from .evaluate import binary_metrics, write_plots
 from .score import STATUSES, Scoring, ScoreError, TrainedSplits, decide, list_inputs, scoring_settings
-from .train import LABELS, load_checkpoint
+from .labels import TARGET
+from .train import load_checkpoint
 
 CSV_COLUMNS = ["path", "score", "label", "threshold", "status", "reason", "frames_sampled", "frames_with_face",
                "tracks", "clips", "track_scores", "suspicious_frames", "seconds", "model_digest", "true_label"]
@@ -105,10 +107,6 @@ def _file_key(path: str) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns]
 
 
-def _jsonl_bytes(rows: Iterable[dict]) -> bytes:
-    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
-
-
 def _reusable(row: dict, key: str, digest: str, model_digest: str) -> bool:
     return (row.get(key) == digest and row.get("model_digest") == model_digest
             and row.get("status") != "error" and row.get("file") == _file_key(row["path"]))
@@ -152,17 +150,11 @@ def load_finished(jsonl: Path, paths: set[str], scoring: Scoring,
         elif row["path"] in paths:
             stale[row["path"]] = row
     others = {r["path"]: r for r in own if r["path"] not in paths}
-    data = _jsonl_bytes(sorted({**others, **done}.values(), key=lambda r: r["path"]))
+    data = json_lines(sorted({**others, **done}.values(), key=lambda r: r["path"]))
     if not jsonl.is_file() or jsonl.read_bytes() != data:  # written even when empty: a shard may own no video
         atomic_write_bytes(jsonl, data)
     why = Counter(_why_rescored(row, digest, model_digest) for path, row in stale.items() if path not in done)
     return done, why, len(redecided)
-
-
-def _append(f, row: dict) -> None:
-    f.write(json.dumps(row, sort_keys=True) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
 
 
 def _csv_row(row: dict, label: str | None) -> dict:
@@ -185,14 +177,14 @@ def evaluate(rows: list[dict], labels: dict[str, str], threshold: float) -> dict
     if not labelled:
         return None
     scored = [r for r in labelled if r["score"] is not None]
-    y = [LABELS[labels[r["path"]]] for r in scored]
+    y = [TARGET[labels[r["path"]]] for r in scored]
     frame_y, frame_p = [], []
     for r in scored:
         frame_prob: dict[int, float] = {}
         for _, prob, frames in r["clip_probs"]:
             for f in frames:
                 frame_prob[f] = max(prob, frame_prob.get(f, 0.0))
-        frame_y += [LABELS[labels[r["path"]]]] * len(frame_prob)
+        frame_y += [TARGET[labels[r["path"]]]] * len(frame_prob)
         frame_p += list(frame_prob.values())
     return {"threshold": threshold, "labelled": len(labelled), "unscored": len(labelled) - len(scored),
             "video": binary_metrics(y, [r["score"] for r in scored], threshold=threshold) if scored else None,
@@ -212,7 +204,7 @@ def write_evaluation(rows: list[dict], labels: dict[str, str | None], metrics: d
     else:
         atomic_write_bytes(metrics_path, (json.dumps(_finite(metrics), indent=1, sort_keys=True) + "\n").encode())
     if scored:
-        write_plots([LABELS[labels[r["path"]]] for r in scored], [r["score"] for r in scored],
+        write_plots([TARGET[labels[r["path"]]] for r in scored], [r["score"] for r in scored],
                     threshold=threshold, out_dir=plots)
     else:
         shutil.rmtree(plots, ignore_errors=True)
@@ -280,11 +272,11 @@ def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str 
             ckpt.clear()  # the model holds what it needs (cast, or moved to the GPU): the file's tensors and map can go
             extra = {"settings": scoring.digest(), "clips_settings": scoring.clips_digest(),
                      "model_digest": model_digest}
-            with open(jsonl, "a", encoding="utf-8") as f, tqdm(total=len(todo), unit="video", desc="score",
-                                                               disable=not progress) as bar:
+            with Appender(jsonl) as record, tqdm(total=len(todo), unit="video", desc="score",
+                                                 disable=not progress) as bar:
                 for row in detector.rows(todo):
                     row = {**row, **extra, "file": _file_key(row["path"])}
-                    _append(f, row)
+                    record.append(row)
                     done[row["path"]] = row
                     bar.update()
         rows = [done[v.path] for v in videos]

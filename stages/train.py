@@ -47,21 +47,18 @@ from ..manifests.workspace import Workspace
 from ..models.dual_stream import DualStreamNet
 from ..models.pretrained import IMAGENET, require_imagenet
 from ..pipeline import __version__
-from . import align_units
+from . import align_units, extract
 from . import pairs as pairs_mod
 from .aggregate import RULE_KEYS, choose_rule, video_score
-from .dataset import GEOMETRY_COLUMNS, BalancedSampler, SequenceDataset, collate_clips
+from .dataset import BalancedSampler, SequenceDataset, collate_clips
 from .evaluate import binary_metrics, fit_temperature, fit_threshold
 from .faces import resolve_device
+from .labels import TARGET
 
 log = logging.getLogger(__name__)
 
-VIDEO_COLUMNS = ["video_id", "label", "source_id", "group", "split", "dataset", "method"]
-FACE_COLUMNS = ["video_id", "frame_index", "status", "track_id", "hq_path", "lq_path", "hq_sha256", "lq_sha256",
-                *GEOMETRY_COLUMNS]
 VAL_METRICS = ("loss", "accuracy", "auc", "ap", "precision", "recall", "f1", "eer")
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", *(f"val_{k}" for k in VAL_METRICS), "lr_backbone", "lr_head"]
-LABELS = {"real": 0, "fake": 1}
 
 
 class TrainError(InputError):
@@ -141,7 +138,7 @@ def faces_table(ws: Workspace) -> pd.DataFrame:
         raise TrainError(f"{ws.root}: {len(behind)} extracted video(s) have no crops yet or crops of an older "
                          f"version (e.g. {behind[0]}); run `dfpipe align --work {ws.root}` first")
     path = ws.manifest("faces.csv")
-    faces = read_table(_require(path, "run dfpipe align first"), FACE_COLUMNS)
+    faces = read_table(_require(path, "run dfpipe align first"), align_units.FACE_COLUMNS)
     try:
         return faces.assign(frame_index=faces.frame_index.astype(np.int64),
                             track_id=faces.track_id.where(faces.status == "face", "-1").astype(np.int64))
@@ -177,7 +174,7 @@ def update_pairs(ws: Workspace, videos: pd.DataFrame, faces: pd.DataFrame, pairs
 
 def split_labels(pairs: pd.DataFrame, videos: pd.DataFrame) -> dict[str, dict[str, int]]:
     """split -> {video_id: 0 real | 1 fake}."""
-    label_of = dict(zip(videos.video_id, videos.label.map(LABELS)))
+    label_of = dict(zip(videos.video_id, videos.label.map(TARGET)))
     return {split: {v: int(label_of[v]) for v in sorted(ids)} for split, ids in pairs_mod.split_videos(pairs).items()}
 
 
@@ -672,7 +669,7 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
 
     # 1. pairs, splits and labels (rank 0 decides and writes; everyone gets its table)
     extracted = extract_settings(ws)
-    videos = read_table(_require(ws.manifest("videos.csv"), "run dfpipe extract first"), VIDEO_COLUMNS)
+    videos = read_table(_require(ws.manifest("videos.csv"), "run dfpipe extract first"), extract.VIDEO_COLUMNS)
     if ctx.main:  # align must not rewrite the crops under training
         locks.enter_context(ws.reading(align_units.SPEC.name, "train"))
     faces = from_main(faces_table(ws) if ctx.main else None, ctx)

@@ -306,3 +306,12 @@ def test_no_video_crosses_splits_on_random_inputs(seed):
     assert_leak_free(more, grown)
     old = pairs.set_index(["real_id", "fake_id"]).split
     assert grown.set_index(["real_id", "fake_id"]).split.loc[old.index].equals(old)
+
+
+def test_components_are_named_by_their_smallest_name_whatever_the_link_order():
+    from dfpipe.stages.components import smallest_in_component
+    links = [["b", "a"], ["c"], ["d", "c"], ["e", "b"], ["f"]]
+    expected = {"a": "a", "b": "a", "e": "a", "c": "c", "d": "c", "f": "f"}
+    assert smallest_in_component(links) == expected
+    assert smallest_in_component([list(reversed(g)) for g in reversed(links)]) == expected
+    assert smallest_in_component([]) == {}
