@@ -25,7 +25,7 @@ from .errors import DfpipeError
 from .jsonl import Appender
 from .table import atomic_write_bytes, read_table, write_table
 from .workspace import Shard, Workspace, replace_dir
-from ..pipeline.workers import run_parallel
+from .workers import run_parallel
 
 
 

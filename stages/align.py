@@ -15,7 +15,7 @@ from torchvision.ops import box_iou
 
 from ..manifests.units import Unit, UnitError, UnitOutput, load_state, run_stage
 from ..manifests.workspace import Shard, Workspace
-from ..pipeline.workers import prefetch
+from ..manifests.workers import prefetch
 from . import extract
 from .align_units import SPEC, params_of, plan_units
 from .faces import FaceDetector, FaceStream, align_face, no_face_reason, resolve_device, select_tracks

@@ -28,7 +28,7 @@ import torch
 from ..manifests.errors import InputError
 from ..manifests.table import read_table
 from ..manifests.workspace import Workspace
-from ..pipeline.workers import one_line, prefetch
+from ..manifests.workers import one_line, prefetch
 from . import align_units
 from . import pairs as pairs_mod
 from .aggregate import RULE_KEYS, RULES, video_score

@@ -60,3 +60,14 @@ def test_optional_tensorboard_is_an_extra():
     _, extras = declared()
     assert "tensorboard" in extras
     assert "torch.utils.tensorboard" in (REPO / "stages/train.py").read_text()
+
+
+def test_manifests_depend_on_nothing_above_them():
+    """manifests/ owns every workspace write; the stages, models and commands build on it, never the reverse."""
+    above = ("pipeline", "stages", "models", "api")
+    for path in (REPO / "manifests").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                target = ("dfpipe." if node.level == 2 else "") + (node.module or "")
+                assert not (node.level == 2 or target.split(".")[:2] in [["dfpipe", a] for a in above]), \
+                    f"{path.name} imports {'.' * node.level}{node.module}"

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from dfpipe.pipeline.workers import prefetch, run_parallel
+from dfpipe.manifests.workers import prefetch, run_parallel
 
 
 def _interrupted(item: int) -> int:
