@@ -34,7 +34,8 @@ from dfpipe.stages import score, score_store
 from dfpipe.stages.dataset import clip_positions, face_rows, read_crops, scoring_clips, track_segments
 from dfpipe.stages.demo import head_motion, head_sprite, random_background
 from dfpipe.stages.faces import resolve_device
-from dfpipe.stages.train import amp_dtype, load_checkpoint, model_from_checkpoint
+from dfpipe.stages.checkpoint import load_checkpoint, model_from_checkpoint
+from dfpipe.stages.train import amp_dtype
 from dfpipe.stages.video import write_video
 
 CLI = [sys.executable, "-m", "dfpipe.pipeline.cli"]

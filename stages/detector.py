@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..pipeline.config import load_config
+from .checkpoint import load_checkpoint, model_from_checkpoint
 from .faces import FaceDetector, resolve_device
 from .score import ClipModel, Scoring, ScoreError, VideoInput, model_batch, score_videos, scoring_settings
-from .train import amp_dtype, load_checkpoint, model_from_checkpoint
+from .train import amp_dtype
 
 
 @dataclass(frozen=True)

@@ -11,21 +11,16 @@ never stopped. Checkpoints hold only tensors and plain Python values, so they lo
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 import os
 import random
 import subprocess
-import sys
 import time
-import zipfile
-from collections import OrderedDict
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import dataclass
 from datetime import datetime, timezone
-from itertools import chain, islice
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +29,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.ops import sigmoid_focal_loss
@@ -50,9 +44,10 @@ from ..pipeline import __version__
 from . import align_units, extract
 from . import pairs as pairs_mod
 from .aggregate import RULE_KEYS, choose_rule, video_score
+from .checkpoint import load_checkpoint, restore_best, rng_state, save_checkpoint, set_rng_state
 from .dataset import BalancedSampler, SequenceDataset, collate_clips
+from .distributed import Ranks, any_rank, from_main, gather, init_distributed, sync_buffers, wrap
 from .evaluate import binary_metrics, fit_temperature, fit_threshold
-from .faces import resolve_device
 from .labels import TARGET
 
 log = logging.getLogger(__name__)
@@ -63,60 +58,6 @@ METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", *(f"val_{k}" for k in VAL_
 
 class TrainError(InputError):
     """A problem with the workspace, the run folder or the config, reported as one line."""
-
-
-# ---------------------------------------------------------------- distributed
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in the run: its rank among ``world`` processes, and the device it trains on."""
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> Ranks:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; a plain `dfpipe train` is a world of one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    resolved = resolve_device(device)
-    if world > 1:
-        if resolved.type == "cuda":
-            resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(resolved)
-        dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return Ranks(rank, world, resolved)
-
-
-def gather(obj, ctx: Ranks) -> list:
-    """Every rank's ``obj``, in rank order (picklable objects of any size: shards of the val set are uneven)."""
-    if ctx.world == 1:
-        return [obj]
-    out = [None] * ctx.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def from_main(obj, ctx: Ranks):
-    """Rank 0's ``obj`` on every rank, so decisions taken from files are taken once."""
-    if ctx.world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def sync_buffers(model: torch.nn.Module, ctx: Ranks) -> None:
-    """Rank 0's BatchNorm statistics on every rank. DDP broadcasts buffers at the start of each training forward,
-    so after the epoch's last step every rank's have moved on its own batch: validation must score every rank's
-    share with the model rank 0 saves."""
-    if ctx.world > 1:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
 
 
 # ---------------------------------------------------------------- data
@@ -312,115 +253,7 @@ def deterministic_mode(enabled: bool):
         torch.backends.cudnn.benchmark = previous[1]
 
 
-# ---------------------------------------------------------------- checkpoints
-
-def rng_state(device: torch.device) -> dict:
-    """torch, CUDA, numpy and python RNG states as tensors and plain lists (weights_only-loadable). CUDA: only
-    this rank's GPU, so a run resumes on a machine with fewer GPUs."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(),
-            "cuda": [torch.cuda.get_rng_state(device)] if device.type == "cuda" else [],
-            "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-            "python": [version, list(internal), gauss_next]}
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and device.type == "cuda":  # earlier last.pt files hold every visible GPU's state
-        cuda = state["cuda"]
-        torch.cuda.set_rng_state(cuda[min(device.index or 0, len(cuda) - 1)], device)
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    buffer = io.BytesIO()
-    torch.save(_canonical(state), buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def _canonical(obj):
-    """Equal checkpoints pickle to equal bytes, so a resumed run's files are byte-identical to an uninterrupted
-    run's: pickle writes an object it has seen as a reference back, so which of the equal strings happen to be one
-    object (a resumed run's came from unpickling) changed the bytes. Every string is interned and every container
-    rebuilt (a state dict keeps its version metadata)."""
-    if isinstance(obj, str):
-        return sys.intern(obj)
-    if type(obj) in (dict, OrderedDict):
-        out = type(obj)((_canonical(k), _canonical(v)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):
-            out._metadata = _canonical(obj._metadata)
-        return out
-    if type(obj) in (list, tuple):
-        return type(obj)(_canonical(v) for v in obj)
-    return obj
-
-
-RESUME_ONLY = ("optimizer", "scheduler", "scaler", "rng")  # in last.pt only: best.pt is what scoring needs
-
-
-def restore_best(last: dict, best_path: Path) -> None:
-    """A run killed between writing last.pt and best.pt of an improved epoch resumes with a best.pt of an older
-    epoch than its history names as best: last.pt holds that epoch's weights, so best.pt is written from it."""
-    if last["early_stop"]["best_epoch"] != last["epoch"]:
-        return
-    if best_path.is_file() and load_checkpoint(best_path)["epoch"] == last["epoch"]:
-        return
-    save_checkpoint(best_path, {k: v for k, v in last.items() if k not in RESUME_ONLY})
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by ``run_train``, on the CPU; loading never executes pickled code. Memory-mapped, so
-    only the tensors used are read (a last.pt also holds the optimizer state, twice the model's size), and the
-    model's own are read once, straight into their bf16 or GPU copies (measured: 1.1 s -> 0.1 s to load)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"{path}: checkpoint not found")
-    if not zipfile.is_zipfile(path):  # else torch's own complaint is about mmap, which misleads
-        with open(path, "rb") as f:
-            cut = f.read(4) == b"PK\x03\x04"  # a zip's start without its end: a copy or a write cut short
-        raise TrainError(f"{path}: " + ("truncated or damaged checkpoint (the zip archive torch.save writes has no "
-                                        "end); copy it again, or use last.pt / best.pt" if cut else
-                                        "not a checkpoint (torch.save writes a zip archive; this file is not one)"))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # truncated zip, foreign pickle, ...: all the same to the user
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TrainError(f"{path}: not a readable checkpoint ({reason})") from None
-    if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
-        raise TrainError(f"{path}: not a dfpipe checkpoint (no model weights or model_config)")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict, device: str | torch.device) -> DualStreamNet:
-    """The trained network in eval mode, its tensors those of the checkpoint (built on the meta device, so no
-    random initialisation is computed and stored only to be overwritten). Backbones are built without their
-    pretrained files (the checkpoint's weights replace them, and the files need not exist where the model is used),
-    so the random-init warning that building them would log is silenced."""
-    backbones_log = logging.getLogger("dfpipe.models.backbones")
-    level = backbones_log.level
-    backbones_log.setLevel(logging.ERROR)
-    try:
-        with torch.device("meta"):
-            model = DualStreamNet.from_config({**ckpt["model_config"], "pretrained_hq": None, "pretrained_lq": None})
-    finally:
-        backbones_log.setLevel(level)
-    try:
-        model.load_state_dict(ckpt["model"], assign=True)
-    except RuntimeError as e:  # "Error(s) in loading state_dict ...:" then one tab-indented line per key
-        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
-        raise TrainError(f"the checkpoint's weights do not fit its model_config ({first})") from None
-    for stream in (model.hq, model.lq):
-        stream.set_normalisation()
-        stream.to(memory_format=stream.memory_format)  # assign=True kept the layout the tensors were saved in
-    left = [name for name, t in chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
-    if left:
-        raise TrainError(f"checkpoint has no values for {', '.join(left[:3])}")
-    return model.to(device).eval()
-
+# ---------------------------------------------------------------- run files
 
 def extract_settings(ws: Workspace) -> dict:
     """How the training frames were sampled and stored, for score-video to do the same with a raw video."""
@@ -488,12 +321,6 @@ def write_run_files(run_dir: Path, cfg, pairs: pd.DataFrame, ctx: Ranks, resume:
 
 # ---------------------------------------------------------------- one epoch
 
-def _any_rank(flag: bool, ctx: Ranks) -> bool:
-    value = torch.tensor(float(flag), device=ctx.device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def train_one_epoch(net, loader, optimizer, scheduler, scaler, criterion, *, ctx: Ranks, dtype, steps: int,
                     accumulate: int, grad_clip: float, desc: str, progress: bool) -> dict:
     """One pass of ``steps`` batches; the optimiser steps every ``accumulate`` batches (and at the end).
@@ -510,7 +337,7 @@ def train_one_epoch(net, loader, optimizer, scheduler, scaler, criterion, *, ctx
     for i, batch in enumerate(bar):
         update = (i + 1) % accumulate == 0 or i + 1 == steps
         weight = 1.0
-        if update and ctx.world > 1 and _any_rank(batch is None and last is None, ctx):
+        if update and ctx.world > 1 and any_rank(batch is None and last is None, ctx):
             # a rank has nothing to join the update's all-reduce with (see below; no batch of this epoch read yet):
             # every rank drops this update, so that none waits for it and the weights stay the same everywhere
             optimizer.zero_grad(set_to_none=True)
@@ -606,14 +433,6 @@ def calibrate(pred: pd.DataFrame, score_cfg) -> dict:
     rule = choose_rule(videos, labels, **params)
     threshold = fit_threshold(labels, [video_score(tracks, rule, **params)[0] for tracks in videos])
     return {"temperature": temperature, "threshold": threshold, "aggregate": rule, "rule_params": params}
-
-
-def wrap(model: DualStreamNet, ctx: Ranks):
-    """DDP registers the parameters that require grad when it is built, so it is rebuilt when the backbones are
-    frozen or unfrozen."""
-    if ctx.world == 1:
-        return model
-    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
 def tensorboard(run_dir: Path, ctx: Ranks):

@@ -23,7 +23,8 @@ from dfpipe.stages import score, score_store
 from dfpipe.stages.dataset import clip_positions, face_rows, read_crops, scoring_clips, track_segments
 from dfpipe.stages.demo import make_demo_dataset
 from dfpipe.stages.faces import FrameFaces
-from dfpipe.stages.train import align_params, load_checkpoint, model_from_checkpoint, run_train
+from dfpipe.stages.checkpoint import load_checkpoint, model_from_checkpoint
+from dfpipe.stages.train import align_params, run_train
 from sklearn.metrics import roc_auc_score
 
 STRIDE, CLIP_LEN, BATCH = 2, 3, 3

@@ -31,15 +31,17 @@ from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import align_units, extract
 from dfpipe.stages import pairs as pairs_mod
+from dfpipe.stages import checkpoint as checkpoint_mod
 from dfpipe.stages import train as train_mod
 from dfpipe.stages.aggregate import RULE_KEYS, RULES, video_score
+from dfpipe.stages.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from dfpipe.stages.dataset import SequenceDataset, collate_clips
+from dfpipe.stages.distributed import Ranks
 from dfpipe.stages.evaluate import binary_metrics, fit_threshold
 from dfpipe.stages.faces import template_points
-from dfpipe.stages.train import (METRIC_COLUMNS, VAL_METRICS, Ranks, TrainError, amp_dtype, batch_inputs, calibrate,
-                                 faces_table, load_checkpoint, make_criterion, make_loaders, make_scheduler,
-                                 model_from_checkpoint, run_train, save_checkpoint, train_one_epoch,
-                                 val_metrics)
+from dfpipe.stages.train import (METRIC_COLUMNS, VAL_METRICS, TrainError, amp_dtype, batch_inputs, calibrate,
+                                 faces_table, make_criterion, make_loaders, make_scheduler, run_train,
+                                 train_one_epoch, val_metrics)
 
 TINY = "test_efficientnet"
 HQ, LQ = 64, 32
@@ -527,14 +529,14 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
                          (b"path,label\n", "not a checkpoint .torch.save writes a zip archive"),
                          (b"", "not a checkpoint .torch.save writes a zip archive")):
         path.write_bytes(data)
-        with pytest.raises(TrainError, match=reason) as err:
+        with pytest.raises(CheckpointError, match=reason) as err:
             load_checkpoint(path)
         assert str(path) in str(err.value) and "\n" not in str(err.value)
     with zipfile.ZipFile(path, "w") as z:  # a zip, but not torch's
         z.writestr("notes.txt", "hello")
-    with pytest.raises(TrainError, match="not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(path)
-    with pytest.raises(TrainError, match="checkpoint not found"):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "absent.pt")
 
 
@@ -601,7 +603,8 @@ def test_two_process_ddp_run_writes_one_checkpoint_set(workspace, tmp_path):
 DDP_UNREADABLE_BATCH = """
 import datetime, sys, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from dfpipe.stages.train import Ranks, sync_buffers, train_one_epoch
+from dfpipe.stages.distributed import Ranks, sync_buffers
+from dfpipe.stages.train import train_one_epoch
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=45))
 rank = dist.get_rank()
 torch.manual_seed(0)
@@ -715,10 +718,10 @@ def test_cuda_rng_state_is_this_ranks_gpu_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: saved.setdefault(device, torch.tensor([7])))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state saved"))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state.item(), device)))
-    state = train_mod.rng_state(torch.device("cuda", 3))
+    state = checkpoint_mod.rng_state(torch.device("cuda", 3))
     assert state["cuda"] == [torch.tensor([7])] and list(saved) == [torch.device("cuda", 3)]
-    train_mod.set_rng_state(state, torch.device("cuda", 0))  # resumed on a one-GPU machine
+    checkpoint_mod.set_rng_state(state, torch.device("cuda", 0))  # resumed on a one-GPU machine
     older = {**state, "cuda": [torch.tensor([k]) for k in range(8)]}  # last.pt files before: every GPU's
-    train_mod.set_rng_state(older, torch.device("cuda", 5))
+    checkpoint_mod.set_rng_state(older, torch.device("cuda", 5))
     assert restored == [(7, torch.device("cuda", 0)), (5, torch.device("cuda", 5))]
-    assert train_mod.rng_state(torch.device("cpu"))["cuda"] == []
+    assert checkpoint_mod.rng_state(torch.device("cpu"))["cuda"] == []
