@@ -14,6 +14,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
+# Exit codes, the same for every command.
+EXIT_OK = 0
+EXIT_FAILED_UNITS = 1   # some inputs failed; their rows say why
+EXIT_BAD_INPUT = 2      # a DfpipeError (or an OS error): one line
+EXIT_INTERNAL = 3       # a bug: its traceback is in a log file
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
+
+
 class DfpipeError(Exception):
     """An error the user can act on, reported as one line."""
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 from tqdm import tqdm
 
 from .errors import DfpipeError
+from .errors import EXIT_FAILED_UNITS, EXIT_OK
 from .jsonl import Appender
 from .table import atomic_write_bytes, read_table, write_table
 from .workspace import Shard, Workspace, replace_dir
@@ -88,6 +89,13 @@ class RunSummary:
         return RunSummary(self.stage, self.total + other.total, self.skipped + other.skipped,
                           self.ran + other.ran, self.failed + other.failed,
                           self.skipped_failed + other.skipped_failed)
+
+    @property
+    def exit_code(self) -> int:
+        """1 when this run failed a unit. Failures of earlier runs are in the summary line, not the exit code: some
+        are results (align's "no face found") that --retry-failed cannot change, and a rerun must be able to
+        succeed."""
+        return EXIT_FAILED_UNITS if self.failed else EXIT_OK
 
     def line(self) -> str:
         text = (f"{self.stage}: {self.total} units, {self.skipped} already done, {self.ran} processed, "

@@ -8,14 +8,11 @@ from pathlib import Path
 
 import click
 
-from ..manifests.errors import DfpipeError, write_traceback
+from ..manifests.errors import (EXIT_BAD_INPUT, EXIT_FAILED_UNITS, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OK,
+                               DfpipeError, write_traceback)
 from . import __version__
 from .config import load_config, parse_override
 
-EXIT_FAILED_UNITS = 1
-EXIT_BAD_INPUT = 2
-EXIT_INTERNAL = 3
-EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
 
 
 def _log_folders(kwargs: dict) -> list[Path]:
@@ -77,15 +74,13 @@ def make_config(config_file, overrides, **section_values):
 
 
 def finish(summary) -> None:
-    """A stage's last words: its summary line, its failures (one line each) and the exit code: 1 when this run
-    failed a unit. Failures of earlier runs are in the summary line, not the exit code: some are results (align's
-    "no face found") that --retry-failed cannot change, and a rerun must be able to succeed."""
+    """A stage's last words: its summary line, its failures (one line each) and its exit code."""
     click.echo(summary.line())
     for unit, reason in summary.failed[:20]:
         click.echo(f"  failed {unit}: {reason}", err=True)
     if len(summary.failed) > 20:
         click.echo(f"  ... and {len(summary.failed) - 20} more (see the stage's manifest)", err=True)
-    sys.exit(EXIT_FAILED_UNITS if summary.failed else 0)
+    sys.exit(summary.exit_code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -218,10 +213,8 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
 
     Runs on CPU or CUDA, single process or `torchrun --nproc_per_node N -m dfpipe.pipeline.cli train ...`.
     """
-    from ..stages.train import run_train
-    if resume and config_file is None and (Path(run_dir) / "config.yaml").is_file():
-        config_file = Path(run_dir) / "config.yaml"
-    cfg = make_config(config_file, overrides, **{
+    from ..stages.train import run_config, run_train
+    cfg = make_config(run_config(run_dir, config_file, resume), overrides, **{
         "train.epochs": epochs, "train.batch_size": batch_size, "train.workers": workers, "train.device": device,
         "model.hq_backbone": hq_backbone, "model.lq_backbone": lq_backbone, "model.pretrained_hq": pretrained_hq,
         "model.pretrained_lq": pretrained_lq, "train.from_scratch": from_scratch})
@@ -271,6 +264,7 @@ def score_video(paths, checkpoint, out, labels, work, split, run_splits, aggrega
     videos already in the output.
     """
     from ..manifests.workspace import Shard
+    from ..stages.score import fixed_by_checkpoint
     from ..stages.score_store import run_score
     if not paths and not work:
         raise click.UsageError("give video files, folders or a CSV list, or --work DIR --split SPLIT")
@@ -283,17 +277,14 @@ def score_video(paths, checkpoint, out, labels, work, split, run_splits, aggrega
         "score.clip_every": clip_every,
         "score.fallback_score": fallback_score, "score.device": device, "score.batch_size": batch_size,
         "extract.max_frames": max_frames})
-    defaults = load_config()
-    ignored = [f"align.{k}" for k in cfg.align if k != "batch_size" and cfg.align[k] != defaults.align[k]]
-    ignored += ["extract.stride"] * (cfg.extract.stride != defaults.extract.stride)
+    ignored = fixed_by_checkpoint(cfg)
     if ignored:  # from --set or --config alike
         click.echo(f"note: frames are sampled and faces cropped with the checkpoint's settings, as in training; "
                    f"ignoring {', '.join(ignored)}", err=True)
     summary = run_score(list(paths), checkpoint, cfg, out=out, labels=labels, work=work, split=split,
                         run_splits=run_splits, shard=Shard.parse(shard), progress=not quiet)
     click.echo(summary.line())
-    # like a failed unit elsewhere: a video that could not be read (no face is a result, not a failure)
-    sys.exit(EXIT_FAILED_UNITS if any(summary.counts.get(s) for s in ("error", "undecodable", "empty")) else 0)
+    sys.exit(summary.exit_code)
 
 
 @main.command()
@@ -370,7 +361,7 @@ def verify(work):
         for rel in report.changed[:20]:
             click.echo(f"  changed {rel}")
         bad |= not report.ok
-    sys.exit(EXIT_FAILED_UNITS if bad else 0)
+    sys.exit(EXIT_FAILED_UNITS if bad else EXIT_OK)
 
 
 if __name__ == "__main__":

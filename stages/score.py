@@ -29,6 +29,7 @@ from ..manifests.errors import InputError
 from ..manifests.table import read_table
 from ..manifests.workspace import Workspace
 from ..manifests.workers import one_line, prefetch
+from ..pipeline.config import load_config
 from . import align_units
 from . import pairs as pairs_mod
 from .aggregate import RULE_KEYS, RULES, video_score
@@ -40,6 +41,8 @@ from .labels import parse_label
 from .video import FrameReader, VideoError
 
 STATUSES = ("ok", "no_face", "undecodable", "empty", "error")
+# a video that could not be read is a failed input (exit 1); no face is a result
+UNREADABLE = ("undecodable", "empty", "error")
 CHECKPOINT_KEYS = ("extract", "align", "clip_len", "calibration")
 DECISION = ("rule", "rule_params", "threshold", "fallback_score", "suspicious_frames")  # Scoring fields
 # uint8 HQ and LQ crop batches (B, T, H, W, 3) -> probabilities (B,)
@@ -212,6 +215,14 @@ class Scoring:
 
 def _digest(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fixed_by_checkpoint(cfg) -> list[str]:
+    """The settings this config changes that scoring takes from the checkpoint instead: frames are sampled and
+    faces cropped as in training (align.batch_size aside: frames per detection step)."""
+    defaults = load_config()
+    ignored = [f"align.{k}" for k in cfg.align if k != "batch_size" and cfg.align[k] != defaults.align[k]]
+    return ignored + ["extract.stride"] * (cfg.extract.stride != defaults.extract.stride)
 
 
 def scoring_settings(ckpt: dict, cfg, checkpoint: str | Path) -> Scoring:

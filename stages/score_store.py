@@ -23,6 +23,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from ..manifests.errors import EXIT_FAILED_UNITS, EXIT_OK
 from ..manifests.jsonl import Appender, json_lines
 from ..manifests.table import atomic_write_bytes, check_writable, write_table
 from ..manifests.units import sha256_file
@@ -31,7 +32,7 @@ from .checkpoint import load_checkpoint
 from .detector import Detector
 from .evaluate import binary_metrics, write_plots
 from .labels import TARGET
-from .score import STATUSES, Scoring, ScoreError, TrainedSplits, decide, list_inputs, scoring_settings
+from .score import STATUSES, UNREADABLE, Scoring, ScoreError, TrainedSplits, decide, list_inputs, scoring_settings
 
 CSV_COLUMNS = ["path", "score", "label", "threshold", "status", "reason", "frames_sampled", "frames_with_face",
                "tracks", "clips", "track_scores", "suspicious_frames", "seconds", "model_digest", "true_label"]
@@ -219,6 +220,10 @@ class ScoreSummary:
     metrics: dict | None       # see `evaluate`; None without labels
     csv: Path
     jsonl: Path
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_FAILED_UNITS if any(self.counts.get(s) for s in UNREADABLE) else EXIT_OK
 
     def line(self) -> str:
         statuses = ", ".join(f"{self.counts[s]} {s}" for s in STATUSES if self.counts[s])

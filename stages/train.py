@@ -448,6 +448,12 @@ def tensorboard(run_dir: Path, ctx: Ranks):
 
 # ---------------------------------------------------------------- the run
 
+def run_config(run_dir: str | Path, config_file: str | Path | None, resume: bool) -> str | Path | None:
+    """The config a run starts from: `--resume` continues with the run's own config.yaml unless one is given."""
+    own = Path(run_dir) / "config.yaml"
+    return own if resume and config_file is None and own.is_file() else config_file
+
+
 def run_train(ws_root: str | Path, run_dir: str | Path, cfg, *, resume: bool, progress: bool = True) -> dict:
     """Train, checkpoint and calibrate; returns the best epoch, its val metrics and the calibration (on rank 0;
     the other ranks of a DDP run return an empty dict, so the caller prints one summary)."""
