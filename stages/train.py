@@ -19,6 +19,7 @@ import random
 import subprocess
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
@@ -479,122 +480,189 @@ def check_initial_weights(model_cfg, from_scratch: bool) -> None:
 
 
 def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool, locks: ExitStack) -> dict:
+    """prepare the data, build the model, restore an earlier run's state, fit, calibrate."""
     t = cfg.train
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    paths = RunPaths(run_dir)
     if t.epochs < 1:
         raise TrainError(f"train.epochs must be at least 1, got {t.epochs}")
     check_initial_weights(cfg.model, t.from_scratch)
-    if resume and not last_path.is_file():
-        raise TrainError(f"{last_path}: nothing to resume (no last.pt in the run folder)")
+    if resume and not paths.last.is_file():
+        raise TrainError(f"{paths.last}: nothing to resume (no last.pt in the run folder)")
     # The same command again on a run it started continues that run (or finds it finished), like every stage's
     # rerun; --resume is for continuing it with other epochs or patience.
-    rerun = not resume and last_path.exists()
+    rerun = not resume and paths.last.exists()
     random.seed(t.seed)
     np.random.seed(t.seed)
+    data = prepare(ws, cfg, ctx, locks)
+    state = build(cfg, ctx, data)
+    if resume or rerun:
+        calibration = restore(state, paths, cfg, ctx, data.digest, resume=resume)
+        if calibration is not None:  # finished and calibrated: nothing to do
+            if not ctx.main:
+                return {}
+            tqdm.write(f"train: {run_dir} already holds this run, finished at epoch {state.start_epoch} and "
+                       "calibrated: nothing to do")
+            return _summary(state, calibration, paths, t)
+    if ctx.main:
+        check_writable(run_dir)
+        write_run_files(run_dir, cfg, data.pairs, ctx, resume or rerun, state.model.initial_weights)
+        announce(state, data, cfg, ctx)
+    fit(state, data, cfg, ctx, paths, bars)
+    calibration = calibrate_best(state, data, ws, cfg, ctx, paths, bars)
+    return _summary(state, calibration, paths, t) if ctx.main else {}
 
-    # 1. pairs, splits and labels (rank 0 decides and writes; everyone gets its table)
+
+@dataclass(frozen=True)
+class RunPaths:
+    folder: Path
+
+    @property
+    def last(self) -> Path:
+        return self.folder / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.folder / "best.pt"
+
+
+@dataclass
+class Data:
+    """What the run trains and validates on, decided once (by rank 0, shared with every rank)."""
+    faces: pd.DataFrame
+    pairs: pd.DataFrame
+    digest: str
+    labels: dict[str, dict[str, int]]
+    crops: dict            # align's settings: score-video crops as training did
+    extracted: dict        # extract's: score-video samples frames as training did
+    train_loader: DataLoader
+    val_loader: DataLoader
+    steps: int             # batches per epoch
+
+
+@dataclass
+class State:
+    """The model and everything an epoch changes; `last.pt` holds it all."""
+    model: DualStreamNet
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    per_update: bool       # the scheduler steps per optimiser update (else once per epoch, on the val loss)
+    criterion: object
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    early: dict = field(default_factory=lambda: {"best_loss": math.inf, "best_epoch": -1, "bad_epochs": 0})
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0
+
+
+def prepare(ws: Workspace, cfg, ctx: Ranks, locks: ExitStack) -> Data:
+    """Pairs, splits and labels (rank 0 decides and writes; every rank gets its table), then the loaders."""
     extracted = extract_settings(ws)
     videos = read_table(_require(ws.manifest("videos.csv"), "run dfpipe extract first"), extract.VIDEO_COLUMNS)
     if ctx.main:  # align must not rewrite the crops under training
         locks.enter_context(ws.reading(align_units.SPEC.name, "train"))
     faces = from_main(faces_table(ws) if ctx.main else None, ctx)
     pairs = from_main(update_pairs(ws, videos, faces, cfg.pairs) if ctx.main else None, ctx)
-    digest = pairs_mod.pairs_digest(pairs)
     labels = split_labels(pairs, videos)
     sources = {f: r for f, r in zip(pairs.fake_id, pairs.real_id) if f in labels["train"] and r in labels["train"]}
-
-    # 2. data
     crops = align_params(ws, cfg)
     train_loader, val_loader = make_loaders(ws.root, faces, labels, sources, cfg, ctx, crops["margin"])
-    steps = min(len(train_loader), t.steps_per_epoch or len(train_loader))
-    updates_per_epoch = math.ceil(steps / t.accumulate)
+    steps = min(len(train_loader), cfg.train.steps_per_epoch or len(train_loader))
+    return Data(faces, pairs, pairs_mod.pairs_digest(pairs), labels, crops, extracted, train_loader, val_loader,
+                steps)
 
-    # 3. model, optimiser, schedule, loss, mixed precision
+
+def build(cfg, ctx: Ranks, data: Data) -> State:
+    """Model, optimiser, schedule, loss and mixed precision, the same on every rank."""
+    t = cfg.train
     torch.manual_seed(t.seed)  # the same initial weights on every rank
     model = DualStreamNet.from_config(cfg.model).to(ctx.device)
     optimizer = make_optimizer(model, **t)
-    scheduler, per_update = make_scheduler(optimizer, updates_per_epoch, **t)
-    criterion = make_criterion(**t)
+    scheduler, per_update = make_scheduler(optimizer, math.ceil(data.steps / t.accumulate), **t)
     dtype = amp_dtype(t.amp, ctx.device)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=dtype == torch.float16)
     torch.manual_seed(t.seed + ctx.rank)  # different dropout per rank
-    early = {"best_loss": math.inf, "best_epoch": -1, "bad_epochs": 0}
-    history: list[dict] = []
-    start_epoch = 0
-    if resume or rerun:
-        ckpt = load_checkpoint(last_path)
-        if ckpt["pairs_digest"] != digest:
-            raise TrainError(f"{last_path}: the training pairs changed since this run started; start a new run")
-        changed = changed_settings(ckpt["config"], cfg.to_dict(), RESUMABLE if resume else WHERE_IT_RUNS)
-        if changed and rerun:
-            raise TrainError(f"{run_dir}: already holds a run with other settings ({'; '.join(changed)}); choose "
-                             f"another --run folder, or continue this one with --resume (only "
-                             f"{', '.join(sorted(RESUMABLE))} may change)")
-        if changed:
-            raise TrainError(f"{last_path}: a resumed run keeps its settings (only {', '.join(sorted(RESUMABLE))} "
-                             f"may change); these differ: {'; '.join(changed)}")
-        if per_update and ckpt["config"]["train"]["epochs"] != t.epochs:
-            raise TrainError(f"{last_path}: the {t.scheduler} schedule was planned for "
-                             f"{ckpt['config']['train']['epochs']} epochs; resume with the same train.epochs")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler.is_enabled() and ckpt["scaler"]:  # a run resumed on another device may change precision
-            scaler.load_state_dict(ckpt["scaler"])
-        early, history, start_epoch = ckpt["early_stop"], ckpt["history"], ckpt["epoch"]
-        if rerun and _finished(early, start_epoch, t):
-            best = load_checkpoint(best_path) if best_path.is_file() else {}
-            # The calibration is written last (a run killed before it gets it now), and a best.pt of another epoch
-            # is one `restore_best` replaces.
-            if best.get("calibration") is not None and best["epoch"] == early["best_epoch"]:
-                if not ctx.main:
-                    return {}
-                tqdm.write(f"train: {run_dir} already holds this run, finished at epoch {start_epoch} and "
-                           "calibrated: nothing to do")
-                return _summary(early, history, best["calibration"], best_path, last_path, t, model)
-        if ctx.main:
-            restore_best(ckpt, best_path)
-        if len(ckpt["rng"]) == ctx.world:
-            set_rng_state(ckpt["rng"][ctx.rank], ctx.device)
-        else:
-            log.warning("%s: saved by %d ranks, resumed on %d: RNG streams restart", last_path, len(ckpt["rng"]),
-                        ctx.world)
-    if ctx.main:
-        check_writable(run_dir)
-        write_run_files(run_dir, cfg, pairs, ctx, resume or rerun, model.initial_weights)
-        plan = (f"no epoch left to run (finished at epoch {start_epoch}): recalibrating best.pt"
-                if _finished(early, start_epoch, t)
-                else f"epochs {start_epoch + 1}-{t.epochs}")
-        tqdm.write(f"train: {train_loader.dataset.stats['clips']} train clips, {len(val_loader.dataset)} val clips, "
-                   f"{steps} batches/epoch x {ctx.world} rank(s) on {ctx.device}, {plan}")
-        for stream, weights in model.initial_weights.items():
-            tqdm.write(f"train: {stream.upper()} backbone {cfg.model[f'{stream}_backbone']} starts from {weights}")
-    meta = {"config": cfg.to_dict(), "model_config": cfg.model.to_dict(), "extract": extracted,
-            "align": crops, "clip_len": cfg.dataset.clip_len, "calibration": None,
-            "dfpipe_version": __version__, "pairs_digest": digest}
-    writer = tensorboard(run_dir, ctx)
+    return State(model, optimizer, scheduler, per_update, make_criterion(**t), dtype, scaler)
 
-    # 4. epochs: train, validate, log, checkpoint, stop early
+
+def restore(state: State, paths: RunPaths, cfg, ctx: Ranks, digest: str, *, resume: bool) -> dict | None:
+    """Continue from last.pt, refusing what would make its epochs incomparable. Returns the calibration when the
+    run is already finished and calibrated (nothing to do), else None."""
+    t = cfg.train
+    ckpt = load_checkpoint(paths.last)
+    if ckpt["pairs_digest"] != digest:
+        raise TrainError(f"{paths.last}: the training pairs changed since this run started; start a new run")
+    changed = changed_settings(ckpt["config"], cfg.to_dict(), RESUMABLE if resume else WHERE_IT_RUNS)
+    if changed and not resume:
+        raise TrainError(f"{paths.folder}: already holds a run with other settings ({'; '.join(changed)}); choose "
+                         f"another --run folder, or continue this one with --resume (only "
+                         f"{', '.join(sorted(RESUMABLE))} may change)")
+    if changed:
+        raise TrainError(f"{paths.last}: a resumed run keeps its settings (only {', '.join(sorted(RESUMABLE))} "
+                         f"may change); these differ: {'; '.join(changed)}")
+    if state.per_update and ckpt["config"]["train"]["epochs"] != t.epochs:
+        raise TrainError(f"{paths.last}: the {t.scheduler} schedule was planned for "
+                         f"{ckpt['config']['train']['epochs']} epochs; resume with the same train.epochs")
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    state.scheduler.load_state_dict(ckpt["scheduler"])
+    if state.scaler.is_enabled() and ckpt["scaler"]:  # a run resumed on another device may change precision
+        state.scaler.load_state_dict(ckpt["scaler"])
+    state.early, state.history, state.start_epoch = ckpt["early_stop"], ckpt["history"], ckpt["epoch"]
+    if not resume and _finished(state.early, state.start_epoch, t):
+        best = load_checkpoint(paths.best) if paths.best.is_file() else {}
+        # The calibration is written last (a run killed before it gets it now), and a best.pt of another epoch
+        # is one `restore_best` replaces.
+        if best.get("calibration") is not None and best["epoch"] == state.early["best_epoch"]:
+            return best["calibration"]
+    if ctx.main:
+        restore_best(ckpt, paths.best)
+    if len(ckpt["rng"]) == ctx.world:
+        set_rng_state(ckpt["rng"][ctx.rank], ctx.device)
+    else:
+        log.warning("%s: saved by %d ranks, resumed on %d: RNG streams restart", paths.last, len(ckpt["rng"]),
+                    ctx.world)
+    return None
+
+
+def announce(state: State, data: Data, cfg, ctx: Ranks) -> None:
+    t = cfg.train
+    plan = (f"no epoch left to run (finished at epoch {state.start_epoch}): recalibrating best.pt"
+            if _finished(state.early, state.start_epoch, t) else f"epochs {state.start_epoch + 1}-{t.epochs}")
+    tqdm.write(f"train: {data.train_loader.dataset.stats['clips']} train clips, {len(data.val_loader.dataset)} val "
+               f"clips, {data.steps} batches/epoch x {ctx.world} rank(s) on {ctx.device}, {plan}")
+    for stream, weights in state.model.initial_weights.items():
+        tqdm.write(f"train: {stream.upper()} backbone {cfg.model[f'{stream}_backbone']} starts from {weights}")
+
+
+def fit(state: State, data: Data, cfg, ctx: Ranks, paths: RunPaths, bars: bool) -> None:
+    """The epochs: train, validate, log, checkpoint (last.pt every epoch, best.pt when it improved), stop early."""
+    t, model, early, history = cfg.train, state.model, state.early, state.history
+    meta = {"config": cfg.to_dict(), "model_config": cfg.model.to_dict(), "extract": data.extracted,
+            "align": data.crops, "clip_len": cfg.dataset.clip_len, "calibration": None,
+            "dfpipe_version": __version__, "pairs_digest": data.digest}
+    writer = tensorboard(paths.folder, ctx)
     net = None
-    for epoch in range(start_epoch, t.epochs):
+    for epoch in range(state.start_epoch, t.epochs):
         if early["bad_epochs"] >= t.early_stop_patience:
             break  # resumed a run that had already stopped
         frozen = epoch < t.freeze_backbone_epochs
         if net is None or frozen != model.backbones_frozen:
             model.freeze_backbones(frozen, keep_bn_stats=t.freeze_bn)
             net = wrap(model, ctx)
-        train_loader.sampler.set_epoch(epoch)
-        train_loader.dataset.set_epoch(epoch)
+        data.train_loader.sampler.set_epoch(epoch)
+        data.train_loader.dataset.set_epoch(epoch)
         started = time.perf_counter()
-        train = train_one_epoch(net, train_loader, optimizer, scheduler if per_update else None, scaler, criterion,
-                                ctx=ctx, dtype=dtype, steps=steps, accumulate=t.accumulate, grad_clip=t.grad_clip,
-                                desc=f"epoch {epoch + 1}/{t.epochs}" + (" (frozen)" if frozen else ""), progress=bars)
+        train = train_one_epoch(net, data.train_loader, state.optimizer,
+                                state.scheduler if state.per_update else None, state.scaler, state.criterion,
+                                ctx=ctx, dtype=state.dtype, steps=data.steps, accumulate=t.accumulate,
+                                grad_clip=t.grad_clip, progress=bars,
+                                desc=f"epoch {epoch + 1}/{t.epochs}" + (" (frozen)" if frozen else ""))
         seconds = time.perf_counter() - started
         sync_buffers(model, ctx)
-        val = val_metrics(predict(model, val_loader, ctx=ctx, dtype=dtype, progress=bars))
+        val = val_metrics(predict(model, data.val_loader, ctx=ctx, dtype=state.dtype, progress=bars))
         lrs = train["lr"]
-        if not per_update:
-            scheduler.step(val["loss"])
+        if not state.per_update:
+            state.scheduler.step(val["loss"])
         improved = val["loss"] < early["best_loss"]
         if improved:
             early.update(best_loss=val["loss"], best_epoch=epoch + 1, bad_epochs=0)
@@ -605,18 +673,19 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
                         "lr_backbone": lrs[0], "lr_head": lrs[1]})
         rngs = gather(rng_state(ctx.device), ctx)
         if ctx.main:
-            write_table(run_dir / "metrics.csv", history, METRIC_COLUMNS)
+            write_table(paths.folder / "metrics.csv", history, METRIC_COLUMNS)
             if writer is not None:
                 for key, value in history[-1].items():
                     if key != "epoch":
                         writer.add_scalar(key, value, epoch + 1)
                 writer.flush()
-            state = {**meta, "model": model.state_dict(), "epoch": epoch + 1, "early_stop": dict(early),
+            saved = {**meta, "model": model.state_dict(), "epoch": epoch + 1, "early_stop": dict(early),
                      "history": history}
-            save_checkpoint(last_path, {**state, "optimizer": optimizer.state_dict(), "scheduler":
-                                        scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rngs})
+            save_checkpoint(paths.last, {**saved, "optimizer": state.optimizer.state_dict(), "scheduler":
+                                         state.scheduler.state_dict(), "scaler": state.scaler.state_dict(),
+                                         "rng": rngs})
             if improved:  # after last.pt, which can stand in for it (see `restore_best`)
-                save_checkpoint(best_path, state)
+                save_checkpoint(paths.best, saved)
             tqdm.write(f"epoch {epoch + 1}/{t.epochs}  train loss {train['loss']:.4f} acc {train['acc']:.3f}  "
                        f"val loss {val['loss']:.4f} acc {val['accuracy']:.3f} auc {val['auc']:.3f} "
                        f"eer {val['eer']:.3f}  lr {lrs[0]:.2e}/{lrs[1]:.2e}  "
@@ -628,33 +697,37 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
     if writer is not None:
         writer.close()
 
-    # 5. calibrate the best epoch on the clips score-video will cut from the val videos
+
+def calibrate_best(state: State, data: Data, ws: Workspace, cfg, ctx: Ranks, paths: RunPaths, bars: bool) -> dict:
+    """Calibrate the best epoch on the clips score-video will cut from the val videos; written into best.pt."""
     if ctx.world > 1:
         dist.barrier()  # best.pt is complete before other ranks read it
-    if not best_path.is_file():
-        raise TrainError(f"{run_dir}: no epoch reached a finite val loss, so there is no best.pt to calibrate")
-    best = load_checkpoint(best_path)
-    model.load_state_dict(best["model"])
-    clips = SequenceDataset(ws.root, faces, labels["val"], train=False, seed=t.seed, crop_margin=crops["margin"],
+    if not paths.best.is_file():
+        raise TrainError(f"{paths.folder}: no epoch reached a finite val loss, so there is no best.pt to calibrate")
+    best = load_checkpoint(paths.best)
+    state.model.load_state_dict(best["model"])
+    clips = SequenceDataset(ws.root, data.faces, data.labels["val"], train=False, seed=cfg.train.seed,
+                            crop_margin=data.crops["margin"],
                             **{**cfg.dataset, "scoring_every": cfg.score.clip_every,
                                "short_tracks": "pad"})  # score-video pads short tracks
-    pred = predict(model, eval_loader(clips, cfg, ctx, persistent=False), ctx=ctx, dtype=dtype, progress=bars)
+    pred = predict(state.model, eval_loader(clips, cfg, ctx, persistent=False), ctx=ctx, dtype=state.dtype,
+                   progress=bars)
     calibration = calibrate(pred, cfg.score)
     if ctx.main:
-        save_checkpoint(best_path, {**best, "calibration": calibration})
-        tqdm.write(f"best epoch {early['best_epoch']} (val loss {early['best_loss']:.4f}); calibration: "
+        save_checkpoint(paths.best, {**best, "calibration": calibration})
+        tqdm.write(f"best epoch {state.early['best_epoch']} (val loss {state.early['best_loss']:.4f}); calibration: "
                    f"temperature {calibration['temperature']:.3f}, threshold {calibration['threshold']:.3f}, "
                    f"aggregate {calibration['aggregate']}")
-    return _summary(early, history, calibration, best_path, last_path, t, model) if ctx.main else {}
+    return calibration
 
 
 def _finished(early: dict, epoch: int, t) -> bool:
     return epoch >= t.epochs or early["bad_epochs"] >= t.early_stop_patience
 
 
-def _summary(early: dict, history: list[dict], calibration: dict, best_path: Path, last_path: Path, t,
-             model: DualStreamNet) -> dict:
-    return {"initial_weights": ", ".join(f"{k} {v.split(':')[0]}" for k, v in model.initial_weights.items()),
-            "best_epoch": early["best_epoch"], "best_val_loss": early["best_loss"], "epochs_run": len(history),
+def _summary(state: State, calibration: dict, paths: RunPaths, t) -> dict:
+    early = state.early
+    return {"initial_weights": ", ".join(f"{k} {v.split(':')[0]}" for k, v in state.model.initial_weights.items()),
+            "best_epoch": early["best_epoch"], "best_val_loss": early["best_loss"], "epochs_run": len(state.history),
             "stopped_early": early["bad_epochs"] >= t.early_stop_patience, "calibration": calibration,
-            "val": history[early["best_epoch"] - 1], "best": str(best_path), "last": str(last_path)}
+            "val": state.history[early["best_epoch"] - 1], "best": str(paths.best), "last": str(paths.last)}
