@@ -32,7 +32,8 @@ from ..manifests.workers import one_line, prefetch
 from ..pipeline.config import load_config
 from . import align_units
 from . import pairs as pairs_mod
-from .aggregate import RULE_KEYS, RULES, video_score
+from .aggregate import RULE_KEYS, RULES
+from .calibration import decide
 from .dataset import clip_positions
 from .discover import read_user_csv, video_files
 from .extract import VIDEO_COLUMNS
@@ -484,25 +485,6 @@ def _result(job: _Job, scoring: Scoring) -> dict:
                    "frames_with_face": len(with_face), "tracks": len(tracks), "clips": len(clips),
                    "seconds": round(job.seconds, 3),
                    "clip_probs": [[c.track, c.prob, list(c.frames)] for c in clips]}, scoring)
-
-
-def decide(row: dict, scoring: Scoring) -> dict:
-    """The row with its score, label and most suspicious frames made from its clips' probabilities by the
-    scoring's rule, threshold and fallback (the DECISION fields): one code for a freshly scored video and for a
-    stored row whose clips still hold but whose decision settings changed."""
-    clips = row["clip_probs"]
-    score, per_track = None, {}
-    if row["status"] == "ok":
-        score, per_track = video_score({t: [p for u, p, _ in clips if u == t] for t in sorted({c[0] for c in clips})},
-                                       scoring.rule, **scoring.rule_params)
-    elif scoring.fallback_score is not None:
-        score = float(scoring.fallback_score)
-    ranked = sorted(clips, key=lambda c: (-c[1], c[2][0]))
-    suspicious = list(dict.fromkeys(frames[0] for _, _, frames in ranked))[:scoring.suspicious_frames]
-    return {**row, "score": score,
-            "label": "" if score is None else ("fake" if score >= scoring.threshold else "real"),
-            "threshold": scoring.threshold, "track_scores": {str(t): p for t, p in per_track.items()},
-            "suspicious_frames": suspicious}
 
 
 def score_videos(videos: Iterable[VideoInput], scoring: Scoring, predict: Predict, detector: FaceDetector, *,

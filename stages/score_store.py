@@ -28,11 +28,12 @@ from ..manifests.jsonl import Appender, json_lines
 from ..manifests.table import atomic_write_bytes, check_writable, write_table
 from ..manifests.units import sha256_file
 from ..manifests.workspace import LockHeld, Shard, lock_file
+from .calibration import decide
 from .checkpoint import load_checkpoint
 from .detector import Detector
 from .evaluate import binary_metrics, write_plots
 from .labels import TARGET
-from .score import STATUSES, UNREADABLE, Scoring, ScoreError, TrainedSplits, decide, list_inputs, scoring_settings
+from .score import STATUSES, UNREADABLE, Scoring, ScoreError, TrainedSplits, list_inputs, scoring_settings
 
 CSV_COLUMNS = ["path", "score", "label", "threshold", "status", "reason", "frames_sampled", "frames_with_face",
                "tracks", "clips", "track_scores", "suspicious_frames", "seconds", "model_digest", "true_label"]

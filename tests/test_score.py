@@ -24,7 +24,8 @@ from dfpipe.stages.dataset import clip_positions, face_rows, read_crops, scoring
 from dfpipe.stages.demo import make_demo_dataset
 from dfpipe.stages.faces import FrameFaces
 from dfpipe.stages.checkpoint import load_checkpoint, model_from_checkpoint
-from dfpipe.stages.train import align_params, run_train
+from dfpipe.stages.train import run_train
+from dfpipe.stages.train_data import align_params
 from sklearn.metrics import roc_auc_score
 
 STRIDE, CLIP_LEN, BATCH = 2, 3, 3
