@@ -35,7 +35,7 @@ from dfpipe.stages.dataset import clip_positions, face_rows, read_crops, scoring
 from dfpipe.stages.demo import head_motion, head_sprite, random_background
 from dfpipe.stages.faces import resolve_device
 from dfpipe.stages.checkpoint import load_checkpoint, model_from_checkpoint
-from dfpipe.stages.train import amp_dtype
+from dfpipe.stages.inference import ClipModel, ClipQueue, amp_dtype, model_batch
 from dfpipe.stages.video import write_video
 
 CLI = [sys.executable, "-m", "dfpipe.pipeline.cli"]
@@ -121,14 +121,14 @@ def child_staged_model(checkpoint: str, ws: str, batch_size: str, clip_every: st
     ckpt = load_checkpoint(checkpoint)
     settings = score.scoring_settings(ckpt, cfg, checkpoint)
     device = resolve_device(cfg.score.device)
-    predict = score.ClipModel(model_from_checkpoint(ckpt, device), device=device,
+    predict = ClipModel(model_from_checkpoint(ckpt, device), device=device,
                               dtype=amp_dtype(cfg.train.amp, device), temperature=settings.temperature,
                               tta_flip=False)
     faces = read_table(Path(ws) / "manifests/faces.csv", ["video_id", "frame_index", "status", "track_id",
                                                            "hq_path", "lq_path"])
     faces = faces.assign(frame_index=faces.frame_index.astype(int), track_id=faces.track_id.astype(int))
     labels = dict.fromkeys(faces.video_id, 0)
-    queue = score.ClipQueue(predict, score.model_batch(cfg.score.batch_size, device))
+    queue = ClipQueue(predict, model_batch(cfg.score.batch_size, device))
     segments = track_segments(face_rows(faces, labels), labels)
     chosen = scoring_clips(segments, settings.clip_len, cfg.score.clip_every)
     for i, start in chosen:

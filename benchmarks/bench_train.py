@@ -25,7 +25,8 @@ from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages.dataset import SequenceDataset, collate_clips
 from dfpipe.stages.distributed import Ranks
-from dfpipe.stages.train import amp_dtype, make_criterion, make_optimizer, train_one_epoch
+from dfpipe.stages.inference import amp_dtype
+from dfpipe.stages.train import make_criterion, make_optimizer, train_one_epoch
 
 BATCH, VIDEOS, FRAMES = 2, 8, 30
 LOADER_GOAL = 3.0

@@ -94,9 +94,10 @@ def load_checkpoint(path: str | Path) -> dict:
     if not zipfile.is_zipfile(path):  # else torch's own complaint is about mmap, which misleads
         with open(path, "rb") as f:
             cut = f.read(4) == b"PK\x03\x04"  # a zip's start without its end: a copy or a write cut short
-        raise CheckpointError(f"{path}: " + ("truncated or damaged checkpoint (the zip archive torch.save writes has no "
-                                        "end); copy it again, or use last.pt / best.pt" if cut else
-                                        "not a checkpoint (torch.save writes a zip archive; this file is not one)"))
+        why = ("truncated or damaged checkpoint (the zip archive torch.save writes has no end); copy it again, or use "
+               "last.pt / best.pt" if cut else
+               "not a checkpoint (torch.save writes a zip archive; this file is not one)")
+        raise CheckpointError(f"{path}: {why}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, foreign pickle, ...: all the same to the user

@@ -14,8 +14,8 @@ from typing import Iterable, Iterator
 from ..pipeline.config import load_config
 from .checkpoint import load_checkpoint, model_from_checkpoint
 from .faces import FaceDetector, resolve_device
-from .score import ClipModel, Scoring, ScoreError, VideoInput, model_batch, score_videos, scoring_settings
-from .train import amp_dtype
+from .inference import ClipModel, amp_dtype, model_batch
+from .score import Scoring, ScoreError, VideoInput, score_videos, scoring_settings
 
 
 @dataclass(frozen=True)

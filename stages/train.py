@@ -47,6 +47,7 @@ from .checkpoint import load_checkpoint, restore_best, rng_state, save_checkpoin
 from .dataset import SequenceDataset
 from .distributed import Ranks, any_rank, from_main, gather, init_distributed, sync_buffers, wrap
 from .evaluate import binary_metrics
+from .inference import amp_dtype
 from .train_data import (TrainError, align_params, batch_inputs, eval_loader, extract_settings, faces_table,
                          make_loaders, require_file, split_labels, update_pairs)
 
@@ -97,19 +98,6 @@ def make_criterion(*, loss: str, label_smoothing: float, focal_gamma: float, **_
         # alpha=-1: no class weighting, the balanced sampler already evens out the classes.
         return lambda z, y: sigmoid_focal_loss(z, y, alpha=-1, gamma=focal_gamma, reduction="mean")
     raise TrainError(f"train.loss: '{loss}' is none of bce, focal, smooth")
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """bf16 on CPU needs no loss scaling; fp16 on CUDA is the fast path of most GPUs and needs a GradScaler.
-    A CPU without bf16 instructions (AVX512-BF16 or AMX) emulates bf16 and runs slower than fp32: fp32 there."""
-    if amp == "off":
-        return None
-    if amp == "auto":
-        if device.type == "cpu":
-            native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-            return torch.bfloat16 if native else None
-        return torch.float16
-    raise TrainError(f"train.amp: '{amp}' is neither auto nor off")
 
 
 @contextmanager

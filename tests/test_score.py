@@ -19,7 +19,7 @@ from dfpipe.manifests.workspace import Shard, Workspace
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import pairs as pairs_mod
-from dfpipe.stages import score, score_store
+from dfpipe.stages import inference, score, score_store
 from dfpipe.stages.dataset import clip_positions, face_rows, read_crops, scoring_clips, track_segments
 from dfpipe.stages.demo import make_demo_dataset
 from dfpipe.stages.faces import FrameFaces
@@ -96,13 +96,13 @@ def checkpoint(root) -> Path:
 def record_model_calls(monkeypatch) -> list:
     """Every batch the model scores: (hq, lq, probs)."""
     calls = []
-    original = score.ClipModel.__call__
+    original = inference.ClipModel.__call__
 
     def recording(self, hq, lq):
         probs = original(self, hq, lq)
         calls.append((hq.copy(), lq.copy(), probs))
         return probs
-    monkeypatch.setattr(score.ClipModel, "__call__", recording)
+    monkeypatch.setattr(inference.ClipModel, "__call__", recording)
     return calls
 
 
@@ -591,7 +591,7 @@ def test_queue_runs_full_batches_across_owners_and_flushes_the_rest():
         seen.append(len(hq))
         return hq.reshape(len(hq), -1)[:, 0] / 10
 
-    queue = score.ClipQueue(predict, batch_size=2)
+    queue = inference.ClipQueue(predict, batch_size=2)
 
     def clip(value):
         return np.full((1, 2, 2, 3), value, np.uint8), np.zeros((1, 1, 1, 3), np.uint8)
@@ -610,8 +610,8 @@ def test_flip_tta_averages_the_clip_and_its_mirror(checkpoint):
     hq[1] = np.concatenate([hq[1, :, :, :112], hq[1, :, :, :112][:, :, ::-1]], axis=2)  # mirror-symmetric clip
     lq[1] = np.concatenate([lq[1, :, :, :56], lq[1, :, :, :56][:, :, ::-1]], axis=2)
     temperature = load_checkpoint(checkpoint)["calibration"]["temperature"]
-    plain, tta = (score.ClipModel(model, device=torch.device("cpu"), dtype=None, temperature=temperature, tta_flip=f)
-                  for f in (False, True))
+    plain, tta = (inference.ClipModel(model, device=torch.device("cpu"), dtype=None, temperature=temperature,
+                                      tta_flip=f) for f in (False, True))
     mirrored = plain(hq[:, :, :, ::-1].copy(), lq[:, :, :, ::-1].copy())
     both = tta(hq, lq)
     np.testing.assert_allclose(both, (plain(hq, lq) + mirrored) / 2, rtol=1e-6)
@@ -629,11 +629,11 @@ def test_checkpoint_model_is_the_trained_model_and_bf16_scoring_stays_close(chec
     hq = rng.integers(0, 256, (3, CLIP_LEN, 224, 224, 3), dtype=np.uint8)
     lq = rng.integers(0, 256, (3, CLIP_LEN, 112, 112, 3), dtype=np.uint8)
     temperature = ckpt["calibration"]["temperature"]
-    want = score.ClipModel(reference, device=torch.device("cpu"), dtype=None, temperature=temperature,
+    want = inference.ClipModel(reference, device=torch.device("cpu"), dtype=None, temperature=temperature,
                            tta_flip=False)(hq, lq)
-    fp32 = score.ClipModel(model, device=torch.device("cpu"), dtype=None, temperature=temperature, tta_flip=False)
+    fp32 = inference.ClipModel(model, device=torch.device("cpu"), dtype=None, temperature=temperature, tta_flip=False)
     np.testing.assert_allclose(fp32(hq, lq), want, rtol=1e-5)
-    bf16 = score.ClipModel(model_from_checkpoint(ckpt, "cpu"), device=torch.device("cpu"),
+    bf16 = inference.ClipModel(model_from_checkpoint(ckpt, "cpu"), device=torch.device("cpu"),
                            dtype=torch.bfloat16, temperature=temperature, tta_flip=False)
     assert next(bf16.model.parameters()).dtype == torch.bfloat16  # cast, not autocast: no BatchNorm round trips
     assert {p.dtype for p in bf16.model.classifier.parameters()} == {torch.float32}

@@ -23,6 +23,7 @@ from torchvision.io import write_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import dfpipe
+from dfpipe.manifests.errors import InputError
 from dfpipe.manifests.table import read_table, write_table
 from dfpipe.manifests.units import Journal, Record
 from dfpipe.manifests.workspace import Shard, Workspace, WorkspaceError
@@ -39,7 +40,8 @@ from dfpipe.stages.dataset import SequenceDataset, collate_clips
 from dfpipe.stages.distributed import Ranks
 from dfpipe.stages.evaluate import binary_metrics, fit_threshold
 from dfpipe.stages.faces import template_points
-from dfpipe.stages.train import (METRIC_COLUMNS, VAL_METRICS, TrainError, amp_dtype, batch_inputs, calibrate,
+from dfpipe.stages.inference import amp_dtype
+from dfpipe.stages.train import (METRIC_COLUMNS, VAL_METRICS, TrainError, batch_inputs, calibrate,
                                  faces_table, make_criterion, make_loaders, make_scheduler, run_train,
                                  train_one_epoch, val_metrics)
 
@@ -470,7 +472,8 @@ def test_the_default_recipe_starts_from_the_shipped_imagenet_weights(tmp_path):
     for stream, name in (("HQ", "tf_efficientnet_lite2"), ("LQ", "tf_efficientnet_lite0")):
         assert f"{stream} backbone {name} starts from imagenet:" in proc.stdout + proc.stderr
     info = json.loads((tmp_path / "run/run.json").read_text())
-    assert info["initial_weights"]["hq"].startswith("imagenet:") and "efficientnet-lite2" in info["initial_weights"]["hq"]
+    hq = info["initial_weights"]["hq"]
+    assert hq.startswith("imagenet:") and "efficientnet-lite2" in hq
     best = load_checkpoint(tmp_path / "run/best.pt")["model"]
     for stream, name in (("hq", "tf_efficientnet_lite2"), ("lq", "tf_efficientnet_lite0")):
         shipped = build_backbone(name, pretrained="imagenet").state_dict()
@@ -707,7 +710,7 @@ def test_amp_auto_uses_bf16_only_on_cpus_that_have_it(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         assert amp_dtype("auto", cpu) == want
-    with pytest.raises(TrainError, match="neither auto nor off"):
+    with pytest.raises(InputError, match="neither auto nor off"):
         amp_dtype("fp8", cpu)
 
 
