@@ -31,7 +31,8 @@ from dfpipe.manifests.workspace import Shard
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import score, score_store
-from dfpipe.stages.dataset import clip_positions, face_rows, read_crops, scoring_clips, track_segments
+from dfpipe.stages.clips import clip_positions, scoring_clips
+from dfpipe.stages.dataset import face_rows, read_crops, track_segments
 from dfpipe.stages.demo import head_motion, head_sprite, random_background
 from dfpipe.stages.faces import resolve_device
 from dfpipe.stages.checkpoint import load_checkpoint, model_from_checkpoint

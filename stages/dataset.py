@@ -26,6 +26,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
 from ..manifests.errors import DfpipeError, InputError
+from .clips import clip_positions, scoring_clips
 from .synthesize import BlendParams, crop_outline, self_blend
 
 log = logging.getLogger(__name__)
@@ -115,37 +116,10 @@ def track_segments(rows: pd.DataFrame, labels: Mapping[str, int], geometry: bool
     return segments
 
 
-def clip_positions(length: int, start: int, clip_len: int) -> np.ndarray:
-    """Indices into a segment for the clip starting at ``start``.
-
-    A segment shorter than the clip repeats its edge frames on both sides, keeping the real motion in the middle.
-    """
-    lead = max(0, (clip_len - length) // 2)
-    return np.clip(np.arange(clip_len) + start - lead, 0, length - 1)
-
-
 def evenly_spaced_starts(length: int, clip_len: int, count: int) -> list[int]:
     """Fixed validation starts covering the whole segment; a segment too short for ``count`` distinct clips gets
     fewer."""
     return np.unique(np.linspace(0, max(0, length - clip_len), count).round().astype(int)).tolist()
-
-
-def scoring_clips(segments: Sequence[Segment], clip_len: int, clip_every: int) -> list[tuple[int, int]]:
-    """(segment index, start) of the clips score-video scores (its ClipCutter cuts the same as frames stream in):
-    each track's runs tiled by non-overlapping clips, the 1st, N+1st, ... of a track kept for clip_every N; a track
-    that fills no clip gets one padded clip of its first longest run (among the segments given: under
-    ``short_tracks: skip`` short runs are not). Calibration is fitted on these, so that the rule, temperature and
-    threshold are chosen on the clips they will be applied to."""
-    out, cut, longest = [], {}, {}
-    for i, s in enumerate(segments):
-        track = (s.video_id, s.track_id)
-        for start in range(0, len(s.frames) - clip_len + 1, clip_len):
-            cut[track] = cut.get(track, 0) + 1
-            if (cut[track] - 1) % clip_every == 0:
-                out.append((i, start))
-        if len(s.frames) < clip_len and (track not in longest or len(s.frames) > len(segments[longest[track]].frames)):
-            longest[track] = i
-    return out + [(i, 0) for track, i in longest.items() if track not in cut]
 
 
 def read_crops(root: Path, paths: Sequence[str]) -> torch.Tensor:

@@ -32,10 +32,10 @@ from . import align_units
 from . import pairs as pairs_mod
 from .aggregate import RULE_KEYS, RULES
 from .calibration import decide
-from .dataset import clip_positions
+from .clips import Clip, ClipCutter
 from .discover import read_user_csv, video_files
 from .extract import VIDEO_COLUMNS
-from .faces import FaceDetector, FaceStream, FrameFaces, no_face_reason, select_tracks
+from .faces import FaceDetector, FaceStream, no_face_reason, select_tracks
 from .inference import ClipQueue, Predict
 from .labels import parse_label
 from .video import FrameReader, VideoError
@@ -256,92 +256,6 @@ def scoring_settings(ckpt: dict, cfg, checkpoint: str | Path) -> Scoring:
                    temperature=float(calibration.get("temperature", 1.0)), threshold=float(threshold),
                    tta_flip=bool(s.tta_flip), fallback_score=s.fallback_score,
                    suspicious_frames=int(s.suspicious_frames), amp=cfg.train.amp, clip_every=s.clip_every)
-
-
-# ---------------------------------------------------------------- clips
-
-@dataclass
-class Clip:
-    track: int
-    frames: tuple[int, ...]   # sampled frame indices; a padded clip repeats its edge frames
-    prob: float | None = None
-
-
-@dataclass
-class _Run:
-    frames: list[int] = field(default_factory=list)
-    hq: list[np.ndarray] = field(default_factory=list)
-    lq: list[np.ndarray] = field(default_factory=list)
-
-
-class ClipCutter:
-    """Cuts one video's aligned faces into per-track clips of `clip_len` consecutive sampled frames.
-
-    A clip never spans a frame where its track was missing (the rule of the training dataset). Full clips leave as
-    soon as they are complete and do not overlap; with `clip_every` N only the 1st, N+1st, ... of each track leave
-    (the others' crops are dropped), which divides the model's work by N. A track that never fills a clip gives a
-    single clip from its longest run, padded with edge frames like the dataset's `short_tracks: pad`, at `finish`.
-    Runs of tracks already dead (unseen for more than track_max_gap frames) and shorter than min_track_len are
-    dropped at once, so that a long video full of spurious detections does not pile up crops that select_tracks
-    would reject anyway.
-    """
-
-    def __init__(self, clip_len: int, *, track_max_gap: int, min_track_len: int, clip_every: int = 1, **_):
-        if clip_len < 1:
-            raise InputError(f"clip_len must be at least 1, got {clip_len}")
-        if not isinstance(clip_every, int) or clip_every < 1:
-            raise InputError(f"score.clip_every must be a positive integer, got {clip_every!r}")
-        self.clip_len = clip_len
-        self.clip_every = clip_every
-        self._cut: dict[int, int] = {}  # full clips cut per track so far
-        self.track_max_gap = track_max_gap
-        self.min_track_len = min_track_len
-        self.face_frames: dict[int, list[int]] = {}  # sampled frames where each track has a face
-        self._runs: dict[int, _Run] = {}
-        self._short: dict[int, _Run] = {}
-        self._full: set[int] = set()
-        self._last_seen: dict[int, int] = {}
-
-    def add(self, position: int, frame: FrameFaces) -> list[tuple[Clip, np.ndarray, np.ndarray]]:
-        """`position` counts sampled frames (with or without faces); clips completed by this frame come back."""
-        done = []
-        for face in frame.faces:
-            track = face.track_id
-            self.face_frames.setdefault(track, []).append(frame.index)
-            self._last_seen[track] = position
-            run = self._runs.setdefault(track, _Run())
-            run.frames.append(frame.index)
-            run.hq.append(face.hq)
-            run.lq.append(face.lq)
-            if len(run.frames) == self.clip_len:
-                self._cut[track] = self._cut.get(track, 0) + 1
-                if (self._cut[track] - 1) % self.clip_every == 0:
-                    done.append(self._clip(track, run, np.arange(self.clip_len)))
-                self._full.add(track)
-                self._short.pop(track, None)
-                self._runs[track] = _Run()
-        for track in [t for t in self._runs if self._last_seen[t] != position]:
-            self._end(track)
-        for track in [t for t in self._short if position - self._last_seen[t] > self.track_max_gap
-                      and len(self.face_frames[t]) < self.min_track_len]:
-            del self._short[track]
-        return done
-
-    def finish(self) -> list[tuple[Clip, np.ndarray, np.ndarray]]:
-        for track in list(self._runs):
-            self._end(track)
-        return [self._clip(t, run, clip_positions(len(run.frames), 0, self.clip_len))
-                for t, run in sorted(self._short.items())]
-
-    def _end(self, track: int) -> None:
-        run = self._runs.pop(track)
-        if track not in self._full and len(run.frames) > len(self._short.get(track, _Run()).frames):
-            self._short[track] = run
-
-    @staticmethod
-    def _clip(track: int, run: _Run, positions: np.ndarray) -> tuple[Clip, np.ndarray, np.ndarray]:
-        return (Clip(track, tuple(run.frames[p] for p in positions)),
-                np.stack([run.hq[p] for p in positions]), np.stack([run.lq[p] for p in positions]))
 
 
 # ---------------------------------------------------------------- videos

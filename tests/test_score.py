@@ -20,7 +20,8 @@ from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import pairs as pairs_mod
 from dfpipe.stages import inference, score, score_store
-from dfpipe.stages.dataset import clip_positions, face_rows, read_crops, scoring_clips, track_segments
+from dfpipe.stages.clips import ClipCutter, clip_positions, scoring_clips
+from dfpipe.stages.dataset import face_rows, read_crops, track_segments
 from dfpipe.stages.demo import make_demo_dataset
 from dfpipe.stages.faces import FrameFaces
 from dfpipe.stages.checkpoint import load_checkpoint, model_from_checkpoint
@@ -522,7 +523,7 @@ def face(track: int, value: int):
 
 def cut(tracks_per_frame: list[list[int]], clip_len=3, track_max_gap=2, min_track_len=2, clip_every=1):
     """Feed frames (index = 10 x position) whose faces carry their frame index as pixel value."""
-    cutter = score.ClipCutter(clip_len, track_max_gap=track_max_gap, min_track_len=min_track_len,
+    cutter = ClipCutter(clip_len, track_max_gap=track_max_gap, min_track_len=min_track_len,
                               clip_every=clip_every)
     clips = []
     for position, tracks in enumerate(tracks_per_frame):
@@ -552,7 +553,7 @@ def test_clip_every_keeps_every_nth_full_clip_of_each_track():
         for track in (0, 1):
             assert [f for t, f in every[n] if t == track] == [f for t, f in every[1] if t == track][::n]
     with pytest.raises(ValueError, match="clip_every"):
-        score.ClipCutter(3, track_max_gap=2, min_track_len=2, clip_every=0)
+        ClipCutter(3, track_max_gap=2, min_track_len=2, clip_every=0)
 
 
 @pytest.mark.parametrize("clip_every", [1, 2])
@@ -572,13 +573,13 @@ def test_calibration_clips_are_the_clips_score_video_cuts(clip_every):
 def test_padding_matches_the_dataset_and_dead_spurious_tracks_are_dropped():
     clips, cutter = cut([[0, 5], [0], [0], [0], [0], [0, 6], [0, 6]], clip_len=5, track_max_gap=1, min_track_len=2)
     assert [(c.track, c.frames) for c, _, _ in clips] == [(0, (0, 10, 20, 30, 40)), (6, (50, 50, 60, 60, 60))]
-    assert 5 not in cutter._short  # seen once, then dead: shorter than min_track_len, its crops were released
+    assert 5 not in dict(cutter.tiling.padded())  # seen once, then dead: shorter than min_track_len, its crops were released
 
 
 def test_each_dead_short_track_is_judged_by_its_own_length():
     # A spurious face, then frames without any face (a cutaway): the spurious run is released, nothing fails.
     clips, cutter = cut([[5], [], [], [], [0], [0], [0]], clip_len=3, track_max_gap=1, min_track_len=2)
-    assert [(c.track, c.frames) for c, _, _ in clips] == [(0, (40, 50, 60))] and 5 not in cutter._short
+    assert [(c.track, c.frames) for c, _, _ in clips] == [(0, (40, 50, 60))] and 5 not in dict(cutter.tiling.padded())
     # A track long enough to keep (7) must survive while a one-frame track (8) is the last face seen.
     clips, _ = cut([[7], [7], [], [], [8], [], [], []], clip_len=5, track_max_gap=1, min_track_len=2)
     assert [c.track for c, _, _ in clips] == [7]
