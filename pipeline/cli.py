@@ -213,7 +213,8 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
 
     Runs on CPU or CUDA, single process or `torchrun --nproc_per_node N -m dfpipe.pipeline.cli train ...`.
     """
-    from ..stages.train import run_config, run_train
+    from ..stages.run_folder import run_config
+    from ..stages.train import run_train
     cfg = make_config(run_config(run_dir, config_file, resume), overrides, **{
         "train.epochs": epochs, "train.batch_size": batch_size, "train.workers": workers, "train.device": device,
         "model.hq_backbone": hq_backbone, "model.lq_backbone": lq_backbone, "model.pretrained_hq": pretrained_hq,

@@ -11,16 +11,13 @@ never stopped. Checkpoints hold only tensors and plain Python values, so they lo
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import random
-import subprocess
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
 
@@ -29,13 +26,10 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
-from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
 from torch.utils.data import DataLoader
-from torchvision.ops import sigmoid_focal_loss
 from tqdm import tqdm
 
-from ..manifests.table import atomic_write_bytes, check_writable, read_table, write_table
+from ..manifests.table import check_writable, read_table, write_table
 from ..manifests.workspace import Workspace
 from ..models.dual_stream import DualStreamNet
 from ..models.pretrained import IMAGENET, require_imagenet
@@ -48,6 +42,8 @@ from .dataset import SequenceDataset
 from .distributed import Ranks, any_rank, from_main, gather, init_distributed, sync_buffers, wrap
 from .evaluate import binary_metrics
 from .inference import amp_dtype
+from .optim import make_criterion, make_optimizer, make_scheduler
+from .run_folder import RESUMABLE, WHERE_IT_RUNS, RunPaths, changed_settings, write_run_files
 from .train_data import (TrainError, align_params, batch_inputs, eval_loader, extract_settings, faces_table,
                          make_loaders, require_file, split_labels, update_pairs)
 
@@ -55,49 +51,6 @@ log = logging.getLogger(__name__)
 
 VAL_METRICS = ("loss", "accuracy", "auc", "ap", "precision", "recall", "f1", "eer")
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", *(f"val_{k}" for k in VAL_METRICS), "lr_backbone", "lr_head"]
-
-
-# ---------------------------------------------------------------- optimisation
-
-def make_optimizer(model: DualStreamNet, *, lr_backbone: float, lr_head: float, weight_decay: float,
-                   **_) -> torch.optim.AdamW:
-    """Pretrained backbones need a smaller step than the freshly initialised ConvLSTM and head."""
-    groups = [{"params": list(model.backbone_parameters()), "lr": lr_backbone},
-              {"params": list(model.head_parameters()), "lr": lr_head}]
-    return torch.optim.AdamW(groups, weight_decay=weight_decay)
-
-
-def make_scheduler(optimizer, updates_per_epoch: int, *, scheduler: str, epochs: int, plateau_factor: float,
-                   plateau_patience: int, warmup_epochs: int, **_):
-    """(scheduler, stepped after every optimiser update?). plateau steps once per epoch on the val loss."""
-    total = epochs * updates_per_epoch
-    if scheduler == "plateau":
-        return ReduceLROnPlateau(optimizer, factor=plateau_factor, patience=plateau_patience), False
-    if scheduler == "cosine":
-        warmup = warmup_epochs * updates_per_epoch
-
-        def factor(step: int) -> float:
-            """Linear up to 1 at the last warmup update, then a half cosine that never reaches 0 (no wasted step)."""
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step + 1 - warmup) / (total + 1 - warmup)))
-        return LambdaLR(optimizer, factor), True
-    if scheduler == "onecycle":
-        return OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=total), True
-    raise TrainError(f"train.scheduler: '{scheduler}' is none of plateau, cosine, onecycle")
-
-
-def make_criterion(*, loss: str, label_smoothing: float, focal_gamma: float, **_):
-    """The training loss on (logits, float labels). Validation always uses plain BCE, so runs trained with
-    different losses are selected and compared on the same number (the log loss of the DFDC metric)."""
-    if loss == "bce":
-        return F.binary_cross_entropy_with_logits
-    if loss == "smooth":
-        return lambda z, y: F.binary_cross_entropy_with_logits(z, y * (1 - label_smoothing) + label_smoothing / 2)
-    if loss == "focal":
-        # alpha=-1: no class weighting, the balanced sampler already evens out the classes.
-        return lambda z, y: sigmoid_focal_loss(z, y, alpha=-1, gamma=focal_gamma, reduction="mean")
-    raise TrainError(f"train.loss: '{loss}' is none of bce, focal, smooth")
 
 
 @contextmanager
@@ -113,55 +66,6 @@ def deterministic_mode(enabled: bool):
     finally:
         torch.use_deterministic_algorithms(previous[0])
         torch.backends.cudnn.benchmark = previous[1]
-
-
-# ---------------------------------------------------------------- run files
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-# What a resumed run may change: how long it goes on and where it runs. Anything else (clip length, model, learning
-# rate, ...) would make its later epochs incomparable with the earlier ones that best-epoch selection weighs them
-# against.
-RESUMABLE = ("train.epochs", "train.early_stop_patience", "train.workers", "train.device")
-WHERE_IT_RUNS = ("train.workers", "train.device")  # what the same command run again may change
-
-
-def changed_settings(saved: dict, now: dict, may_change: tuple[str, ...]) -> list[str]:
-    """`key (run: x, now: y)` for each training setting (pairs, dataset, model, train) not in `may_change` that
-    differs."""
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in tree.items():
-            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-        return out
-    old, new = (flat({k: c.get(k, {}) for k in ("pairs", "dataset", "model", "train")}) for c in (saved, now))
-    return [f"{k} (run: {old.get(k)!r}, now: {new.get(k)!r})" for k in sorted(old.keys() | new.keys())
-            if k not in may_change and old.get(k) != new.get(k)]
-
-
-def write_run_files(run_dir: Path, cfg, pairs: pd.DataFrame, ctx: Ranks, resume: bool,
-                    initial_weights: dict) -> None:
-    """config.yaml (the resolved config), run.json (provenance: where each backbone's starting weights came
-    from, "random" included; a resume appends its start time) and the training pairs the run was trained on: the
-    workspace's may be redrawn by a later run, and its held-out split must still be the one this model never saw."""
-    digest = pairs_mod.pairs_digest(pairs)
-    write_table(run_dir / pairs_mod.RUN_PAIRS, pairs, pairs_mod.COLUMNS)
-    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    path = run_dir / "run.json"
-    info = json.loads(path.read_text()) if resume and path.is_file() else {"started": now, "resumed": []}
-    if resume:
-        info["resumed"].append(now)
-    info.update(dfpipe_version=__version__, git_commit=git_commit(), pairs_digest=digest, world_size=ctx.world,
-                device=str(ctx.device), initial_weights=info.get("initial_weights", initial_weights))
-    atomic_write_bytes(path, (json.dumps(info, indent=1) + "\n").encode())
-    atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
 
 
 # ---------------------------------------------------------------- one epoch
@@ -278,12 +182,6 @@ def tensorboard(run_dir: Path, ctx: Ranks):
 
 # ---------------------------------------------------------------- the run
 
-def run_config(run_dir: str | Path, config_file: str | Path | None, resume: bool) -> str | Path | None:
-    """The config a run starts from: `--resume` continues with the run's own config.yaml unless one is given."""
-    own = Path(run_dir) / "config.yaml"
-    return own if resume and config_file is None and own.is_file() else config_file
-
-
 def run_train(ws_root: str | Path, run_dir: str | Path, cfg, *, resume: bool, progress: bool = True) -> dict:
     """Train, checkpoint and calibrate; returns the best epoch, its val metrics and the calibration (on rank 0;
     the other ranks of a DDP run return an empty dict, so the caller prints one summary)."""
@@ -339,19 +237,6 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
     fit(state, data, cfg, ctx, paths, bars)
     calibration = calibrate_best(state, data, ws, cfg, ctx, paths, bars)
     return _summary(state, calibration, paths, t) if ctx.main else {}
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    folder: Path
-
-    @property
-    def last(self) -> Path:
-        return self.folder / "last.pt"
-
-    @property
-    def best(self) -> Path:
-        return self.folder / "best.pt"
 
 
 @dataclass
