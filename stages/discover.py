@@ -399,11 +399,13 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 
 def _csv_id(file: Path, base: Path) -> str:
-    """Path relative to the CSV's folder without extension, each '..' written '_up' ('../b/x.mp4' -> '_up/b/x'):
-    the same file keeps its id whatever else the list holds, and no id names a folder outside the workspace."""
-    rel = PurePosixPath(os.path.relpath(file, base))
-    folders = ("_up" if part == ".." else part for part in rel.parent.parts)
-    return PurePosixPath(*folders, rel.name).with_suffix("").as_posix()
+    """The file's path without extension, relative to the CSV's folder, or for a file outside it to the deepest
+    folder holding both ('videos/x.mp4' -> 'videos/x'; '../../data/ff/x.mp4' -> 'data/ff/x'). An id depends only
+    on its file and the list's folder, so ids stay put as rows are added, where the rows' common folder would move
+    (renaming every video, its finished work orphaned) whenever a row outside it came in. Two files that come out
+    alike are refused by `_finish`, naming both."""
+    rel = PurePosixPath(file.relative_to(os.path.commonpath([file, base])))
+    return rel.with_suffix("").as_posix()
 
 
 def _csv_group(video_id: str, source_of: dict[str, str], explicit: dict[str, str]) -> str:

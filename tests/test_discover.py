@@ -263,7 +263,7 @@ def test_csv_paths_labels_sources_groups(tmp_path):
     d = discover(data / "list.csv")
     assert d.layout == "csv"
     rows = by_id(d)
-    up, deep = "_up/elsewhere/x", "_up/elsewhere/deep/x"  # outside the CSV's folder: '..' is written '_up'
+    up, deep = "elsewhere/x", "elsewhere/deep/x"  # outside the CSV's folder: relative to the folder both share
     assert set(rows) == {"vids/a real", "vids/b", "vids/c", "vids/d", up, deep, "vids/x", "vids/missing"}
     assert rows[up]["path"] == str(outside / "x.mp4") and rows[deep]["path"] == str(outside / "deep" / "x.mp4")
     assert rows["vids/c"]["path"] == str(data / "vids" / "c.MOV")
@@ -416,3 +416,13 @@ def test_shared_wild_pairs(shared_data):
         "Bateman", "Clinton", "Obama", "Putin", "Reagan", "Taxi"}
     assert all(r["source_id"].removeprefix("real/Real") == r["video_id"].removeprefix("fake/Fake") for r in fakes)
     assert len({r["group"] for r in d.rows}) == 6
+
+
+def test_csv_ids_outside_the_list_folder_that_come_out_alike_are_refused(tmp_path):
+    data, outside = tmp_path / "data", tmp_path / "elsewhere"
+    touch(data, "elsewhere/x.mp4")
+    touch(outside, "x.mp4")
+    (data / "list.csv").write_text("path,label\nelsewhere/x.mp4,real\n../elsewhere/x.mp4,fake\n")
+    with pytest.raises(DiscoveryError, match=r"video_id 'elsewhere/x' is shared by .*data/elsewhere/x.mp4 and "
+                                             r".*/elsewhere/x.mp4"):
+        discover(data / "list.csv")
