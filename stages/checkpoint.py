@@ -1,7 +1,6 @@
 """The checkpoint: what train writes and `Detector` reads. A checkpoint holds only tensors and plain Python values
-(it loads with ``weights_only=True``): the model's weights and `model_config`, the settings scoring must repeat
-(`extract`, `align`, `clip_len`), the `calibration` (None until train calibrates best.pt), `pairs_digest`, the
-run's `config`, `epoch`, `early_stop` and `history`; `last.pt` adds RESUME_ONLY, what continuing needs.
+(it loads with ``weights_only=True``): `Trained`'s fields (the layout, versioned by FORMAT), then the model's
+weights, `epoch`, `early_stop` and `history`; `last.pt` adds RESUME_ONLY, what continuing needs.
 """
 from __future__ import annotations
 
@@ -11,6 +10,7 @@ import random
 import sys
 import zipfile
 from collections import OrderedDict
+from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
 
@@ -24,6 +24,29 @@ from ..models.dual_stream import DualStreamNet
 
 class CheckpointError(InputError):
     """A checkpoint that is missing, damaged, or not dfpipe's."""
+
+
+FORMAT = 2  # the checkpoint layout's version; checkpoints without one are format 1, which had no `format` key
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What a checkpoint says about how its model was made, which scoring repeats: the layout, written once."""
+    config: dict           # the run's resolved config
+    model_config: dict     # builds the network the weights fit
+    extract: dict          # stride and JPEG quality the frames were sampled and stored with
+    align: dict            # how the crops were made
+    clip_len: int
+    pairs_digest: str      # the training pairs (the run folder's training_pairs.csv)
+    dfpipe_version: str
+    calibration: dict | None = None  # temperature, threshold, rule: set on best.pt when train calibrates it
+    format: int = FORMAT
+
+    def state(self) -> dict:
+        return asdict(self)
+
+
+SCORING_KEYS = ("extract", "align", "clip_len", "calibration")  # the Trained fields scoring settings are read from
 
 
 def rng_state(device: torch.device) -> dict:
@@ -105,6 +128,9 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({reason})") from None
     if not isinstance(ckpt, dict) or not {"model", "model_config"} <= ckpt.keys():
         raise CheckpointError(f"{path}: not a dfpipe checkpoint (no model weights or model_config)")
+    if ckpt.get("format", 1) > FORMAT:
+        raise CheckpointError(f"{path}: written by a newer dfpipe (checkpoint format {ckpt['format']}; this one "
+                              f"reads up to {FORMAT}): update dfpipe")
     return ckpt
 
 

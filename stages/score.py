@@ -32,6 +32,7 @@ from . import align_units
 from . import pairs as pairs_mod
 from .aggregate import RULE_KEYS, RULES
 from .calibration import decide
+from .checkpoint import SCORING_KEYS
 from .clips import Clip, ClipCutter
 from .discover import read_user_csv, video_files
 from .extract import VIDEO_COLUMNS
@@ -43,7 +44,6 @@ from .video import FrameReader, VideoError
 STATUSES = ("ok", "no_face", "undecodable", "empty", "error")
 # a video that could not be read is a failed input (exit 1); no face is a result
 UNREADABLE = ("undecodable", "empty", "error")
-CHECKPOINT_KEYS = ("extract", "align", "clip_len", "calibration")
 DECISION = ("rule", "rule_params", "threshold", "fallback_score", "suspicious_frames")  # Scoring fields
 
 
@@ -225,7 +225,7 @@ def fixed_by_checkpoint(cfg) -> list[str]:
 
 def scoring_settings(ckpt: dict, cfg, checkpoint: str | Path) -> Scoring:
     """The checkpoint's decode, crop and calibration settings, with the `score:` keys that override them."""
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    missing = [k for k in SCORING_KEYS if k not in ckpt]
     if missing:
         raise ScoreError(f"{checkpoint}: not a dfpipe training checkpoint (no {', '.join(missing)})")
     s = cfg.score

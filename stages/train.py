@@ -37,7 +37,7 @@ from ..pipeline import __version__
 from . import align_units, extract
 from . import pairs as pairs_mod
 from .calibration import calibrate
-from .checkpoint import load_checkpoint, restore_best, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import Trained, load_checkpoint, restore_best, rng_state, save_checkpoint, set_rng_state
 from .dataset import SequenceDataset
 from .distributed import Ranks, any_rank, from_main, gather, init_distributed, sync_buffers, wrap
 from .evaluate import binary_metrics
@@ -351,9 +351,8 @@ def announce(state: State, data: Data, cfg, ctx: Ranks) -> None:
 def fit(state: State, data: Data, cfg, ctx: Ranks, paths: RunPaths, bars: bool) -> None:
     """The epochs: train, validate, log, checkpoint (last.pt every epoch, best.pt when it improved), stop early."""
     t, model, early, history = cfg.train, state.model, state.early, state.history
-    meta = {"config": cfg.to_dict(), "model_config": cfg.model.to_dict(), "extract": data.extracted,
-            "align": data.crops, "clip_len": cfg.dataset.clip_len, "calibration": None,
-            "dfpipe_version": __version__, "pairs_digest": data.digest}
+    meta = Trained(config=cfg.to_dict(), model_config=cfg.model.to_dict(), extract=data.extracted, align=data.crops,
+                   clip_len=cfg.dataset.clip_len, pairs_digest=data.digest, dfpipe_version=__version__).state()
     writer = tensorboard(paths.folder, ctx)
     net = None
     for epoch in range(state.start_epoch, t.epochs):

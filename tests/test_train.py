@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from dataclasses import fields
 
 import numpy as np
 import pandas as pd
@@ -170,6 +171,7 @@ def test_best_checkpoint_is_plain_data_with_calibration(trained, workspace):
     run_dir, summary = trained
     ckpt = torch.load(run_dir / "best.pt", weights_only=True)
     assert ckpt["epoch"] == summary["best_epoch"]
+    assert ckpt["format"] == checkpoint_mod.FORMAT and {f.name for f in fields(checkpoint_mod.Trained)} <= ckpt.keys()
     assert ckpt["extract"] == {"stride": STRIDE, "jpeg_quality": 95} and ckpt["clip_len"] == 4
     assert ckpt["model_config"]["hq_backbone"] == TINY and ckpt["align"]["hq_size"] == 224
     pairs = read_table(workspace / pairs_mod.PAIRS, pairs_mod.COLUMNS)
@@ -541,6 +543,11 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "absent.pt")
+    torch.save({"model": {}, "model_config": {}, "format": checkpoint_mod.FORMAT + 1}, path)
+    with pytest.raises(CheckpointError, match=rf"last.pt: written by a newer dfpipe \(checkpoint format "
+                                              rf"{checkpoint_mod.FORMAT + 1}; this one reads up to "
+                                              rf"{checkpoint_mod.FORMAT}\): update dfpipe$"):
+        load_checkpoint(path)
 
 
 def test_losses_on_known_logits():
