@@ -669,15 +669,24 @@ def test_shared_videos_all_get_a_status(shared_data, tmp_path):
     align = {**cfg.align.to_dict(), "min_track_len": 2}
     ckpt = make_checkpoint(tmp_path / "tiny.pt", model, cfg, align, stride=15)
     summary = score_store.run_score([str(shared_data / "dfdc_sample"), str(tmp_path / "wild.csv"),
-                               str(shared_data / "multiface")], str(ckpt), cfg,
-                              out=str(tmp_path / "scores.csv"), labels=str(shared_data / "dfdc_sample/metadata.json"),
-                              work=None, split=None, shard=Shard(), progress=False)
+                                     str(shared_data / "multiface")], str(ckpt), cfg, out=str(tmp_path / "scores.csv"),
+                                    labels=str(shared_data / "dfdc_sample/metadata.json"), work=None, split=None,
+                                    shard=Shard(), progress=False)
     table = pd.read_csv(summary.csv, keep_default_na=False)
     assert len(table) == 16 and set(table.status) <= set(score.STATUSES) - {"error"}, table.reason.tolist()
     assert (table.true_label != "").sum() == 14
     ok = table[table.status == "ok"]
     assert len(ok) >= 10 and ok.score.astype(float).between(0, 1).all()
     assert (table[table.status != "ok"].score == "").all()
+    # The Python API on the same real videos (several faces that come and go): the same results, track by track.
+    import dfpipe
+    rows = table.set_index("path")
+    multiface = sorted(str(p) for p in (shared_data / "multiface").rglob("*.mp4"))
+    for result in dfpipe.Detector.from_checkpoint(ckpt, device="cpu", config=cfg).score_many(multiface):
+        row = rows.loc[result.path]
+        assert result.status == row.status
+        assert (result.score is None) if row.score == "" else result.score == pytest.approx(float(row.score))
+        assert {str(t.track): t.score for t in result.tracks} == json.loads(row.track_scores)
 
 
 def test_the_checkpoints_rule_is_applied_with_the_parameters_it_was_chosen_with():
