@@ -24,11 +24,13 @@ class Appender:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._f = open(self.path, "a+b")  # writes always append; the read is for the torn tail
-        self._f.seek(0)
-        data = self._f.read()
-        if data and not data.endswith(b"\n"):
-            self._f.truncate(data.rfind(b"\n") + 1)
+        self._f = open(self.path, "a+b")  # writes always append; the reads are for the torn tail
+        end = self._f.seek(0, os.SEEK_END)
+        if end:
+            self._f.seek(end - 1)
+            if self._f.read(1) != b"\n":  # torn: only then is the file read whole, to cut back to its last line
+                self._f.seek(0)
+                self._f.truncate(self._f.read().rfind(b"\n") + 1)
 
     def append(self, record: dict) -> None:
         self._f.write(json_line(record))

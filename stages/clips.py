@@ -120,8 +120,8 @@ class ClipCutter:
         for track in [t for t in self._runs if self._last_seen[t] != position]:
             self._end(track)
         for track, _ in self.tiling.padded():
-            if position - self._last_seen[track] > self.track_max_gap and len(self.face_frames[track]) < \
-                    self.min_track_len:
+            dead = position - self._last_seen[track] > self.track_max_gap
+            if dead and len(self.face_frames[track]) < self.min_track_len:
                 self.tiling.drop(track)
         return done
 
