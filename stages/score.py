@@ -160,12 +160,13 @@ def _workspace_videos(work: str, split: str, trained: TrainedSplits) -> list[Vid
 def list_inputs(inputs: list[str], *, labels: str | None, work: str | None, split: str | None,
                 trained: TrainedSplits | None = None) -> list[VideoInput]:
     """Every video to score, once, sorted by path; a label from the input list beats the workspace's, which beats
-    `--labels`. A workspace split is read as ``trained`` says (the checkpoint's splits)."""
+    `--labels`. A workspace split is read as ``trained`` says (the checkpoint's splits); without it (no checkpoint
+    to hold the split to), from the workspace as it is."""
     if (work is None) != (split is None):
         raise ScoreError("--work and --split go together (score one split of a workspace)")
     found = [v for arg in inputs for v in _expand(arg)]
     if work is not None:
-        found += _workspace_videos(work, split, trained or TrainedSplits("", None))
+        found += _workspace_videos(work, split, trained or TrainedSplits(checkpoint="", digest=None))
     extra = read_labels(labels) if labels else {}
     videos: dict[str, VideoInput] = {}
     for v in found:
