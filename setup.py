@@ -37,6 +37,7 @@ setup(
         "scipy>=1.10",
         "opencv-python-headless>=4.8",
         "matplotlib>=3.7",
+        "jinja2>=3.1",  # the report's pages
         "tqdm",
         "click>=8",
         "pyyaml>=6",

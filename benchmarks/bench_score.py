@@ -1,19 +1,23 @@
-"""`score-video` against the staged path on a synthetic 1080p30 face clip, and its peak memory on a short and a long
-clip.
+"""`score-video` beside its floor, on a synthetic 1080p30 face clip: each of its parts alone (decoding the sampled
+frames, the face path on those frames, the model on the clips they give), its wall time over a list of clips
+(start-up included) and per 10 s over a long clip, its peak memory; for each model asked for, with the CPU's bf16
+support named (score-video scores in bf16 only where the CPU has bf16 instructions).
 
-Staged path: `dfpipe extract` + `dfpipe align` (frames and crops written as JPEG) + the model over the crops in the
-same non-overlapping clips. Goals: score-video is faster than the staged path, and its peak RSS does not grow with
-the video's length (the long clip is the short one looped, so only the length differs).
-Every measurement runs in a fresh process, so each peak RSS (VmHWM) is that measurement's alone.
+Goals (issue 18, on 2 cores): <= 5 s per 10 s clip over a list of 3 (start-up included), <= 1.25x the sum of its
+parts measured alone, peak RSS < 1.2 GB and flat with length (<= 1.1x from the short clips to the long one).
+`--staged` adds the staged path (`dfpipe extract` + `dfpipe align` + the model over the stored crops, in the clips
+score-video cuts). Every measurement runs in a fresh process, so each peak RSS (VmHWM) is that measurement's alone.
 
-Usage: python benchmarks/bench_score.py [--seconds 10] [--long-seconds 300] [--model default|tiny] [--stride N]
-                                        [--batch-size B] [--clip-every N] [--clips N] [--repeats N]
-  default: the configured model (efficientnet-b4 + b0, random init), T = dataset.clip_len, stride = extract.stride
+Usage: python benchmarks/bench_score.py [--models default b4-b0] [--amp auto|off] [--seconds 10]
+           [--long-seconds 300] [--stride N] [--batch-size B] [--clip-every N] [--clips N] [--repeats N] [--staged]
+  default: the configured model; b4-b0: configs/b4-b0.yaml (the card's); tiny: timm's test_efficientnet (all random
+  init: speed does not depend on the weights). --amp off scores in fp32 as a CPU without bf16 does.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import resource
 import subprocess
 import sys
@@ -31,19 +35,22 @@ from dfpipe.manifests.workspace import Shard
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import score, score_store
-from dfpipe.stages.clips import clip_positions, scoring_clips
+from dfpipe.stages.clips import ClipCutter, clip_positions, scoring_clips
 from dfpipe.stages.dataset import face_rows, read_crops, track_segments
 from dfpipe.stages.demo import head_motion, head_sprite, random_background
-from dfpipe.stages.faces import resolve_device
+from dfpipe.stages.detector import Detector
+from dfpipe.stages.faces import FaceStream, resolve_device
 from dfpipe.stages.checkpoint import load_checkpoint, model_from_checkpoint
 from dfpipe.stages.inference import ClipModel, ClipQueue, amp_dtype, model_batch
-from dfpipe.stages.video import write_video
+from dfpipe.stages.video import FrameReader, write_video
 
 CLI = [sys.executable, "-m", "dfpipe.pipeline.cli"]
 TINY = {"hq_backbone": "test_efficientnet", "lq_backbone": "test_efficientnet", "convlstm_filters": [8, 8],
         "pretrained_hq": None, "pretrained_lq": None, "bottleneck": None,
         "mlp": [16, 8, 4], "dropout": [0.2, 0.2]}
 SIZE, FPS = (1920, 1080), 30
+MODELS = {"default": {}, "tiny": TINY, "b4-b0": "configs/b4-b0.yaml"}
+REPO = Path(__file__).resolve().parents[1]
 
 
 def face_clip(path: Path, seconds: int, seed: int = 0) -> Path:
@@ -80,8 +87,10 @@ def loop_clip(src: Path, dst: Path, times: int) -> Path:
 
 
 def make_checkpoint(path: Path, model_kind: str, stride: int) -> Path:
-    cfg = load_config()
-    model_cfg = {**cfg.model, **(TINY if model_kind == "tiny" else {})}
+    recipe = MODELS[model_kind]
+    cfg = load_config(REPO / recipe) if isinstance(recipe, str) else load_config()
+    model_cfg = {**cfg.model, **(recipe if isinstance(recipe, dict) else {}), "pretrained_hq": None,
+                 "pretrained_lq": None}
     model = DualStreamNet.from_config(model_cfg)
     torch.save({"model": model.state_dict(), "model_config": model_cfg, "config": cfg.to_dict(),
                 "extract": {"stride": stride, "jpeg_quality": cfg.extract.jpeg_quality}, "align": cfg.align.to_dict(),
@@ -101,24 +110,73 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def config(batch_size: str, clip_every: str):
+def config(batch_size: str, clip_every: str, amp: str = "auto"):
     return load_config(overrides=[{"score": {"batch_size": None if batch_size == "auto" else int(batch_size),
-                                             "clip_every": int(clip_every)}}])
+                                             "clip_every": int(clip_every)}, "train": {"amp": amp}}])
 
 
-def child_score(checkpoint: str, out: str, batch_size: str, clip_every: str, *videos: str) -> dict:
-    summary = score_store.run_score(list(videos), checkpoint, config(batch_size, clip_every), out=out, labels=None,
+def cpu_line(amp: str) -> str:
+    """The CPU and whether scoring runs in bf16 on it (`inference.amp_dtype` decides; --amp off forces fp32)."""
+    with open("/proc/cpuinfo") as f:
+        name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                    platform.processor() or "unknown CPU")
+    bf16, amx = torch.cpu._is_avx512_bf16_supported(), torch.cpu._is_amx_tile_supported()
+    device = resolve_device("auto")
+    scoring = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype(amp, device)]
+    gpu = f" on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (f"CPU: {name}, {torch.get_num_threads()} threads, AVX512-BF16 {'yes' if bf16 else 'no'}, AMX "
+            f"{'yes' if amx else 'no'}; the model scores in {scoring}{gpu}{' (--amp off)' if amp == 'off' else ''}")
+
+
+def timed(call, *args) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = call(*args)
+    return time.perf_counter() - started, result
+
+
+def child_parts(checkpoint: str, batch_size: str, clip_every: str, amp: str, video: str) -> dict:
+    """score-video's parts, each alone and warmed up (oneDNN builds its kernels on first use): decoding the sampled
+    frames, the face path on those frames held in memory (detect, track, align, JPEG round trips, clip cutting),
+    the model on the clips it cut."""
+    detector = Detector.from_checkpoint(checkpoint, config=config(batch_size, clip_every, amp))
+    s = detector.scoring
+
+    def decode() -> list:
+        return list(FrameReader(video, stride=s.stride, max_frames=s.max_frames, decoder=s.decoder))
+
+    def faces(frames: list) -> list:
+        cutter = ClipCutter(s.clip_len, clip_every=s.clip_every, **s.align)
+        stream = FaceStream(iter(frames), detector._faces, **s.align)
+        return [c for position, frame in enumerate(stream) for c in cutter.add(position, frame)] + cutter.finish()
+
+    def model(clips: list) -> None:
+        queue = ClipQueue(detector._predict, detector.batch_size)
+        for clip, hq, lq in clips:
+            queue.put(clip, hq, lq)
+        queue.flush()
+
+    frames = decode()
+    model(faces(frames[:2 * s.clip_len])[:2])
+    seconds = {"decode": timed(decode)[0]}
+    seconds["faces"], clips = timed(faces, frames)
+    seconds["model"] = timed(model, clips)[0]
+    return {**seconds, "frames": len(frames), "clips": len(clips)}
+
+
+def child_score(checkpoint: str, out: str, batch_size: str, clip_every: str, amp: str, *videos: str) -> dict:
+    summary = score_store.run_score(list(videos), checkpoint, config(batch_size, clip_every, amp), out=out, labels=None,
                                     work=None, split=None, shard=Shard(), progress=False)
     rows = read_table(summary.csv, score_store.CSV_COLUMNS).to_dict("records")
     return {"video_seconds": sum(float(r["seconds"]) for r in rows) / len(rows),
+            "loop_seconds": sum(float(r["seconds"]) for r in rows),
             "clips": sum(int(r["clips"]) for r in rows),
             "status": ", ".join(sorted({f"{r['status']} {r['reason']}".strip() for r in rows})),
             "rss_mb": peak_rss_mb()}
 
 
-def child_staged_model(checkpoint: str, ws: str, batch_size: str, clip_every: str) -> dict:
+def child_staged_model(checkpoint: str, ws: str, batch_size: str, clip_every: str, amp: str) -> dict:
     """The model over the staged JPEG crops, cut into the clips score-video cuts (`scoring_clips`)."""
-    cfg = config(batch_size, clip_every)
+    cfg = config(batch_size, clip_every, amp)
     ckpt = load_checkpoint(checkpoint)
     settings = score.scoring_settings(ckpt, cfg, checkpoint)
     device = resolve_device(cfg.score.device)
@@ -156,73 +214,101 @@ def timed_cli(*args) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["default", "b4-b0"])
+    parser.add_argument("--amp", choices=["auto", "off"], default="auto",
+                        help="train.amp for scoring: auto (bf16 where the CPU has it), off (fp32, as without bf16)")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--long-seconds", type=int, default=300)
-    parser.add_argument("--model", choices=["default", "tiny"], default="default")
     parser.add_argument("--stride", type=int, default=load_config().extract.stride)
     parser.add_argument("--batch-size", default="auto",
                         help="clips per model call (auto: score.batch_size's default for this device); peak RSS "
                              "follows it (the model's activations)")
     parser.add_argument("--clip-every", type=int, default=load_config().score.clip_every,
-                        help="score.clip_every for both paths: every Nth clip of each track goes to the model")
+                        help="score.clip_every: every Nth clip of each track goes to the model")
     parser.add_argument("--clips", type=int, default=3,
                         help="copies of the short clip per run: seconds per clip are a run's wall time over this, "
                              "so start-up (imports, model) is shared as in any real list of videos")
-    parser.add_argument("--repeats", type=int, default=2, help="alternated runs of both paths on the short clip")
+    parser.add_argument("--repeats", type=int, default=2, help="runs over the list of short clips; the best counts")
+    parser.add_argument("--staged", action="store_true", help="also time the staged path (extract + align + model)")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def make_clips(tmp: Path, args: argparse.Namespace) -> tuple[list[Path], Path]:
+    """`args.clips` copies of one short clip (a list of videos), and the long clip: the short one looped."""
+    short = face_clip(tmp / "short.mp4", args.seconds)
+    copies = [short] + [tmp / f"short-{k}.mp4" for k in range(1, args.clips)]
+    for copy in copies[1:]:
+        copy.write_bytes(short.read_bytes())
+    (tmp / "staged.csv").write_text("path,label\n" + "".join(f"{c.name},real\n" for c in copies))
+    return copies, loop_clip(short, tmp / "long.mp4", max(1, args.long_seconds // args.seconds))
+
+
+def staged(tmp: Path, checkpoint: Path, args: argparse.Namespace, k: int, *rest: str) -> float:
+    ws = tmp / f"ws-{k}"
+    extract = timed_cli("extract", tmp / "staged.csv", "--work", ws, "--stride", args.stride)
+    align = timed_cli("align", "--work", ws)
+    model = in_child("staged", str(checkpoint), str(ws), *rest)
+    print(f"  staged path {extract + align + model['wall']:.1f} s for {args.clips} clips: extract {extract:.1f} + "
+          f"align {align:.1f} + model {model['wall']:.1f}", flush=True)
+    return (extract + align + model["wall"]) / args.clips
+
+
+def bench_model(kind: str, tmp: Path, copies: list[Path], long: Path, args: argparse.Namespace) -> None:
+    checkpoint = make_checkpoint(tmp / f"{kind}.pt", kind, args.stride)
+    model_cfg = torch.load(checkpoint, weights_only=True, mmap=True)["model_config"]
+    rest = (str(args.batch_size), str(args.clip_every), args.amp)
+    print(f"\n== model {kind}: {model_cfg['hq_backbone']} + {model_cfg['lq_backbone']}, bottleneck "
+          f"{model_cfg.get('bottleneck')}", flush=True)
+    parts = in_child("parts", str(checkpoint), *rest, str(copies[0]))
+    floor = parts["decode"] + parts["faces"] + parts["model"]
+    print(f"  parts alone per {args.seconds} s clip: decode {parts['decode']:.2f} s ({parts['frames']} sampled frames) "
+          f"+ face path {parts['faces']:.2f} s + model {parts['model']:.2f} s ({parts['clips']} clips) = "
+          f"{floor:.2f} s", flush=True)
+    runs = []
+    for k in range(args.repeats):
+        run = in_child("score", str(checkpoint), str(tmp / f"scores-{kind}-{k}" / "short.csv"), *rest,
+                       *map(str, copies))
+        runs.append(run)
+        print(f"  run {k + 1}: score-video {run['wall']:.1f} s for {args.clips} clips (video loop "
+              f"{run['loop_seconds']:.1f} s, start-up and the rest {run['wall'] - run['loop_seconds']:.1f} s; "
+              f"{run['clips']} model clips, {run['status']}; peak RSS {run['rss_mb']:.0f} MB)", flush=True)
+        if args.staged:
+            print(f"  staged / score-video = {staged(tmp, checkpoint, args, k, *rest) * args.clips / run['wall']:.2f}x")
+    best = min(runs, key=lambda r: r["wall"])
+    per_clip, rss = best["wall"] / args.clips, min(r["rss_mb"] for r in runs)
+    long_run = in_child("score", str(checkpoint), str(tmp / f"scores-{kind}-long" / "long.csv"), *rest, str(long))
+    pieces = max(1, args.long_seconds // args.seconds)
+    print(f"  {kind}: score-video {per_clip:.2f} s per {args.seconds} s clip over a list of {args.clips} (start-up "
+          f"included; goal <= 5 s: {'met' if per_clip <= 5 else 'NOT met'}); {per_clip / floor:.2f}x its parts alone "
+          f"(goal <= 1.25x: {'met' if per_clip <= 1.25 * floor else 'NOT met'}); its video loop "
+          f"{best['video_seconds']:.2f} s per clip = {best['video_seconds'] / floor:.2f}x the parts", flush=True)
+    print(f"  {kind}: over {pieces * args.seconds} s of video {long_run['wall'] / pieces:.2f} s per {args.seconds} s "
+          f"(start-up included), {long_run['status']}; peak RSS {rss:.0f} MB over the list, {long_run['rss_mb']:.0f} "
+          f"MB over the long clip = {long_run['rss_mb'] / rss:.2f}x (goals < 1200 MB: "
+          f"{'met' if max(rss, long_run['rss_mb']) < 1200 else 'NOT met'}; <= 1.1x: "
+          f"{'met' if long_run['rss_mb'] <= 1.1 * rss else 'NOT met'})", flush=True)
+
+
+def main() -> None:
+    args = parse_args()
     if args.child:
         kind, *rest = args.child
-        print(json.dumps(child_score(*rest) if kind == "score" else child_staged_model(*rest)))
+        children = {"score": child_score, "staged": child_staged_model, "parts": child_parts}
+        print(json.dumps(children[kind](*rest)))
         return
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         started = time.perf_counter()
-        short = face_clip(tmp / "short.mp4", args.seconds)
-        copies = [short] + [tmp / f"short-{k}.mp4" for k in range(1, args.clips)]
-        for copy in copies[1:]:
-            copy.write_bytes(short.read_bytes())
-        # the staged path's input list
-        (tmp / "staged.csv").write_text("path,label\n" + "".join(f"{c.name},real\n" for c in copies))
-        long = loop_clip(short, tmp / "long.mp4", max(1, args.long_seconds // args.seconds))
-        checkpoint = make_checkpoint(tmp / "model.pt", args.model, args.stride)
+        copies, long = make_clips(tmp, args)
         print(f"clips made in {time.perf_counter() - started:.0f} s: {args.seconds} s and "
-              f"{args.long_seconds // args.seconds * args.seconds} s of {SIZE[0]}x{SIZE[1]}@{FPS}; "
-              f"model {args.model}, stride {args.stride}, T={load_config().dataset.clip_len}, "
-              f"batch {args.batch_size} clips, clip_every {args.clip_every}, {torch.get_num_threads()} threads, "
-              f"cuda {torch.cuda.is_available()}",
-              flush=True)
-
-        batch, every = str(args.batch_size), str(args.clip_every)
-        runs = []
-        for k in range(args.repeats):  # alternated, so both paths see the same machine load; the best of each counts
-            streaming = in_child("score", str(checkpoint), str(tmp / f"scores-{k}" / "short.csv"), batch, every,
-                                 *map(str, copies))
-            ws = tmp / f"ws-{k}"
-            extract = timed_cli("extract", tmp / "staged.csv", "--work", ws, "--stride", args.stride)
-            align = timed_cli("align", "--work", ws)
-            model = in_child("staged", str(checkpoint), str(ws), batch, every)
-            n = args.clips
-            runs.append((streaming["wall"] / n, (extract + align + model["wall"]) / n, streaming["rss_mb"]))
-            print(f"run {k + 1}: score-video {streaming['wall']:.1f} s for {n} clips ({streaming['video_seconds']:.1f} "
-                  f"s per clip in its video loop, {streaming['clips']} model clips, {streaming['status']}, peak RSS "
-                  f"{streaming['rss_mb']:.0f} MB); staged {extract + align + model['wall']:.1f} s: extract "
-                  f"{extract:.1f} + align {align:.1f} + model {model['wall']:.1f} ({model['clips']} model clips)",
-                  flush=True)
-        best_streaming, best_staged, short_rss = (min(column) for column in zip(*runs))
-        print(f"best: score-video {best_streaming:.1f} s, staged {best_staged:.1f} s per {args.seconds} s clip "
-              f"(process wall time over {args.clips} clips, start-up included): staged / score-video = "
-              f"{best_staged / best_streaming:.2f}x   (goals: <= {args.seconds / 2:.0f} s, >= 2x)", flush=True)
-
-        long_run = in_child("score", str(checkpoint), str(tmp / "scores-long" / "long.csv"), batch, every, str(long))
-        pieces = max(1, args.long_seconds // args.seconds)
-        print(f"long clip: score-video {long_run['wall']:.1f} s = {long_run['wall'] / pieces:.1f} s per "
-              f"{args.seconds} s of video (start-up included), {long_run['clips']} clips, {long_run['status']}; "
-              f"peak RSS {long_run['rss_mb']:.0f} MB = {long_run['rss_mb'] / short_rss:.2f}x the short clips' "
-              f"{short_rss:.0f} MB   (goals: < 1500 MB, <= 1.2x)")
+              f"{args.long_seconds // args.seconds * args.seconds} s of {SIZE[0]}x{SIZE[1]}@{FPS}; stride "
+              f"{args.stride}, T={load_config().dataset.clip_len}, batch {args.batch_size} clips, clip_every "
+              f"{args.clip_every}\n{cpu_line(args.amp)}", flush=True)
+        for kind in args.models:
+            bench_model(kind, tmp, copies, long, args)
 
 
 if __name__ == "__main__":

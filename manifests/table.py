@@ -88,12 +88,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def read_table(path: str | Path, columns: list[str]) -> pd.DataFrame:
-    """A manifest as strings; an absent manifest is an empty table with the expected columns."""
+def read_table(path: str | Path, columns: list[str], optional: Iterable[str] = ()) -> pd.DataFrame:
+    """A manifest as strings; an absent manifest is an empty table with the expected columns. ``optional``
+    columns, added to a table after workspaces were made with it, read as empty where a table lacks them."""
     path = Path(path)
     if not path.exists():
         return pd.DataFrame({c: pd.Series(dtype=str) for c in columns})
     df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
+    for column in (c for c in optional if c not in df.columns):
+        df[column] = ""
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise InputError(f"{path}: manifest lacks columns {missing} (written by another dfpipe version?)")

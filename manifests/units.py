@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from tqdm import tqdm
-
 from .errors import DfpipeError
 from .errors import EXIT_FAILED_UNITS, EXIT_OK
 from .jsonl import Appender
+from .progress import bar as progress_bar
 from .table import atomic_write_bytes, read_table, write_table
 from .workspace import Shard, Workspace, replace_dir
 from .workers import run_parallel
@@ -45,7 +44,7 @@ class StageSpec:
 
     @property
     def unit_columns(self) -> list[str]:
-        return [self.row_columns[0], "status", "fingerprint", "reason", *self.info_columns]
+        return [self.row_columns[0], "status", "fingerprint", "input", "reason", *self.info_columns]
 
 
 @dataclass(frozen=True)
@@ -63,6 +62,7 @@ class Record:
     reason: str = ""
     info: dict = field(default_factory=dict)
     rows: list[dict] = field(default_factory=list)
+    input: str = ""      # `input_digest` of the unit it was made from ("" in records older than it)
 
 
 @dataclass
@@ -111,6 +111,11 @@ def fingerprint(spec: StageSpec, params: dict, unit: Unit) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def input_digest(unit: Unit) -> str:
+    """Recorded beside the fingerprint, so that a stale unit can say whether its input or the settings changed."""
+    return hashlib.sha256(unit.digest.encode()).hexdigest()[:16]
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -140,7 +145,7 @@ def _read_journal(path: Path) -> list[tuple[int, str, Record]]:
             if d is None:
                 continue
             out.append((d["seq"], d["unit"], Record(d["status"], d["fingerprint"], d["reason"], d["info"],
-                                                    d["rows"])))
+                                                    d["rows"], d.get("input", ""))))
     return out
 
 
@@ -164,10 +169,10 @@ def load_state(ws: Workspace, spec: StageSpec, *, merge: bool = True,
 def _read_state(ws: Workspace, spec: StageSpec) -> tuple[dict[str, Record], list[Path]]:
     unit_col = spec.row_columns[0]
     records: dict[str, Record] = {}
-    units = read_table(ws.manifest(f"{spec.name}.csv"), spec.unit_columns)
+    units = read_table(ws.manifest(f"{spec.name}.csv"), spec.unit_columns, optional=["input"])
     for row in units.to_dict("records"):
         records[row[unit_col]] = Record(row["status"], row["fingerprint"], row["reason"],
-                                        {c: row[c] for c in spec.info_columns})
+                                        {c: row[c] for c in spec.info_columns}, input=row["input"])
     for row in read_table(ws.manifest(spec.rows_table), spec.row_columns).to_dict("records"):
         if row[unit_col] in records:
             records[row[unit_col]].rows.append(row)
@@ -192,7 +197,7 @@ def _compact(ws: Workspace, spec: StageSpec, records: dict[str, Record], journal
     write_table(ws.manifest(spec.rows_table), rows, spec.row_columns)
     write_table(ws.manifest(f"{spec.name}.csv"),
                 [{unit_col: u, "status": records[u].status, "fingerprint": records[u].fingerprint,
-                  "reason": records[u].reason, **records[u].info} for u in order],
+                  "input": records[u].input, "reason": records[u].reason, **records[u].info} for u in order],
                 spec.unit_columns)
     for j in journals:
         j.unlink(missing_ok=True)
@@ -207,7 +212,7 @@ class Journal(Appender):
 
     def append(self, unit: str, rec: Record) -> None:
         super().append({"seq": time.time_ns(), "unit": unit, "status": rec.status, "fingerprint": rec.fingerprint,
-                        "reason": rec.reason, "info": rec.info, "rows": rec.rows})
+                        "reason": rec.reason, "info": rec.info, "rows": rec.rows, "input": rec.input})
 
 
 # ---------------------------------------------------------------- deciding what to do
@@ -221,29 +226,46 @@ def complete(spec: StageSpec, rec: Record) -> bool:
     return not spec.rows_info or str(rec.info.get(spec.rows_info)) == str(counted)
 
 
-def outputs_exist(ws: Workspace, spec: StageSpec, rec: Record) -> bool:
-    if not complete(spec, rec):
-        return False
+def missing_output(ws: Workspace, spec: StageSpec, rec: Record) -> str | None:
+    """The first output file of a unit that is not on disk, if any."""
     for row in rec.rows:
         for path_col, _ in spec.file_columns:
             if row.get(path_col) and not (ws.root / row[path_col]).exists():
-                return False
-    return True
+                return row[path_col]
+    return None
+
+
+def judge(ws: Workspace, spec: StageSpec, params: dict, unit: Unit, rec: Record | None) -> tuple[str, str]:
+    """A unit's state (pending, stale, failed or done) and why it is not done, as `dvc status` says why a stage
+    changed: what `status -v` shows; the next run redoes every stale unit whatever the reason."""
+    if rec is None:
+        return "pending", "not run yet"
+    if rec.status == "invalid":
+        return "stale", rec.reason  # marked by verify: which file was missing or changed
+    if rec.fingerprint != fingerprint(spec, params, unit):
+        if not rec.input:
+            return "stale", "input or settings changed"
+        return "stale", "input changed" if rec.input != input_digest(unit) else "settings changed"
+    if rec.status == "failed":
+        return "failed", rec.reason
+    if not complete(spec, rec):
+        return "stale", f"rows missing from {spec.rows_table}"
+    missing = missing_output(ws, spec, rec)
+    return ("stale", f"files missing, e.g. {missing}") if missing else ("done", "")
 
 
 def unit_state(ws: Workspace, spec: StageSpec, params: dict, unit: Unit, rec: Record | None) -> str:
-    if rec is None:
-        return "pending"
-    if rec.fingerprint != fingerprint(spec, params, unit) or rec.status == "invalid":
-        return "stale"
-    if rec.status == "failed":
-        return "failed"
-    return "done" if outputs_exist(ws, spec, rec) else "stale"
+    return judge(ws, spec, params, unit, rec)[0]
+
+
+def judge_all(ws: Workspace, spec: StageSpec, params: dict, units: list[Unit]) -> dict[str, tuple[str, str]]:
+    """Every unit's (state, why), read without merging journals: `status` may not write to the workspace."""
+    records = load_state(ws, spec, merge=False)
+    return {u.id: judge(ws, spec, params, u, records.get(u.id)) for u in units}
 
 
 def count_states(ws: Workspace, spec: StageSpec, params: dict, units: list[Unit]) -> Counter:
-    records = load_state(ws, spec, merge=False)
-    return Counter(unit_state(ws, spec, params, u, records.get(u.id)) for u in units)
+    return Counter(state for state, _ in judge_all(ws, spec, params, units).values())
 
 
 def save_params(ws: Workspace, spec: StageSpec, params: dict) -> None:
@@ -303,9 +325,8 @@ def run_stage(ws: Workspace, spec: StageSpec, params: dict, units: list[Unit],
         try:
             results = run_parallel(lambda u: _do_unit(work, spec, u, tmp_root / safe_tmp(u.id)), todo,
                                    workers=workers, timeout=timeout)
-            bar = tqdm(results, total=len(todo), desc=spec.name, unit="video", disable=not progress,
-                       dynamic_ncols=True)
-            for unit, ok, value in bar:
+            for unit, ok, value in progress_bar(results, total=len(todo), desc=spec.name, unit="video",
+                                                enabled=progress):
                 fp = fingerprint(spec, params, unit)
                 final = ws.unit_dir(spec.area, unit.id)
                 if ok:
@@ -316,12 +337,12 @@ def run_stage(ws: Workspace, spec: StageSpec, params: dict, units: list[Unit],
                         for path_col, _ in spec.file_columns:
                             if row.get(path_col):
                                 row[path_col] = f"{rel}/{row[path_col]}"
-                    journal.append(unit.id, Record("done", fp, "", value.info, value.rows))
+                    journal.append(unit.id, Record("done", fp, "", value.info, value.rows, input_digest(unit)))
                     summary.ran += 1
                 else:
                     shutil.rmtree(final, ignore_errors=True)  # outputs of an older input are stale now
                     shutil.rmtree(tmp_root / safe_tmp(unit.id), ignore_errors=True)
-                    journal.append(unit.id, Record("failed", fp, value))
+                    journal.append(unit.id, Record("failed", fp, value, input=input_digest(unit)))
                     summary.failed.append((unit.id, value))
         finally:
             journal.close()
@@ -407,7 +428,7 @@ def verify(ws: Workspace, spec: StageSpec) -> VerifyReport:
                 for unit, problems in bad.items():
                     rec = records[unit]
                     reason = f"verify: {len(problems)} file(s) missing or changed, e.g. {problems[0]}"
-                    journal.append(unit, Record("invalid", rec.fingerprint, reason, rec.info, rec.rows))
+                    journal.append(unit, Record("invalid", rec.fingerprint, reason, rec.info, rec.rows, rec.input))
             finally:
                 journal.close()
     load_state(ws, spec, merge=True)

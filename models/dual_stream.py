@@ -11,6 +11,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import nn
 
+from dfpipe.models import peft
 from dfpipe.models.backbones import Backbone, build_backbone
 from dfpipe.models.convlstm import ConvLSTM
 
@@ -91,13 +92,15 @@ class DualStreamNet(nn.Module):
         self.fusion = AttentionFusion(convlstm_filters[-1], convlstm_filters[-1], mlp[0])
         self.classifier = classifier_head(mlp, dropout)
         self.backbones_frozen = self.backbone_stats_fixed = False
+        self.peft: dict | None = None  # set by peft.apply: {"method": lora | svd, "rank": r}
 
     @classmethod
     def from_config(cls, model_cfg: Mapping) -> "DualStreamNet":
         return cls(**model_cfg)
 
-    def forward(self, hq: torch.Tensor, lq: torch.Tensor, return_attention: bool = False):
-        """Clips in [0,1], (B,T,3,H,W) each -> logits (B,) [and stream weights (B,2): column 0 HQ, 1 LQ]."""
+    def forward(self, hq: torch.Tensor, lq: torch.Tensor, return_attention: bool = False, mc_samples: int = 0):
+        """Clips in [0,1], (B,T,3,H,W) each -> logits (B,) [and stream weights (B,2): column 0 HQ, 1 LQ]. With
+        ``mc_samples`` N the logits are (B, 1 + N): the model's, then N with the classifier's dropout on."""
         _check_clips("hq", hq)
         _check_clips("lq", lq)
         if hq.shape[0] != lq.shape[0]:
@@ -108,13 +111,28 @@ class DualStreamNet(nn.Module):
         with torch.autocast(hq.device.type, enabled=False):
             fused, weights = self.fusion(*(f.float() for f in features))
             logits = self.classifier(fused).squeeze(-1)
+            if mc_samples:
+                logits = torch.stack([logits, *self._dropout_samples(fused, mc_samples)], dim=-1)
         return (logits, weights) if return_attention else logits
+
+    def _dropout_samples(self, fused: torch.Tensor, count: int) -> list[torch.Tensor]:
+        """Monte-Carlo dropout (Gal and Ghahramani 2016) over the head only: the streams' features are computed
+        once. Drawn from a fixed seed (torch's global RNG is restored after), so a rerun gives the same spread."""
+        was_training = self.classifier.training
+        with torch.random.fork_rng(devices=[fused.device] if fused.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            self.classifier.train()
+            try:
+                return [self.classifier(fused).squeeze(-1) for _ in range(count)]
+            finally:
+                self.classifier.train(was_training)
 
     def for_inference(self, dtype: torch.dtype | None = None) -> "DualStreamNet":
         """See Backbone.for_inference; `dtype` casts the streams' weights (bf16 on CPU, where autocast would convert
         every layer's input and output, measured ~1.4x slower). The head stays fp32 (see forward)."""
         self.eval()
         for stream in (self.hq, self.lq):
+            peft.merge(stream.backbone)  # plain weights again, before BatchNorm is folded into them
             stream.backbone.for_inference()
             if dtype is not None:
                 stream.to(dtype)
@@ -126,10 +144,12 @@ class DualStreamNet(nn.Module):
         return {"hq": self.hq.backbone.weights, "lq": self.lq.backbone.weights}
 
     def backbone_parameters(self) -> Iterator[nn.Parameter]:
-        return chain(self.hq.backbone.parameters(), self.lq.backbone.parameters())
+        """What trains of the backbones: under PEFT only the adapters (the rest stays as loaded)."""
+        backbones = self.hq.backbone, self.lq.backbone
+        return chain.from_iterable(peft.trainable(b) if self.peft else b.parameters() for b in backbones)
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
-        backbone = {id(p) for p in self.backbone_parameters()}
+        backbone = {id(p) for p in chain(self.hq.backbone.parameters(), self.lq.backbone.parameters())}
         return (p for p in self.parameters() if id(p) not in backbone)
 
     def freeze_backbones(self, frozen: bool, *, keep_bn_stats: bool = False) -> None:
@@ -137,7 +157,7 @@ class DualStreamNet(nn.Module):
         drift the pretrained features the head is being fitted to. ``keep_bn_stats`` keeps them while the
         backbones train too (BatchNorm as a fixed affine layer, the usual way to fine-tune on small batches)."""
         self.backbones_frozen = frozen
-        self.backbone_stats_fixed = frozen or keep_bn_stats
+        self.backbone_stats_fixed = frozen or keep_bn_stats or self.peft is not None  # PEFT: nothing else moves
         for p in self.backbone_parameters():
             p.requires_grad_(not frozen)
         self.train(self.training)  # re-applies the mode so the backbones' BatchNorm follows the new setting now

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -13,6 +14,9 @@ from ..manifests.errors import (EXIT_BAD_INPUT, EXIT_FAILED_UNITS, EXIT_INTERNAL
 from . import __version__
 from .config import load_config, parse_override
 
+# `dfpipe --help` lists the commands in the order a dataset goes through them; any other command follows.
+PIPELINE_ORDER = ("extract", "align", "train", "runs", "calibrate", "score-video", "report", "status", "verify",
+                  "config", "weights", "demo-data")
 
 
 def _log_folders(kwargs: dict) -> list[Path]:
@@ -45,12 +49,77 @@ def command(fn):
     return wrapper
 
 
+def _flag(name: str):
+    """A flag every command shares, kept in the click context (`quiet()`, `verbose()`) rather than passed on."""
+    def store(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        ctx.meta[f"dfpipe.{name}"] = value
+        if name == "quiet" and value:  # not imported otherwise: tqdm takes 0.1 s
+            from ..manifests.progress import configure
+            configure(quiet=True)
+            ctx.call_on_close(lambda: configure(quiet=False))  # for the command, not the process
+        elif name == "verbose" and value:
+            logging.getLogger().setLevel(logging.INFO)
+    return store
+
+
+def _is(name: str) -> bool:
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.meta.get(f"dfpipe.{name}"))
+
+
+def quiet() -> bool:
+    return _is("quiet")
+
+
+def verbose() -> bool:
+    return _is("verbose")
+
+
+def output_options(fn):
+    """-q and -v, the same on every command."""
+    fn = click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_flag("verbose"),
+                      help="Say more: every failure and missing file, why each unit is stale, info logs.")(fn)
+    return click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_flag("quiet"),
+                        help="No progress and no notes: results, warnings and errors only.")(fn)
+
+
 def config_options(fn):
+    fn = click.option("--print-config", is_flag=True, expose_value=False, callback=_flag("print_config"),
+                      help="Print the effective configuration (defaults, --config, --set, this command's flags) "
+                           "as YAML and exit.")(fn)
     fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
                       help="Override any config value, e.g. --set align.margin=1.4 (repeatable).")(fn)
     fn = click.option("--config", "config_file", type=click.Path(dir_okay=False),
                       help="YAML file overriding pipeline/defaults.yaml.")(fn)
     return fn
+
+
+@functools.cache
+def _defaults():
+    return load_config()
+
+
+class Setting(click.Option):
+    """An option that sets one config value (``key``). Left out, the value comes from the config (defaults.yaml,
+    --config, --set), whose default its help shows."""
+
+    def __init__(self, *args, key: str, **kwargs):
+        super().__init__(*args, default=None, **kwargs)
+        self.key = key
+
+    def get_help_extra(self, ctx: click.Context):
+        extra = super().get_help_extra(ctx)
+        section, name = self.key.split(".", 1)
+        value = _defaults()[section][name]
+        if isinstance(value, bool) and self.secondary_opts:
+            extra["default"] = (self.opts if value else self.secondary_opts)[0].lstrip("-")
+        elif value is not None and value is not False:
+            extra["default"] = ", ".join(map(str, value)) if isinstance(value, list) else str(value)
+        return extra
+
+
+def setting(*decls: str, key: str, **kwargs):
+    return click.option(*decls, cls=Setting, key=key, **kwargs)
 
 
 def work_option(fn):
@@ -63,27 +132,59 @@ def shard_option(fn):
                         help="Process only part I of N (0-based) of the units, e.g. one Slurm array task.")(fn)
 
 
-def make_config(config_file, overrides, **section_values):
-    """CLI flags are overrides like any other; a flag left unset keeps the file's or the default value."""
+def make_config(config_file, overrides):
+    """The command's `Setting` flags are overrides like any other, after --set; a flag left out keeps the file's
+    or the default value. With --print-config, print the result and exit."""
+    ctx = click.get_current_context()
     updates = [parse_override(o) for o in overrides]
-    for dotted, value in section_values.items():
-        if value is not None:
-            section, key = dotted.split(".", 1)
-            updates.append({section: {key: value}})
-    return load_config(config_file, updates)
+    for param in ctx.command.params:
+        if isinstance(param, Setting) and ctx.params.get(param.name) is not None:
+            section, key = param.key.split(".", 1)
+            updates.append({section: {key: ctx.params[param.name]}})
+    cfg = load_config(config_file, updates)
+    if ctx.meta.get("dfpipe.print_config"):
+        click.echo(config_yaml(cfg.to_dict()), nl=False)
+        ctx.exit(EXIT_OK)
+    return cfg
+
+
+def config_yaml(tree: dict) -> str:
+    import yaml
+    return yaml.safe_dump(tree, sort_keys=False)
 
 
 def finish(summary) -> None:
     """A stage's last words: its summary line, its failures (one line each) and its exit code."""
     click.echo(summary.line())
-    for unit, reason in summary.failed[:20]:
+    shown = None if verbose() else 20
+    for unit, reason in summary.failed[:shown]:
         click.echo(f"  failed {unit}: {reason}", err=True)
-    if len(summary.failed) > 20:
-        click.echo(f"  ... and {len(summary.failed) - 20} more (see the stage's manifest)", err=True)
+    if shown and len(summary.failed) > shown:
+        click.echo(f"  ... and {len(summary.failed) - shown} more (-v lists them; see the stage's manifest)",
+                   err=True)
     sys.exit(summary.exit_code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class StderrHandler(logging.StreamHandler):
+    """Logs to sys.stderr as it is when a record comes, not when the handler was made: train's copy into
+    RUN_DIR/train.log replaces it for the run."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+class PipelineGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        rank = {name: i for i, name in enumerate(PIPELINE_ORDER)}
+        return sorted(self.commands, key=lambda name: (rank.get(name, len(rank)), name))
+
+
+@click.group(cls=PipelineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="dfpipe")
 def main():
     """dfpipe: videos -> aligned face crops -> a trained deepfake detector -> per-video scores.
@@ -91,21 +192,24 @@ def main():
     Every stage keeps its state in a workspace (--work DIR) and is resumable: rerun a command and finished
     work is skipped; kill it and the rerun completes only what is missing.
     """
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", handlers=[StderrHandler()])
 
 
 @main.command("demo-data")
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--n-real", type=int, default=None, help="Number of real clips.")
-@click.option("--n-fake", type=int, default=None, help="Number of fake clips (each made from a real one).")
-@click.option("--seed", type=int, default=None)
+@setting("--n-real", key="demo.n_real", type=int, help="Number of real clips.")
+@setting("--n-fake", key="demo.n_fake", type=int, help="Number of fake clips (each made from a real one).")
+@setting("--seed", key="demo.seed", type=int)
+@click.option("--masks", is_flag=True,
+              help="Also write each fake's blend mask per frame (OUT/masks/fake_KKK.npz): where it is fake.")
 @config_options
+@output_options
 @command
-def demo_data(out, n_real, n_fake, seed, config_file, overrides):
+def demo_data(out, n_real, n_fake, seed, masks, config_file, overrides):
     """Generate a small labelled video set (real/ and fake/) to try dfpipe without a dataset."""
     from ..stages.demo import make_demo_dataset
-    cfg = make_config(config_file, overrides, **{"demo.n_real": n_real, "demo.n_fake": n_fake, "demo.seed": seed})
-    paths = make_demo_dataset(out, **cfg.demo)
+    cfg = make_config(config_file, overrides)
+    paths = make_demo_dataset(out, **cfg.demo, masks=masks)
     click.echo(f"demo-data: wrote {len(paths)} videos to {out}")
 
 
@@ -114,71 +218,67 @@ def demo_data(out, n_real, n_fake, seed, config_file, overrides):
 @work_option
 @click.option("--dataset", type=click.Choice(["auto", "ffpp", "dfdc", "celebdf", "folders", "csv"]),
               default="auto", show_default=True, help="Layout of INPUT.")
-@click.option("--stride", type=int, default=None, help="Keep every N-th frame [default from config: 3].")
-@click.option("--max-frames", type=int, default=None, help="At most this many sampled frames per video.")
-@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=None)
-@click.option("--decoder", type=click.Choice(["auto", "pyav", "decord"]), default=None)
-@click.option("--workers", type=int, default=None, help="Decode worker processes.")
-@click.option("--timeout", type=float, default=None, help="Seconds per video before its worker is killed.")
+@setting("--stride", key="extract.stride", type=int, help="Keep every N-th frame.")
+@setting("--max-frames", key="extract.max_frames", type=int, help="At most this many sampled frames per video.")
+@setting("--jpeg-quality", key="extract.jpeg_quality", type=click.IntRange(1, 100))
+@setting("--decoder", key="extract.decoder", type=click.Choice(["auto", "pyav", "decord"]))
+@setting("--workers", key="extract.workers", type=int, help="Decode worker processes.")
+@setting("--timeout", key="extract.timeout", type=float, help="Seconds per video before its worker is killed.")
 @shard_option
 @click.option("--retry-failed", is_flag=True, help="Retry videos that failed in an earlier run.")
 @click.option("--prune", is_flag=True,
               help="Delete the frames and crops of videos extracted earlier that are no longer in INPUT.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
 @config_options
+@output_options
 @command
 def extract(input_path, work, dataset, stride, max_frames, jpeg_quality, decoder, workers, timeout, shard,
-            retry_failed, prune, quiet, config_file, overrides):
+            retry_failed, prune, config_file, overrides):
     """Decode every video of INPUT and keep every stride-th frame as JPEG under DIR/frames/."""
+    from ..manifests.progress import note
     from ..manifests.workspace import Shard, Workspace
     from ..stages.extract import run_extract
-    cfg = make_config(config_file, overrides, **{
-        "extract.stride": stride, "extract.max_frames": max_frames, "extract.jpeg_quality": jpeg_quality,
-        "extract.decoder": decoder, "extract.workers": workers, "extract.timeout": timeout})
+    cfg = make_config(config_file, overrides)
     found, summary = run_extract(Workspace(work), input_path, cfg, dataset=dataset, shard=Shard.parse(shard),
-                                 retry_failed=retry_failed, prune=prune, progress=not quiet)
+                                 retry_failed=retry_failed, prune=prune, progress=not quiet())
     click.echo(f"dataset layout: {found.layout} ({len(found.rows)} videos)")
-    for note in found.notes:
-        click.echo(f"  note: {note}")
+    for text in found.notes:
+        note(f"  note: {text}")
     finish(summary)
 
 
 @main.command()
 @work_option
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
-@click.option("--batch-size", type=int, default=None,
-              help="Frames read per step; the ones due for full detection go to one detector call.")
-@click.option("--detect-every", type=click.IntRange(min=1), default=None,
-              help="Full detection on every Nth sampled frame (and on frames with no live track); tracked "
-                   "faces are re-found on every frame.")
-@click.option("--detect-max-side", type=int, default=None,
-              help="Frames are shrunk to at most this many pixels on their long side for detection.")
-@click.option("--min-face-size", type=int, default=None, help="Smallest face, in detection pixels.")
-@click.option("--margin", type=float, default=None, help="Crop size relative to the tight face.")
-@click.option("--max-faces", type=int, default=None, help="Keep only the N largest face tracks per video.")
-@click.option("--min-track-len", type=int, default=None, help="Drop tracks shorter than this (sampled frames).")
-@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=None)
-@click.option("--pair-aware/--no-pair-aware", default=None,
-              help="Crop fakes with their source video's tracks when the frames match [default: on].")
+@setting("--device", key="align.device", type=click.Choice(["auto", "cpu", "cuda"]))
+@setting("--batch-size", key="align.batch_size", type=int,
+         help="Frames read per step; the ones due for full detection go to one detector call.")
+@setting("--detect-every", key="align.detect_every", type=click.IntRange(min=1),
+         help="Full detection on every Nth sampled frame (and on frames with no live track); tracked faces are "
+              "re-found on every frame.")
+@setting("--detect-max-side", key="align.detect_max_side", type=int,
+         help="Frames are shrunk to at most this many pixels on their long side for detection.")
+@setting("--min-face-size", key="align.min_face_size", type=int, help="Smallest face, in detection pixels.")
+@setting("--margin", key="align.margin", type=float, help="Crop size relative to the tight face.")
+@setting("--max-faces", key="align.max_faces", type=int, help="Keep only the N largest face tracks per video.")
+@setting("--min-track-len", key="align.min_track_len", type=int,
+         help="Drop tracks shorter than this (sampled frames).")
+@setting("--jpeg-quality", key="align.jpeg_quality", type=click.IntRange(1, 100))
+@setting("--pair-aware/--no-pair-aware", key="align.pair_aware",
+         help="Crop fakes with their source video's tracks when the frames match.")
 @shard_option
 @click.option("--retry-failed", is_flag=True, help="Retry videos that failed in an earlier run.")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
 @config_options
+@output_options
 @command
 def align(work, device, batch_size, detect_every, detect_max_side, min_face_size, margin, max_faces,
-          min_track_len, jpeg_quality, pair_aware, shard, retry_failed, quiet, config_file, overrides):
+          min_track_len, jpeg_quality, pair_aware, shard, retry_failed, config_file, overrides):
     """Detect, track and align faces in the extracted frames: HQ 224 and LQ 112 crops under DIR/faces/."""
     from ..manifests.workspace import Shard, Workspace, WorkspaceError
     from ..stages.align import run_align
-    cfg = make_config(config_file, overrides, **{
-        "align.device": device, "align.batch_size": batch_size, "align.detect_every": detect_every,
-        "align.detect_max_side": detect_max_side,
-        "align.min_face_size": min_face_size, "align.margin": margin, "align.max_faces": max_faces,
-        "align.min_track_len": min_track_len, "align.jpeg_quality": jpeg_quality, "align.pair_aware": pair_aware})
+    cfg = make_config(config_file, overrides)
     ws = Workspace(work)
     if not ws.manifest("frames.csv").exists():
         raise WorkspaceError(f"{ws.root}: no extracted frames; run `dfpipe extract INPUT --work {work}`")
-    summary = run_align(ws, cfg, shard=Shard.parse(shard), retry_failed=retry_failed, progress=not quiet)
+    summary = run_align(ws, cfg, shard=Shard.parse(shard), retry_failed=retry_failed, progress=not quiet())
     finish(summary)
 
 
@@ -191,35 +291,35 @@ def align(work, device, batch_size, detect_every, detect_max_side, min_face_size
                    "e.g. for more epochs; only the epochs (not under the cosine or onecycle schedule, which is "
                    "planned for them), early-stop patience, workers and device may change. Not needed to finish "
                    "an interrupted run: the same command again does.")
-@click.option("--epochs", type=int, default=None)
-@click.option("--batch-size", type=int, default=None)
-@click.option("--workers", type=int, default=None, help="DataLoader worker processes.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
-@click.option("--hq-backbone", default=None,
-              help="efficientnet-b0..b7 or any timm model name [default: tf_efficientnet_lite2].")
-@click.option("--lq-backbone", default=None, help="[default: tf_efficientnet_lite0]")
-@click.option("--pretrained-hq", metavar="imagenet|FILE", default=None,
-              help="Starting weights of the HQ backbone: imagenet (found on this machine, see `dfpipe weights`; "
-                   "nothing is ever downloaded) or a local weight file [default: imagenet].")
-@click.option("--pretrained-lq", metavar="imagenet|FILE", default=None, help="The same for the LQ backbone.")
-@click.option("--from-scratch", is_flag=True, default=None,
-              help="Allow backbones without pretrained weights (model.pretrained_* null): random init.")
-@click.option("--quiet", is_flag=True, help="No progress bars (the per-epoch lines stay).")
+@setting("--epochs", key="train.epochs", type=int)
+@setting("--batch-size", key="train.batch_size", type=int)
+@setting("--workers", key="train.workers", type=int, help="DataLoader worker processes.")
+@setting("--device", key="train.device", type=click.Choice(["auto", "cpu", "cuda"]))
+@setting("--hq-backbone", key="model.hq_backbone", help="efficientnet-b0..b7 or any timm model name.")
+@setting("--lq-backbone", key="model.lq_backbone")
+@setting("--pretrained-hq", key="model.pretrained_hq", metavar="imagenet|FILE",
+         help="Starting weights of the HQ backbone: imagenet (found on this machine, see `dfpipe weights`; nothing "
+              "is ever downloaded) or a local weight file.")
+@setting("--pretrained-lq", key="model.pretrained_lq", metavar="imagenet|FILE",
+         help="The same for the LQ backbone.")
+@setting("--from-scratch", key="train.from_scratch", is_flag=True,
+         help="Allow backbones without pretrained weights (model.pretrained_* null): random init.")
 @config_options
+@output_options
 @command
 def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbone, lq_backbone, pretrained_hq,
-          pretrained_lq, from_scratch, quiet, config_file, overrides):
+          pretrained_lq, from_scratch, config_file, overrides):
     """Build leak-free training pairs from the workspace and train the dual-stream detector.
 
-    Runs on CPU or CUDA, single process or `torchrun --nproc_per_node N -m dfpipe.pipeline.cli train ...`.
+    Everything it prints (-q: no progress lines; the per-epoch lines stay) is also appended to RUN_DIR/train.log,
+    after the effective config, versions, device and git commit. Runs on CPU or CUDA, single process or
+    `torchrun --nproc_per_node N -m dfpipe.pipeline.cli train ...`.
     """
-    from ..stages.run_folder import run_config
+    from ..stages.run_folder import run_config, train_log
     from ..stages.train import run_train
-    cfg = make_config(run_config(run_dir, config_file, resume), overrides, **{
-        "train.epochs": epochs, "train.batch_size": batch_size, "train.workers": workers, "train.device": device,
-        "model.hq_backbone": hq_backbone, "model.lq_backbone": lq_backbone, "model.pretrained_hq": pretrained_hq,
-        "model.pretrained_lq": pretrained_lq, "train.from_scratch": from_scratch})
-    result = run_train(work, run_dir, cfg, resume=resume, progress=not quiet)
+    cfg = make_config(run_config(run_dir, config_file, resume), overrides)
+    click.get_current_context().with_resource(train_log(run_dir, cfg))  # open until the error line, if any
+    result = run_train(work, run_dir, cfg, resume=resume, progress=not quiet())
     if result:
         click.echo("train: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                          for k, v in result.items() if not isinstance(v, dict)))
@@ -227,8 +327,9 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
 
 @main.command("score-video")
 @click.argument("paths", nargs=-1, type=click.Path())
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
-              help="RUN_DIR/best.pt from `dfpipe train`.")
+@click.option("--checkpoint", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="RUN_DIR/best.pt from `dfpipe train`; `best` (or RUNS_DIR/best): the run `dfpipe runs "
+                   "--promote` marked best. Given several times: an ensemble scoring the same clips.")
 @click.option("--out", default="scores.csv", show_default=True, type=click.Path(dir_okay=False),
               help="Per-video CSV of this call's videos; <name>.jsonl (every video ever scored into this "
                    "output, the record reruns resume from), <name>_metrics.json and <name>_plots/ go beside it.")
@@ -240,30 +341,38 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
               help="Refused when the workspace's splits are not the ones the checkpoint was trained on.")
 @click.option("--run-splits", is_flag=True,
               help="Take --split from the checkpoint's run folder (its training_pairs.csv), not the workspace.")
-@click.option("--aggregate", type=click.Choice(["mean", "median", "max", "topk", "confident"]), default=None,
-              help="Clip -> track rule [default: the one chosen on validation, stored in the checkpoint].")
-@click.option("--threshold", type=float, default=None, help="Decision threshold [default: the checkpoint's].")
-@click.option("--tta-flip/--no-tta-flip", default=None, help="Average each clip with its mirror image.")
-@click.option("--clip-every", type=click.IntRange(min=1), default=None,
-              help="Score every Nth clip of each face track: N times less model work, fewer clips per score "
-                   "[default: 1, all].")
-@click.option("--max-frames", type=int, default=None, help="Score at most this many sampled frames per video.")
-@click.option("--fallback-score", type=float, default=None,
-              help="Score given to videos that cannot be scored (default: none, the score stays empty).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None)
-@click.option("--batch-size", type=int, default=None,
-              help="Clips per model call [default: 16 on CUDA, 1 on CPU].")
+@setting("--aggregate", key="score.aggregate", type=click.Choice(["mean", "median", "max", "topk", "confident"]),
+         help="Clip -> track rule [default: the one chosen on validation, stored in the checkpoint].")
+@setting("--threshold", key="score.threshold", type=float, help="Decision threshold [default: the checkpoint's].")
+@setting("--tta-flip/--no-tta-flip", key="score.tta_flip", help="Average each clip with its mirror image.")
+@setting("--clip-every", key="score.clip_every", type=click.IntRange(min=1),
+         help="Score every Nth clip of each face track: N times less model work, fewer clips per score.")
+@setting("--max-frames", key="extract.max_frames", type=int,
+         help="Score at most this many sampled frames per video.")
+@setting("--fallback-score", key="score.fallback_score", type=float,
+         help="Score given to videos that cannot be scored [default: none, the score stays empty].")
+@setting("--device", key="score.device", type=click.Choice(["auto", "cpu", "cuda"]))
+@setting("--batch-size", key="score.batch_size", type=int,
+         help="Clips per model call [default: 16 on CUDA, 1 on CPU].")
+@setting("--mc-samples", key="score.mc_samples", type=click.IntRange(min=0),
+         help="Monte-Carlo dropout samples of the head: each video gets a score_std.")
+@setting("--ensemble", key="score.ensemble", type=click.Choice(["mean", "median"]),
+         help="How several checkpoints' video scores make the score.")
+@click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
+              help="Then write the HTML report of this call's videos into this folder (see `dfpipe report`).")
 @shard_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
 @config_options
+@output_options
 @command
 def score_video(paths, checkpoint, out, labels, work, split, run_splits, aggregate, threshold, tta_flip, clip_every,
-                max_frames, fallback_score, device, batch_size, shard, quiet, config_file, overrides):
+                max_frames, fallback_score, device, batch_size, mc_samples, ensemble, report_dir, shard, config_file,
+                overrides):
     """Score raw videos (files, folders or a CSV list): one score per video, no files on disk but the results.
 
     Decodes, detects, tracks and aligns in memory with the settings the model was trained with, and reruns skip
     videos already in the output.
     """
+    from ..manifests.progress import note
     from ..manifests.workspace import Shard
     from ..stages.score import fixed_by_checkpoint
     from ..stages.score_store import run_score
@@ -273,23 +382,107 @@ def score_video(paths, checkpoint, out, labels, work, split, run_splits, aggrega
         raise click.UsageError("--work and --split go together")
     if run_splits and not split:
         raise click.UsageError("--run-splits needs --work DIR --split SPLIT")
-    cfg = make_config(config_file, overrides, **{
-        "score.aggregate": aggregate, "score.threshold": threshold, "score.tta_flip": tta_flip,
-        "score.clip_every": clip_every,
-        "score.fallback_score": fallback_score, "score.device": device, "score.batch_size": batch_size,
-        "extract.max_frames": max_frames})
+    cfg = make_config(config_file, overrides)
     ignored = fixed_by_checkpoint(cfg)
     if ignored:  # from --set or --config alike
-        click.echo(f"note: frames are sampled and faces cropped with the checkpoint's settings, as in training; "
-                   f"ignoring {', '.join(ignored)}", err=True)
-    summary = run_score(list(paths), checkpoint, cfg, out=out, labels=labels, work=work, split=split,
-                        run_splits=run_splits, shard=Shard.parse(shard), progress=not quiet)
+        note(f"note: frames are sampled and faces cropped with the checkpoint's settings, as in training; "
+             f"ignoring {', '.join(ignored)}")
+    from ..stages.runs import resolve_checkpoint
+    checkpoints = [str(resolve_checkpoint(c)) for c in checkpoint]
+    if report_dir and len(checkpoints) > 1:
+        raise click.UsageError("--report explains one model's scores (its Grad-CAM): give one --checkpoint")
+    checkpoint = checkpoints[0]
+    summary = run_score(list(paths), checkpoint if len(checkpoints) == 1 else checkpoints, cfg, out=out,
+                        labels=labels, work=work, split=split, run_splits=run_splits, shard=Shard.parse(shard),
+                        progress=not quiet())
     click.echo(summary.line())
+    if report_dir:
+        from ..stages.report import write_report
+        click.echo(write_report(summary.csv, checkpoint, report_dir, cfg, progress=not quiet()).line())
     sys.exit(summary.exit_code)
 
 
 @main.command()
+@click.argument("scores", type=click.Path(dir_okay=False))
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+              help="The checkpoint score-video scored SCORES with (RUN_DIR/best.pt, or `best`).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Folder for index.html and videos/<name>.html (pages already there are reused when unchanged).")
+@setting("--faces", key="report.faces", type=click.IntRange(min=0),
+         help="The most suspicious clips shown per video, each with its Grad-CAM heatmap.")
+@setting("--strip-frames", key="report.strip_frames", type=click.IntRange(min=0),
+         help="Frames across each video shown with their face boxes.")
+@setting("--device", key="score.device", type=click.Choice(["auto", "cpu", "cuda"]))
+@config_options
+@output_options
+@command
+def report(scores, checkpoint, out, faces, strip_frames, device, config_file, overrides):
+    """Why each video of a score-video CSV scored as it did: an HTML page per video and an index.
+
+    Per video: score and verdict, each face track's clip probabilities over time, the most suspicious faces with
+    their Grad-CAM heatmaps and stream weights, frames with their face boxes. Scores come from SCORES' record
+    (nothing is scored again); each video's faces are found again to show them.
+    """
+    from ..stages.report import write_report
+    from ..stages.runs import resolve_checkpoint
+    cfg = make_config(config_file, overrides)
+    click.echo(write_report(scores, str(resolve_checkpoint(checkpoint)), out, cfg, progress=not quiet()).line())
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--checkpoint", required=True, multiple=True, type=click.Path(dir_okay=False),
+              help="The ensemble's checkpoints, as score-video takes them.")
+@click.option("--labels", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="CSV path,label or a DFDC metadata.json.")
+@click.option("--out", default="calibration.csv", show_default=True, type=click.Path(dir_okay=False),
+              help="The labelled videos' scores, as score-video writes them.")
+@setting("--ensemble", key="score.ensemble", type=click.Choice(["mean", "median"]))
+@config_options
+@output_options
+@command
+def calibrate(paths, checkpoint, labels, out, ensemble, config_file, overrides):
+    """Fit the threshold of several checkpoints scoring together (score-video --checkpoint a --checkpoint b) on a
+    labelled list of videos (PATHS, or the labels CSV itself): the balanced-accuracy threshold of their ensemble
+    scores, for score-video's --threshold."""
+    from ..manifests.workspace import Shard
+    from ..stages.ensemble import fitted_threshold
+    from ..stages.runs import resolve_checkpoint
+    from ..stages.score_store import run_score
+    checkpoints = [str(resolve_checkpoint(c)) for c in checkpoint]
+    summary = run_score(list(paths) or [labels], checkpoints, make_config(config_file, overrides), out=out,
+                        labels=labels, work=None, split=None, shard=Shard(), progress=not quiet())
+    click.echo(summary.line())
+    click.echo(fitted_threshold(summary.csv))
+
+
+@main.command()
+@click.argument("folders", nargs=-1, type=click.Path(file_okay=False))
+@click.option("--sort", default="best_val_loss", show_default=True,
+              help="The best by this first: best_val_loss, val_auc, date, epochs or run.")
+@click.option("--diff", nargs=2, metavar="A B", type=click.Path(file_okay=False), default=None,
+              help="The settings in which two runs differ.")
+@click.option("--promote", metavar="RUN", type=click.Path(file_okay=False), default=None,
+              help="Mark RUN the best of its dataset (registry.json beside it): `score-video --checkpoint best`.")
+@output_options
+@command
+def runs(folders, sort, diff, promote):
+    """The training runs under FOLDERS: date, data digest, backbones, epochs, best val loss, val AUC, threshold and
+    whether they finished."""
+    from ..stages import runs as runs_mod
+    if diff:
+        click.echo("\n".join(runs_mod.differences(*diff)) or "no setting differs")
+    elif promote:
+        click.echo(runs_mod.promote(promote))
+    elif not folders:
+        raise click.UsageError("give run folders (or folders of runs), --diff A B or --promote RUN")
+    else:
+        click.echo(runs_mod.format_table(runs_mod.list_runs(list(folders), sort)))
+
+
+@main.command()
 @click.argument("names", nargs=-1)
+@output_options
 @command
 def weights(names):
     """Which backbones have ImageNet weights on this machine, and where from (nothing is ever downloaded).
@@ -324,26 +517,69 @@ def existing_workspace(work):
     return ws
 
 
-@main.command()
-@work_option
-@command
-def status(work):
-    """Per stage: how many videos are done, stale, failed, pending, or waiting for an earlier stage."""
-    from ..manifests.units import count_states, load_params
-    ws = existing_workspace(work)
-    click.echo(f"{'stage':<10}{'done':>8}{'stale':>8}{'failed':>8}{'pending':>9}{'waiting':>9}")
-    videos = None
+STATES = ("done", "stale", "failed", "pending", "waiting")
+
+
+def stage_states(ws) -> list[dict]:
+    """Per stage: its count of units in each state and each unit that is not done, with why (in unit order)."""
+    from ..manifests.units import judge_all, load_params
+    out, videos = [], None
     for name, spec, units_fn in _stages():
         params = load_params(ws, spec)
         units = units_fn(ws)
         videos = len(units) if videos is None else videos  # the first stage has a unit for every video
-        counts = count_states(ws, spec, params, units) if params is not None else {"pending": len(units)}
-        click.echo(f"{name:<10}{counts.get('done', 0):>8}{counts.get('stale', 0):>8}"
-                   f"{counts.get('failed', 0):>8}{counts.get('pending', 0):>9}{videos - len(units):>9}")
+        judged = (judge_all(ws, spec, params, units) if params is not None
+                  else {u.id: ("pending", "not run yet") for u in units})
+        counts = Counter(state for state, _ in judged.values())
+        out.append({"stage": name, **{s: counts.get(s, 0) for s in STATES}, "waiting": videos - len(units),
+                    "units": [{"id": unit, "state": state, "reason": why}
+                              for unit, (state, why) in judged.items() if state != "done"]})
+    return out
 
 
 @main.command()
 @work_option
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object on stdout: per stage its counts and every unit not done, with why.")
+@output_options
+@command
+def status(work, as_json):
+    """Per stage: how many videos are done, stale, failed, pending, or waiting for an earlier stage; with -v, why
+    each stale or failed one is not done (input changed, settings changed, files missing, rows missing, the
+    failure)."""
+    import json
+    ws = existing_workspace(work)
+    stages = stage_states(ws)
+    if as_json:
+        click.echo(json.dumps({"workspace": str(ws.root), "stages": stages}, indent=1))
+        return
+    click.echo(f"{'stage':<10}" + "".join(f"{s:>9}" for s in STATES))
+    for stage in stages:
+        click.echo(f"{stage['stage']:<10}" + "".join(f"{stage[s]:>9}" for s in STATES))
+    for stage in stages if verbose() else []:  # pending ones need no reason; --json lists them too
+        for unit in (u for u in stage["units"] if u["state"] != "pending"):
+            click.echo(f"{stage['stage']} {unit['id']}: {unit['state']}, {unit['reason']}")
+
+
+@main.command("config")
+@click.argument("sections", nargs=-1)
+@config_options
+@output_options
+@command
+def config_command(sections, config_file, overrides):
+    """Print the effective configuration: pipeline/defaults.yaml, then --config FILE, then each --set, as YAML
+    that --config takes back. SECTIONS: only these (e.g. `dfpipe config train model`)."""
+    cfg = make_config(config_file, overrides).to_dict()
+    unknown = [s for s in sections if s not in cfg]
+    if unknown:
+        raise click.BadParameter(f"no section {', '.join(unknown)} (sections: {', '.join(cfg)})",
+                                 param_hint="SECTIONS")
+    click.echo(config_yaml({s: cfg[s] for s in sections or cfg}), nl=False)
+
+
+@main.command()
+@work_option
+@output_options
 @command
 def verify(work):
     """Re-hash every recorded output file; report missing or changed ones (the next run redoes their units)."""
@@ -357,9 +593,10 @@ def verify(work):
                 if report.rows_missing else "")
         click.echo(f"{name}: {report.checked} files checked, {len(report.missing)} missing, "
                    f"{len(report.changed)} changed{rows}{redo}")
-        for rel in report.missing[:20]:
+        shown = None if verbose() else 20
+        for rel in report.missing[:shown]:
             click.echo(f"  missing {rel}")
-        for rel in report.changed[:20]:
+        for rel in report.changed[:shown]:
             click.echo(f"  changed {rel}")
         bad |= not report.ok
     sys.exit(EXIT_FAILED_UNITS if bad else EXIT_OK)

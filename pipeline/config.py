@@ -139,7 +139,10 @@ RULES: dict[str, Rule] = {
     "dataset.clip_len": POSITIVE, "dataset.short_tracks": _one_of("skip", "pad"),
     "dataset.val_clips_per_track": POSITIVE,
     **{f"dataset.augment.{k}": PROBABILITY for k in ("flip", "affine", "color_jitter", "jpeg", "blur", "noise",
-                                                      "cutout")},
+                                                      "cutout", "randaugment", "mixup", "cutmix")},
+    "dataset.augment.randaugment_ops": POSITIVE, "dataset.augment.randaugment_magnitude": (
+        lambda v: _is_int(v) and 0 <= v <= 30, "an integer from 0 to 30"),
+    "dataset.augment.mixup_alpha": _positive(), "dataset.augment.cutmix_alpha": _positive(),
     "dataset.synthesize": _one_of("none", "sbi"), "dataset.sbi_fraction": PROBABILITY,
     "model.bottleneck": _or_null(POSITIVE), "model.convlstm_filters": _list_of(POSITIVE), "model.convlstm_kernel": POSITIVE,
     "model.mlp": _list_of(POSITIVE), "model.dropout": (lambda v: v == [] or _list_of(FRACTION)[0](v),
@@ -152,6 +155,7 @@ RULES: dict[str, Rule] = {
     "train.plateau_patience": COUNT, "train.warmup_epochs": COUNT, "train.early_stop_patience": POSITIVE,
     "train.grad_clip": _or_null(_positive()), "train.accumulate": POSITIVE, "train.amp": _one_of("auto", "off"),
     "train.freeze_backbone_epochs": COUNT, "train.loss": _one_of("bce", "focal", "smooth"),
+    "train.peft": _one_of("none", "lora", "svd"), "train.peft_rank": POSITIVE,
     "train.label_smoothing": FRACTION, "train.focal_gamma": NON_NEGATIVE,
     "train.steps_per_epoch": _or_null(POSITIVE),
     "score.device": DEVICE, "score.batch_size": _or_null(POSITIVE),
@@ -159,7 +163,8 @@ RULES: dict[str, Rule] = {
     "score.confident_high": PROBABILITY, "score.confident_low": PROBABILITY,
     "score.confident_fraction": PROBABILITY, "score.clip_every": POSITIVE,
     "score.threshold": _or_null(PROBABILITY), "score.fallback_score": _or_null(PROBABILITY),
-    "score.suspicious_frames": COUNT,
+    "score.suspicious_frames": COUNT, "score.mc_samples": COUNT, "score.ensemble": _one_of("mean", "median"),
+    "report.faces": COUNT, "report.strip_frames": COUNT, "report.thumb_size": _at_least(16),
     **{f"{section}.seed": SEED for section in ("pairs", "train", "demo")},
     "demo.n_real": POSITIVE, "demo.n_fake": COUNT, "demo.frames": POSITIVE, "demo.width": _at_least(64),
     "demo.height": _at_least(64), "demo.fps": POSITIVE,
@@ -185,6 +190,8 @@ TOGETHER: list[tuple[Callable[[dict], bool], str]] = [
      "pairs.val_fraction + pairs.test_fraction must leave videos to train on (sum < 1)"),
     (lambda c: c["score"]["confident_low"] <= c["score"]["confident_high"],
      "score.confident_low must not exceed score.confident_high"),
+    (lambda c: c["dataset"]["augment"]["mixup"] + c["dataset"]["augment"]["cutmix"] <= 1,
+     "dataset.augment.mixup + dataset.augment.cutmix must not exceed 1 (a clip is mixed one way at most)"),
 ]
 
 

@@ -2,6 +2,7 @@
 validation videos (`calibrate`); scoring applies them to a video's clips (`decide`), fresh or from a stored row."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -38,7 +39,19 @@ def decide(row: dict, scoring) -> dict:
         score = float(scoring.fallback_score)
     ranked = sorted(clips, key=lambda c: (-c[1], c[2][0]))
     suspicious = list(dict.fromkeys(frames[0] for _, _, frames in ranked))[:scoring.suspicious_frames]
-    return {**row, "score": score,
+    return {**row, "score": score, "score_std": _score_std(row, scoring),
             "label": "" if score is None else ("fake" if score >= scoring.threshold else "real"),
             "threshold": scoring.threshold, "track_scores": {str(t): p for t, p in per_track.items()},
             "suspicious_frames": suspicious}
+
+
+def _score_std(row: dict, scoring) -> float | None:
+    """The spread of the video score over Monte-Carlo dropout samples (score.mc_samples): sample k of every clip
+    gives one video score by the same rule; None without samples or without a score of the model's own."""
+    samples = row.get("clip_samples")
+    if not samples or row["status"] != "ok":
+        return None
+    tracks = [track for track, _, _ in row["clip_probs"]]
+    scores = [video_score({t: [s[k] for u, s in zip(tracks, samples) if u == t] for t in sorted(set(tracks))},
+                          scoring.rule, **scoring.rule_params)[0] for k in range(len(samples[0]))]
+    return float(np.std(scores))

@@ -19,6 +19,7 @@ import torch
 
 from ..manifests.errors import InputError
 from ..manifests.table import atomic_write_bytes
+from ..models import peft
 from ..models.dual_stream import DualStreamNet
 
 
@@ -26,7 +27,9 @@ class CheckpointError(InputError):
     """A checkpoint that is missing, damaged, or not dfpipe's."""
 
 
-FORMAT = 2  # the checkpoint layout's version; checkpoints without one are format 1, which had no `format` key
+# The checkpoint layout's version; checkpoints without one are format 1, which had no `format` key. 3 added `peft`
+# (the weights of a PEFT run are adapter tensors an older dfpipe cannot place).
+FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class Trained:
     pairs_digest: str      # the training pairs (the run folder's training_pairs.csv)
     dfpipe_version: str
     calibration: dict | None = None  # temperature, threshold, rule: set on best.pt when train calibrates it
+    peft: dict | None = None  # {"method": lora | svd, "rank": r}: the backbones carry adapters (models/peft.py)
     format: int = FORMAT
 
     def state(self) -> dict:
@@ -145,6 +149,8 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device) -> DualStreamN
     try:
         with torch.device("meta"):
             model = DualStreamNet.from_config({**ckpt["model_config"], "pretrained_hq": None, "pretrained_lq": None})
+            if ckpt.get("peft"):  # the adapters as trained; `DualStreamNet.for_inference` merges them
+                peft.apply(model, **ckpt["peft"], init=False)
     finally:
         backbones_log.setLevel(level)
     try:

@@ -74,6 +74,7 @@ class Clip:
     track: int
     frames: tuple[int, ...]   # frame numbers of the video; a padded clip repeats its edge frames
     prob: float | None = None
+    samples: list[float] | None = None  # more probabilities: Monte-Carlo dropout's, or an ensemble's models'
 
 
 @dataclass

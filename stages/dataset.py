@@ -5,10 +5,10 @@ must never jump across a frame where the tracker lost the face, nor from one per
 same frames twice, as the 224 px (HQ) and the 112 px (LQ) crop, and both streams get identical augmentation so that
 they keep describing the same pixels.
 
-Randomness (training clip starts, augmentation) comes from a generator seeded by (seed, epoch, item index) only, so an
-epoch is reproducible whatever the number of DataLoader workers. Call ``set_epoch`` on the dataset and the sampler
-before each epoch; workers must be re-created per epoch (the DataLoader default, ``persistent_workers=False``) for the
-dataset's epoch to reach them.
+Randomness (training clip starts, augmentation, mixing) comes from generators seeded by (seed, epoch, item index)
+only, so an epoch is reproducible whatever the number of DataLoader workers. Call ``set_epoch`` on the dataset and the
+sampler before each epoch; workers must be re-created per epoch (the DataLoader default, ``persistent_workers=False``)
+for the dataset's epoch to reach them.
 """
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2 import functional as F
 
 from ..manifests.errors import DfpipeError, InputError
+from .augment import ClipAugment, ClipMix
 from .clips import clip_positions, scoring_clips
 from .synthesize import BlendParams, crop_outline, self_blend
 
@@ -37,15 +37,7 @@ REAL, FAKE, BLENDED = 0, 1, 2  # item kinds: BalancedSampler gives self-blended 
 BLENDED_SUFFIX = "#sbi"  # a self-blended clip's video id: validation scores it as a video of its own
 PAIR_KEYS = ("hq_real", "lq_real")
 
-# Augmentation ranges: mild on purpose, strong geometric or colour changes would hide the blending artefacts.
-ROTATION_DEG = 10.0
-TRANSLATE = 0.05                 # fraction of the crop side
-SCALE = (0.9, 1.1)
-JITTER = (0.2, 0.2, 0.2, 0.05)   # max change of brightness, contrast, saturation factors; max hue shift
-JPEG_QUALITY = (40, 90)
-BLUR_SIGMA = (0.1 / 224, 2.0 / 224)  # fraction of the crop width: 0.1-2 px on the HQ crop
-NOISE_STD = (0.01, 0.05)         # on the [0, 1] intensity scale
-CUTOUT_SIDE = (0.1, 0.4)         # fraction of the crop side
+MIX_STREAM, PARTNER_STREAM = 1, 2  # extra seed keys: mixing draws apart from the clip's own, so they change nothing
 
 
 class CropError(DfpipeError):
@@ -138,87 +130,6 @@ def read_crops(root: Path, paths: Sequence[str]) -> torch.Tensor:
     return torch.stack([decoded[rel] for rel in paths])
 
 
-def _uniform(gen: torch.Generator, low: float, high: float) -> float:
-    return low + (high - low) * torch.rand((), generator=gen, dtype=torch.float64).item()
-
-
-@dataclass(frozen=True)
-class ClipAugment:
-    """One draw of augmentation parameters, applied alike to every frame of a clip and to both streams.
-
-    Geometric parameters are stored relative to the crop size so the HQ and LQ crops stay pixel-aligned; a default
-    instance changes nothing (validation).
-    """
-    flip: bool = False
-    affine: tuple[float, float, float, float] | None = None   # angle (deg), dx, dy (fraction of side), scale
-    jitter: tuple[float, float, float, float] | None = None   # brightness, contrast, saturation factors, hue shift
-    jpeg: int | None = None                                    # quality
-    blur: float | None = None                                  # sigma as a fraction of the width
-    noise: float | None = None                                 # standard deviation on [0, 1]
-    cutout: tuple[float, float, float, float] | None = None   # top, left, height, width (fractions)
-
-    @classmethod
-    def sample(cls, augment: Mapping[str, float], gen: torch.Generator) -> ClipAugment:
-        """Draw each augmentation with its probability from ``augment`` (the yaml's ``dataset.augment``)."""
-        def chance(name: str) -> bool:
-            return torch.rand((), generator=gen).item() < augment[name]
-
-        def spread(width: float) -> float:
-            return _uniform(gen, -width, width)
-
-        params = {}
-        if chance("flip"):
-            params["flip"] = True
-        if chance("affine"):
-            params["affine"] = (spread(ROTATION_DEG), spread(TRANSLATE), spread(TRANSLATE), _uniform(gen, *SCALE))
-        if chance("color_jitter"):
-            b, c, s, h = JITTER
-            params["jitter"] = (1 + spread(b), 1 + spread(c), 1 + spread(s), spread(h))
-        if chance("jpeg"):
-            params["jpeg"] = int(torch.randint(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1, (), generator=gen))
-        if chance("blur"):
-            params["blur"] = _uniform(gen, *BLUR_SIGMA)
-        if chance("noise"):
-            params["noise"] = _uniform(gen, *NOISE_STD)
-        if chance("cutout"):
-            height, width = _uniform(gen, *CUTOUT_SIDE), _uniform(gen, *CUTOUT_SIDE)
-            params["cutout"] = (_uniform(gen, 0, 1 - height), _uniform(gen, 0, 1 - width), height, width)
-        return cls(**params)
-
-    def __call__(self, clip: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """uint8 (T, 3, H, W) -> float32 in [0, 1]. Noise is drawn per pixel from ``gen``; only its strength is shared.
-
-        Colour and blur work in float: torchvision's uint8 hue path is about twice as slow, and hue dominates the cost.
-        """
-        h, w = clip.shape[-2:]
-        if self.flip:
-            clip = F.horizontal_flip(clip)
-        if self.affine:
-            angle, dx, dy, scale = self.affine
-            clip = F.affine(clip, angle=angle, translate=[dx * w, dy * h], scale=scale, shear=[0.0, 0.0],
-                            interpolation=F.InterpolationMode.BILINEAR)
-        out = F.to_dtype(clip, torch.float32, scale=True)
-        if self.jitter:
-            brightness, contrast, saturation, hue = self.jitter
-            out = F.adjust_brightness(out, brightness)
-            out = F.adjust_contrast(out, contrast)
-            out = F.adjust_saturation(out, saturation)
-            out = F.adjust_hue(out, hue)
-        if self.blur:
-            sigma = self.blur * w
-            kernel = 2 * math.ceil(3 * sigma) + 1
-            out = F.gaussian_blur(out, [kernel, kernel], [sigma, sigma])
-        if self.jpeg:
-            out = F.to_dtype(F.jpeg(F.to_dtype(out, torch.uint8, scale=True), self.jpeg), torch.float32, scale=True)
-        if self.noise:
-            out = (out + self.noise * torch.randn(out.shape, generator=gen)).clamp_(0, 1)
-        if self.cutout:
-            top, left, height, width = self.cutout
-            out = F.erase(out, round(top * h), round(left * w), max(1, round(height * h)), max(1, round(width * w)),
-                          v=torch.tensor(0.0))
-        return out
-
-
 class SequenceDataset(Dataset):
     """Clips of ``clip_len`` consecutive crops of one track, with the video's label (1 fake, 0 real).
 
@@ -236,6 +147,11 @@ class SequenceDataset(Dataset):
     (``sources[fake_id]``, which must be in ``labels`` too) with the same track_id at the same frame indices,
     augmented identically. Pair-aware alignment makes these pixel-aligned with the fake's crops. A fake whose source
     lacks that track at any of the clip's frames, or has no source, yields an item without pair.
+
+    Training items may be mixed with a partner clip (``augment.mixup`` / ``cutmix``, see `ClipMix`): the partner is
+    any item, made as it would be on its own (its own start, blend and augmentation, from a seed of its own), and
+    the label becomes the mixed target. Items that carry their source's crops (``paired``) are not mixed, since the
+    pair contrasts the fake with its source pixel for pixel.
 
     An unreadable crop (of either stream or of the pair) drops the whole clip: ``__getitem__`` logs a warning naming
     the file and returns None, which ``collate_clips`` filters out; ``stats['failed_clips']`` counts them across
@@ -319,10 +235,28 @@ class SequenceDataset(Dataset):
     def __getitem__(self, index: int) -> dict | None:
         """An index past the end is a repeat draw of `index % len(self)` (BalancedSampler oversampling): its own
         seed gives the repeat another random start and augmentation, not a copy of the first draw."""
-        seg_index, start = self.clips[index % len(self.clips)]
-        blend = self.kinds[index % len(self.clips)] == BLENDED
+        item = self._item(index % len(self.clips), seeded_generator(self.seed, self.epoch, index))
+        mix = self.mix_plan(index, item["lq"].shape[-1]) if item is not None and PAIR_KEYS[0] not in item else None
+        if mix is None:
+            return item
+        partner = self._item(mix.partner, seeded_generator(self.seed, self.epoch, index, PARTNER_STREAM))
+        if partner is None:
+            return item
+        return {**item, "hq": mix(item["hq"], partner["hq"]), "lq": mix(item["lq"], partner["lq"]),
+                "label": mix.ratio * item["label"] + (1 - mix.ratio) * partner["label"]}
+
+    def mix_plan(self, index: int, grid: int) -> ClipMix | None:
+        """Item ``index``'s mix (None: not mixed); ``grid`` is its smallest stream's crop size."""
+        if not self.train or self.augment.get("mixup", 0) + self.augment.get("cutmix", 0) == 0:
+            return None
+        rng = np.random.default_rng([self.seed, self.epoch, index, MIX_STREAM])
+        return ClipMix.sample(self.augment, len(self.clips), grid, rng)
+
+    def _item(self, clip: int, gen: torch.Generator) -> dict | None:
+        """Clip ``clip`` (an index into ``self.clips``) read, blended and augmented with draws from ``gen``."""
+        seg_index, start = self.clips[clip]
+        blend = self.kinds[clip] == BLENDED
         segment = self.segments[seg_index]
-        gen = seeded_generator(self.seed, self.epoch, index)
         if start is None:
             start = int(torch.randint(max(1, len(segment.frames) - self.clip_len + 1), (), generator=gen))
         positions = clip_positions(len(segment.frames), start, self.clip_len)

@@ -153,9 +153,10 @@ def render_real(rng: np.random.Generator, sprite: Sprite, motion: list[np.ndarra
 
 
 def blend_fake(rng: np.random.Generator, sprite: Sprite, motion: list[np.ndarray],
-               real: list[np.ndarray]) -> list[np.ndarray]:
+               real: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Self-blend every real frame: one set of jitter parameters per clip, so the artifact is consistent over
-    time like a face swap's, and a mask that follows the face through the known transforms."""
+    time like a face swap's, and a mask that follows the face through the known transforms. Returns the fake
+    frames and each frame's blend weight (float32 0..1, frame-sized): where the fake differs from its real."""
     fx0, fy0, fx1, fy1 = sprite.face_box
     face_w, face_h = fx1 - fx0, fy1 - fy0
     face_centre = np.array([(fx0 + fx1) / 2, (fy0 + fy1) / 2, 1.0])
@@ -171,7 +172,7 @@ def blend_fake(rng: np.random.Generator, sprite: Sprite, motion: list[np.ndarray
     shift = (direction / np.linalg.norm(direction) * rng.uniform(15, 32)).astype(np.float32)
     blur = rng.uniform(0.8, 1.5) if rng.random() < 0.5 else 0.0
     height, width = real[0].shape[:2]
-    fakes = []
+    fakes, alphas = [], []
     for frame, matrix in zip(real, motion):
         centre = (matrix @ face_centre)[:2]
         scale = float(np.hypot(*matrix[:2, 0]))
@@ -183,14 +184,28 @@ def blend_fake(rng: np.random.Generator, sprite: Sprite, motion: list[np.ndarray
         alpha = _warp(mask, matrix, width, height)[..., None]
         fake = frame * (1 - alpha) + source * alpha
         fakes.append(np.clip(fake, 0, 255).round().astype(np.uint8))
-    return fakes
+        alphas.append(alpha[..., 0])
+    return fakes, alphas
+
+
+def mask_path(out_dir: str | Path, k: int) -> Path:
+    """Where `make_demo_dataset(masks=True)` keeps fake k's blend weights: beside the videos, as .npz, which no
+    video discovery picks up."""
+    return Path(out_dir) / "masks" / f"fake_{k:03d}.npz"
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """(frames, H, W) float32 blend weights in 0..1 of one demo fake."""
+    with np.load(path) as data:
+        return data["alpha"].astype(np.float32) / 255
 
 
 def make_demo_dataset(out_dir: str | Path, *, n_real: int, n_fake: int, frames: int, width: int, height: int,
-                      fps: float, seed: int) -> list[Path]:
+                      fps: float, seed: int, masks: bool = False) -> list[Path]:
     """Write ``out_dir/real/real_KKK.mp4`` and ``out_dir/fake/fake_KKK.mp4`` (fake k made from real k, so the
     discovery adapter pairs them by stem) and return the paths, reals first. Each clip draws from its own
-    ``(seed, k)`` stream, so a clip does not change when the set grows."""
+    ``(seed, k)`` stream, so a clip does not change when the set grows. ``masks`` also writes each fake's blend
+    weights per frame (`mask_path`): the ground truth of where a fake is fake, which explanations are tested on."""
     out_dir = Path(out_dir)
     if n_fake < 0 or n_fake > n_real:
         raise InputError(f"{out_dir}: n_fake={n_fake} must be within 0..n_real={n_real} (fake k comes from real k)")
@@ -211,6 +226,9 @@ def make_demo_dataset(out_dir: str | Path, *, n_real: int, n_fake: int, frames: 
         write_video(reals[-1], real, fps=fps)
         if k < n_fake:
             fakes.append(out_dir / "fake" / f"fake_{k:03d}.mp4")
-            fake = blend_fake(np.random.default_rng([seed, k, 1]), sprite, motion, real)
+            fake, alpha = blend_fake(np.random.default_rng([seed, k, 1]), sprite, motion, real)
             write_video(fakes[-1], fake, fps=fps)
+            if masks:
+                mask_path(out_dir, k).parent.mkdir(exist_ok=True)
+                np.savez_compressed(mask_path(out_dir, k), alpha=np.round(np.stack(alpha) * 255).astype(np.uint8))
     return reals + fakes

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..pipeline.config import load_config
-from .checkpoint import load_checkpoint, model_from_checkpoint
+from .checkpoint import model_from_checkpoint
+from .ensemble import load_models, stacked
 from .faces import FaceDetector, resolve_device
 from .inference import ClipModel, amp_dtype, model_batch
-from .score import Scoring, ScoreError, VideoInput, score_videos, scoring_settings
+from .score import Scoring, ScoreError, VideoInput, score_videos
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class VideoScore:
     frames_sampled: int
     frames_with_face: int
     seconds: float            # decoding, faces and this video's share of the model batches
+    score_std: float | None = None  # spread over Monte-Carlo dropout samples (score.mc_samples), else None
+    model_scores: tuple[float, ...] = ()  # an ensemble's models' scores (score is their mean or median)
 
     @classmethod
     def from_row(cls, row: dict) -> VideoScore:
@@ -57,34 +60,44 @@ class VideoScore:
         return cls(path=row["path"], status=row["status"], reason=row["reason"], score=row["score"],
                    label=row["label"], threshold=row["threshold"], tracks=tracks,
                    suspicious_frames=tuple(row["suspicious_frames"]), frames_sampled=row["frames_sampled"],
-                   frames_with_face=row["frames_with_face"], seconds=row["seconds"])
+                   frames_with_face=row["frames_with_face"], seconds=row["seconds"],
+                   score_std=row.get("score_std"), model_scores=tuple(row.get("model_scores", ())))
 
 
 class Detector:
     """A checkpoint loaded for scoring: the model (in bf16 on CPUs with bf16 instructions, fp16 on CUDA), the face
     detector, and the settings `scoring_settings` reads from the checkpoint and the config's `score:` section."""
 
-    def __init__(self, ckpt: dict, scoring: Scoring, *, device: str = "auto", batch_size: int | None = None,
-                 checkpoint: str | Path = "checkpoint"):
+    def __init__(self, ckpt: dict | list[dict], scoring: Scoring, *, device: str = "auto",
+                 batch_size: int | None = None, checkpoint: str | Path = "checkpoint"):
+        """A list of checkpoints, with their `ensemble.EnsembleScoring`, scores as an ensemble."""
         self.scoring = scoring
         self.device = resolve_device(device)
+        if isinstance(ckpt, list):
+            self._predict = stacked([self._model(c, member, checkpoint) for c, member in zip(ckpt, scoring.members)])
+        else:
+            self._predict = self._model(ckpt, scoring, checkpoint)
+        self._faces = FaceDetector(**{**scoring.align, "device": str(self.device)})
+        self.batch_size = model_batch(batch_size, self.device)
+
+    def _model(self, ckpt: dict, scoring: Scoring, checkpoint: str | Path) -> ClipModel:
         try:
             model = model_from_checkpoint(ckpt, self.device)
         except ValueError as e:  # a model_config its weights do not fit, an unknown backbone
             raise ScoreError(f"{checkpoint}: {e}") from None
-        self._predict = ClipModel(model, device=self.device, dtype=amp_dtype(scoring.amp, self.device),
-                                  temperature=scoring.temperature, tta_flip=scoring.tta_flip)
-        self._faces = FaceDetector(**{**scoring.align, "device": str(self.device)})
-        self.batch_size = model_batch(batch_size, self.device)
+        return ClipModel(model, device=self.device, dtype=amp_dtype(scoring.amp, self.device),
+                         temperature=scoring.temperature, tta_flip=scoring.tta_flip, mc_samples=scoring.mc_samples)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, *, device: str = "auto", config=None) -> Detector:
+    def from_checkpoint(cls, checkpoint: str | Path | list, *, device: str = "auto", config=None) -> Detector:
         """``config``: a loaded config (`dfpipe.load_config(path, overrides=...)`) whose `score:` and
-        `extract.max_frames` settings apply; the defaults without one."""
+        `extract.max_frames` settings apply; the defaults without one. A list of checkpoints is an ensemble (see
+        `ensemble`; `VideoScore.model_scores` holds each model's score)."""
         cfg = config if config is not None else load_config()
-        ckpt = load_checkpoint(checkpoint)
-        scoring = scoring_settings(ckpt, cfg, checkpoint)
-        return cls(ckpt, scoring, device=device, batch_size=cfg.score.batch_size, checkpoint=checkpoint)
+        ckpts, scoring = load_models(checkpoint, cfg)
+        single = isinstance(checkpoint, (str, Path))
+        return cls(ckpts[0] if single else ckpts, scoring, device=device, batch_size=cfg.score.batch_size,
+                   checkpoint=checkpoint if single else checkpoint[0])
 
     def rows(self, videos: Iterable[VideoInput]) -> Iterator[dict]:
         """Result rows in the order the videos finish (a video's last clips may share a batch with the next)."""

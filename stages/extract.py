@@ -4,8 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tqdm import tqdm
-
+from ..manifests.progress import bar
 from ..manifests.table import read_table, write_table
 from ..manifests.units import (StageSpec, Unit, UnitError, UnitOutput, load_state, run_stage, sha256_file,
                                writer_lock)
@@ -32,7 +31,7 @@ def build_videos_table(ws: Workspace, found: Discovery, progress: bool = True) -
     """Describe each discovered video; sha256 and probe are reused while size and mtime match."""
     old = {r["path"]: r for r in read_table(ws.manifest("videos.csv"), VIDEO_COLUMNS).to_dict("records")}
     rows = []
-    for row in tqdm(found.rows, desc="hashing", unit="video", disable=not progress, leave=False):
+    for row in bar(found.rows, desc="hashing", unit="video", enabled=progress, leave=False):
         row = {k: row.get(k, "") for k in VIDEO_COLUMNS}
         try:
             st = os.stat(row["path"])

@@ -32,11 +32,12 @@ class ClipModel:
 
     Crops travel to the device as uint8 (4x less to copy than float) and are permuted, not copied, into (B,T,3,H,W):
     each frame is then already channels_last in memory, the layout the model runs in. With `tta_flip` the
-    probability is the mean of the clip's and its mirror image's.
+    probability is the mean of the clip's and its mirror image's. With `mc_samples` N the probabilities are
+    (B, 1 + N): the model's, then N Monte-Carlo dropout samples (see DualStreamNet.forward).
     """
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device, dtype: torch.dtype | None,
-                 temperature: float, tta_flip: bool):
+                 temperature: float, tta_flip: bool, mc_samples: int = 0):
         # Takes the model over: it is put in its inference form, on CPU with bf16 stream weights (see
         # DualStreamNet.for_inference); on CUDA autocast does the casting.
         self.cast = dtype is not None and device.type == "cpu"
@@ -52,6 +53,7 @@ class ClipModel:
         self.dtype = dtype
         self.temperature = temperature
         self.tta_flip = tta_flip
+        self.mc_samples = mc_samples
 
     def _tensor(self, crops: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(crops)
@@ -62,7 +64,8 @@ class ClipModel:
 
     def _probs(self, hq: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None and not self.cast):
-            logits = self.model(hq, lq).double()  # an fp32 sigmoid near 0.5 rounds to steps of 6e-8: ties
+            # an fp32 sigmoid near 0.5 rounds to steps of 6e-8: ties
+            logits = self.model(hq, lq, mc_samples=self.mc_samples).double()
         return torch.sigmoid(logits / self.temperature)
 
     def __call__(self, hq: np.ndarray, lq: np.ndarray) -> np.ndarray:

@@ -6,7 +6,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
-from torchvision.ops import sigmoid_focal_loss
 
 from ..models.dual_stream import DualStreamNet
 from .train_data import TrainError
@@ -40,14 +39,24 @@ def make_scheduler(optimizer, updates_per_epoch: int, *, scheduler: str, epochs:
     raise TrainError(f"train.scheduler: '{scheduler}' is none of plateau, cosine, onecycle")
 
 
+def soft_focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The focal loss as Generalized Focal Loss (Li et al. 2020) writes it for soft targets: BCE x |y - p|^gamma.
+    For 0/1 labels that is torchvision's sigmoid_focal_loss without class weights (|y - p| = 1 - p_t); for a mixed
+    clip's target (dataset.augment mixup, cutmix) it is smallest where p is the target, which (1 - p_t)^gamma is
+    not (it pulls p below a target of 0.3)."""
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return (bce * (targets - torch.sigmoid(logits)).abs() ** gamma).mean()
+
+
 def make_criterion(*, loss: str, label_smoothing: float, focal_gamma: float, **_):
-    """The training loss on (logits, float labels). Validation always uses plain BCE, so runs trained with
+    """The training loss on (logits, float targets): 0 or 1, or a mixed clip's share of fake pixels, which every
+    loss here is smallest at (smoothed for `smooth`). Validation always uses plain BCE, so runs trained with
     different losses are selected and compared on the same number (the log loss of the DFDC metric)."""
     if loss == "bce":
         return F.binary_cross_entropy_with_logits
     if loss == "smooth":
         return lambda z, y: F.binary_cross_entropy_with_logits(z, y * (1 - label_smoothing) + label_smoothing / 2)
     if loss == "focal":
-        # alpha=-1: no class weighting, the balanced sampler already evens out the classes.
-        return lambda z, y: sigmoid_focal_loss(z, y, alpha=-1, gamma=focal_gamma, reduction="mean")
+        # no class weighting (torchvision's alpha): the balanced sampler already evens out the classes
+        return lambda z, y: soft_focal_loss(z, y, focal_gamma)
     raise TrainError(f"train.loss: '{loss}' is none of bce, focal, smooth")

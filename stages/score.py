@@ -197,6 +197,14 @@ class Scoring:
     suspicious_frames: int
     amp: str
     clip_every: int
+    mc_samples: int = 0
+
+    def clip_extra(self) -> str | None:
+        """The row key of what a clip's probability columns past the first hold (see `Clip.samples`)."""
+        return "clip_samples" if self.mc_samples else None
+
+    def decide(self, row: dict) -> dict:
+        return decide(row, self)
 
     def digest(self) -> str:
         return _digest(self._params())
@@ -207,7 +215,8 @@ class Scoring:
         return _digest(self._params(skip=DECISION))
 
     def _params(self, skip: tuple[str, ...] = ()) -> dict:
-        return {**{k: v for k, v in self.__dict__.items() if k not in skip},
+        # mc_samples 0 left out: the rows of outputs scored before it existed stay reusable
+        return {**{k: v for k, v in self.__dict__.items() if k not in skip and (k != "mc_samples" or v)},
                 "align": {k: v for k, v in self.align.items() if k not in align_units.NOT_IN_FINGERPRINT},
                 "face_path": align_units.SPEC.version}  # a changed face path gives other crops: rescore
 
@@ -256,7 +265,8 @@ def scoring_settings(ckpt: dict, cfg, checkpoint: str | Path) -> Scoring:
                    # an uncalibrated checkpoint scores with the plain sigmoid of its logits
                    temperature=float(calibration.get("temperature", 1.0)), threshold=float(threshold),
                    tta_flip=bool(s.tta_flip), fallback_score=s.fallback_score,
-                   suspicious_frames=int(s.suspicious_frames), amp=cfg.train.amp, clip_every=s.clip_every)
+                   suspicious_frames=int(s.suspicious_frames), amp=cfg.train.amp, clip_every=s.clip_every,
+                   mc_samples=int(s.mc_samples))
 
 
 # ---------------------------------------------------------------- videos
@@ -315,10 +325,12 @@ def _result(job: _Job, scoring: Scoring) -> dict:
         reason = no_face_reason(bool(job.face_frames), scoring.align["min_track_len"], job.frames_sampled)
     tracks = sorted({c.track for c in clips}) if status == "ok" else []
     with_face = set().union(*(job.face_frames.get(t, []) for t in tracks))
-    return decide({"path": job.video.path, "status": status, "reason": reason, "frames_sampled": job.frames_sampled,
-                   "frames_with_face": len(with_face), "tracks": len(tracks), "clips": len(clips),
-                   "seconds": round(job.seconds, 3),
-                   "clip_probs": [[c.track, c.prob, list(c.frames)] for c in clips]}, scoring)
+    extra = scoring.clip_extra()
+    return scoring.decide({"path": job.video.path, "status": status, "reason": reason,
+                           "frames_sampled": job.frames_sampled, "frames_with_face": len(with_face),
+                           "tracks": len(tracks), "clips": len(clips), "seconds": round(job.seconds, 3),
+                           "clip_probs": [[c.track, c.prob, list(c.frames)] for c in clips],
+                           **({extra: [c.samples for c in clips]} if extra else {})})
 
 
 def score_videos(videos: Iterable[VideoInput], scoring: Scoring, predict: Predict, detector: FaceDetector, *,
@@ -337,7 +349,7 @@ def score_videos(videos: Iterable[VideoInput], scoring: Scoring, predict: Predic
         spent = time.perf_counter() - start
         model_seconds += spent
         for (job, clip), prob in results:
-            clip.prob = prob
+            clip.prob, clip.samples = (prob[0], prob[1:]) if isinstance(prob, list) else (prob, None)
             job.pending -= 1
             job.seconds += spent / len(results)
         for job in [j for j in open_jobs if j.streamed and not j.pending]:

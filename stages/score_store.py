@@ -21,22 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tqdm import tqdm
-
 from ..manifests.errors import EXIT_FAILED_UNITS, EXIT_OK
 from ..manifests.jsonl import Appender, json_lines
+from ..manifests.progress import bar as progress_bar
+from ..manifests.progress import note, warn
 from ..manifests.table import atomic_write_bytes, check_writable, write_table
-from ..manifests.units import sha256_file
-from ..manifests.workspace import LockHeld, Shard, lock_file
-from .calibration import decide
-from .checkpoint import load_checkpoint
+from ..manifests.workspace import LockHeld, Shard, Workspace, lock_file
 from .detector import Detector
+from .ensemble import load_models, models_digest
 from .evaluate import binary_metrics, write_plots
 from .labels import TARGET
-from .score import STATUSES, UNREADABLE, Scoring, ScoreError, TrainedSplits, list_inputs, scoring_settings
+from .score import STATUSES, UNREADABLE, Scoring, ScoreError, TrainedSplits, list_inputs
 
 CSV_COLUMNS = ["path", "score", "label", "threshold", "status", "reason", "frames_sampled", "frames_with_face",
-               "tracks", "clips", "track_scores", "suspicious_frames", "seconds", "model_digest", "true_label"]
+               "tracks", "clips", "track_scores", "suspicious_frames", "seconds", "model_digest", "true_label",
+               "score_std", "model_scores"]
+# headers before score_std and model_scores: such an output is still ours to rewrite
+EARLIER_COLUMNS = (CSV_COLUMNS[:-2], CSV_COLUMNS[:-1])
 
 
 def output_paths(out: str | Path, shard: Shard) -> tuple[Path, Path]:
@@ -65,7 +66,7 @@ def refuse_foreign(csv_path: Path, jsonl: Path) -> None:
     if csv_path.is_file():
         with open(csv_path, "rb") as f:
             header = f.readline().decode("utf-8", "replace").strip()
-        if header != ",".join(CSV_COLUMNS):
+        if header not in {",".join(columns) for columns in (CSV_COLUMNS, *EARLIER_COLUMNS)}:
             raise ScoreError(f"{csv_path}: exists and is not a score-video output (its header differs); it would be "
                              "overwritten: choose another --out")
     if jsonl.is_file():
@@ -80,7 +81,7 @@ def refuse_foreign(csv_path: Path, jsonl: Path) -> None:
                              "be overwritten: choose another --out")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_records(path: Path) -> list[dict]:
     """Rows of one JSON-lines file. A torn last line (a crash mid-append: no newline yet) is dropped quietly; any
     other line that is not a record is dropped with a warning. Either way the rerun scores that video again."""
     rows, bad = [], []
@@ -96,12 +97,12 @@ def _read_jsonl(path: Path) -> list[dict]:
         elif line.strip() and (number < len(lines) or data.endswith(b"\n")):
             bad.append(number)
     if bad:
-        tqdm.write(f"score-video: {path}: line(s) {', '.join(map(str, bad[:5]))} are not score records; ignored "
-                   "(their videos are scored again when listed)")
+        warn(f"score-video: {path}: line(s) {', '.join(map(str, bad[:5]))} are not score records; ignored "
+             "(their videos are scored again when listed)")
     return rows
 
 
-def _file_key(path: str) -> list[int] | None:
+def file_key(path: str) -> list[int] | None:
     try:
         st = os.stat(path)
     except OSError:
@@ -111,13 +112,13 @@ def _file_key(path: str) -> list[int] | None:
 
 def _reusable(row: dict, key: str, digest: str, model_digest: str) -> bool:
     return (row.get(key) == digest and row.get("model_digest") == model_digest
-            and row.get("status") != "error" and row.get("file") == _file_key(row["path"]))
+            and row.get("status") != "error" and row.get("file") == file_key(row["path"]))
 
 
 def _why_rescored(row: dict, digest: str, model_digest: str) -> str:
     if (row.get("settings"), row.get("model_digest")) != (digest, model_digest):
         return "were scored with another checkpoint or other settings"
-    if row.get("file") != _file_key(row["path"]):
+    if row.get("file") != file_key(row["path"]):
         return "changed on disk since they were scored"
     return "ended in an error last time"
 
@@ -136,8 +137,8 @@ def load_finished(jsonl: Path, paths: set[str], scoring: Scoring,
     base = jsonl.name.split(".shard-")[0].removesuffix(".jsonl")
     candidates = [*sorted(jsonl.parent.glob(f"{base}.shard-*-of-*.jsonl")), jsonl.with_name(f"{base}.jsonl")]
     siblings = [p for p in candidates if p != jsonl and p.is_file()]
-    own = _read_jsonl(jsonl) if jsonl.is_file() else []
-    other = [r for p in siblings for r in _read_jsonl(p) if r["path"] in paths]
+    own = read_records(jsonl) if jsonl.is_file() else []
+    other = [r for p in siblings for r in read_records(p) if r["path"] in paths]
     digest, clips_digest = scoring.digest(), scoring.clips_digest()
     done: dict[str, dict] = {}
     stale: dict[str, dict] = {}
@@ -147,7 +148,7 @@ def load_finished(jsonl: Path, paths: set[str], scoring: Scoring,
             done[row["path"]] = row
             redecided.discard(row["path"])  # a later row already holds this decision
         elif row["path"] in paths and _reusable(row, "clips_settings", clips_digest, model_digest):
-            done[row["path"]] = {**decide(row, scoring), "settings": digest}
+            done[row["path"]] = {**scoring.decide(row), "settings": digest}
             redecided.add(row["path"])
         elif row["path"] in paths:
             stale[row["path"]] = row
@@ -161,7 +162,8 @@ def load_finished(jsonl: Path, paths: set[str], scoring: Scoring,
 
 def _csv_row(row: dict, label: str | None) -> dict:
     return {**row, "track_scores": json.dumps(row["track_scores"], sort_keys=True),
-            "suspicious_frames": json.dumps(row["suspicious_frames"]), "true_label": label or ""}
+            "suspicious_frames": json.dumps(row["suspicious_frames"]), "true_label": label or "",
+            "model_scores": json.dumps(row["model_scores"]) if "model_scores" in row else ""}
 
 
 def _finite(value):
@@ -241,21 +243,28 @@ class ScoreSummary:
 
 # ---------------------------------------------------------------- the run
 
-def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str | None, work: str | None,
-              split: str | None, shard: Shard, progress: bool, run_splits: bool = False) -> ScoreSummary:
+def run_score(inputs: list[str], checkpoint: str | list[str], cfg, *, out: str, labels: str | None,
+              work: str | None, split: str | None, shard: Shard, progress: bool,
+              run_splits: bool = False) -> ScoreSummary:
     """Score every input video not already scored with these settings; write CSV, JSON lines and, with labels,
     <stem>_metrics.json and plots beside the CSV (not for a shard: the merging run writes them). A workspace
-    split is the one the checkpoint was trained on, or refused (``run_splits``: read it from the run folder)."""
+    split is the one the checkpoint was trained on, or refused (``run_splits``: read it from the run folder).
+    A list of checkpoints scores as an ensemble (`ensemble`): a workspace split must then be every model's."""
     csv_path, jsonl = output_paths(out, shard)
-    ckpt = load_checkpoint(checkpoint)
-    trained = TrainedSplits(checkpoint, ckpt.get("pairs_digest"), own=run_splits)
+    ckpts, scoring = load_models(checkpoint, cfg)
+    paths = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
+    if work is not None and len(paths) > 1:
+        if run_splits:
+            raise ScoreError("--run-splits reads one run's splits: give one --checkpoint")
+        for path, ckpt in zip(paths[1:], ckpts[1:]):  # no model may have trained on the videos scored
+            TrainedSplits(path, ckpt.get("pairs_digest")).pairs(Workspace(work), split)
+    trained = TrainedSplits(paths[0], ckpts[0].get("pairs_digest"), own=run_splits)
     videos = [v for v in list_inputs(inputs, labels=labels, work=work, split=split, trained=trained)
               if shard.owns(v.path)]
     if labels and videos and not any(v.label for v in videos):
-        tqdm.write(f"score-video: {labels} labels none of the {len(videos)} videos (matched by path, then by file "
-                   "name): no metrics")
-    scoring = scoring_settings(ckpt, cfg, checkpoint)
-    model_digest = sha256_file(Path(checkpoint))[:16]
+        warn(f"score-video: {labels} labels none of the {len(videos)} videos (matched by path, then by file "
+             "name): no metrics")
+    model_digest = models_digest(checkpoint)
     try:
         jsonl.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # e.g. a part of the folder is a file
@@ -268,20 +277,21 @@ def run_score(inputs: list[str], checkpoint: str, cfg, *, out: str, labels: str 
         done, rescored, redecided = load_finished(jsonl, {v.path for v in videos}, scoring, model_digest)
         todo = [v for v in videos if v.path not in done]
         if redecided:
-            tqdm.write(f"score-video: {redecided} video(s) re-decided from their stored clip scores (only the "
-                       "aggregation, threshold or fallback changed)")
+            note(f"score-video: {redecided} video(s) re-decided from their stored clip scores (only the "
+                 "aggregation, threshold or fallback changed)")
         for reason, n in sorted(rescored.items()):
-            tqdm.write(f"score-video: {n} video(s) {reason}; scoring them again")
+            note(f"score-video: {n} video(s) {reason}; scoring them again")
         if todo:
-            detector = Detector(ckpt, scoring, device=cfg.score.device, batch_size=cfg.score.batch_size,
-                                checkpoint=checkpoint)
-            ckpt.clear()  # the model holds what it needs (cast, or moved to the GPU): the file's tensors and map can go
+            detector = Detector(ckpts[0] if isinstance(checkpoint, str) else ckpts, scoring,
+                                device=cfg.score.device, batch_size=cfg.score.batch_size, checkpoint=paths[0])
+            for ckpt in ckpts:  # the model holds what it needs (cast, or moved to the GPU): the files' tensors can go
+                ckpt.clear()
             extra = {"settings": scoring.digest(), "clips_settings": scoring.clips_digest(),
                      "model_digest": model_digest}
-            with Appender(jsonl) as record, tqdm(total=len(todo), unit="video", desc="score",
-                                                 disable=not progress) as bar:
+            with Appender(jsonl) as record, progress_bar(total=len(todo), unit="video", desc="score",
+                                                         enabled=progress) as bar:
                 for row in detector.rows(todo):
-                    row = {**row, **extra, "file": _file_key(row["path"])}
+                    row = {**row, **extra, "file": file_key(row["path"])}
                     record.append(row)
                     done[row["path"]] = row
                     bar.update()

@@ -27,10 +27,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
+from ..manifests.progress import bar, say
 from ..manifests.table import check_writable, read_table, write_table
 from ..manifests.workspace import Workspace
+from ..models import peft
 from ..models.dual_stream import DualStreamNet
 from ..models.pretrained import IMAGENET, require_imagenet
 from ..pipeline import __version__
@@ -82,8 +83,8 @@ def train_one_epoch(net, loader, optimizer, scheduler, scaler, criterion, *, ctx
     has_grad = False
     last = None
     lrs = [g["lr"] for g in optimizer.param_groups]
-    bar = tqdm(islice(loader, steps), total=steps, desc=desc, unit="batch", leave=False, disable=not progress)
-    for i, batch in enumerate(bar):
+    batches = bar(islice(loader, steps), total=steps, desc=desc, unit="batch", leave=False, enabled=progress)
+    for i, batch in enumerate(batches):
         update = (i + 1) % accumulate == 0 or i + 1 == steps
         weight = 1.0
         if update and ctx.world > 1 and any_rank(batch is None and last is None, ctx):
@@ -115,7 +116,7 @@ def train_one_epoch(net, loader, optimizer, scheduler, scaler, criterion, *, ctx
                 loss_sum += loss.item() * len(y)
                 correct += int(((logits > 0) == (y > 0.5)).sum())
                 count += len(y)
-                bar.set_postfix(loss=f"{loss_sum / count:.4f}")
+                batches.set_postfix(loss=f"{loss_sum / count:.4f}")
         if update and has_grad:
             lrs = [g["lr"] for g in optimizer.param_groups]
             scaler.unscale_(optimizer)
@@ -139,7 +140,7 @@ def predict(model: DualStreamNet, loader: DataLoader, *, ctx: Ranks, dtype, prog
     """Logit of every val clip of every rank, one row per clip, in a fixed order (video, track, start)."""
     model.eval()
     rows = []
-    for batch in tqdm(loader, desc="val", unit="batch", leave=False, disable=not progress):
+    for batch in bar(loader, desc="val", unit="batch", leave=False, enabled=progress):
         if batch is None:
             continue
         hq, lq, y = batch_inputs(batch, ctx.device)
@@ -227,12 +228,13 @@ def _run(ws: Workspace, run_dir: Path, cfg, resume: bool, ctx: Ranks, bars: bool
         if calibration is not None:  # finished and calibrated: nothing to do
             if not ctx.main:
                 return {}
-            tqdm.write(f"train: {run_dir} already holds this run, finished at epoch {state.start_epoch} and "
-                       "calibrated: nothing to do")
+            say(f"train: {run_dir} already holds this run, finished at epoch {state.start_epoch} and "
+                "calibrated: nothing to do")
             return _summary(state, calibration, paths, t)
     if ctx.main:
         check_writable(run_dir)
-        write_run_files(run_dir, cfg, data.pairs, ctx, resume or rerun, state.model.initial_weights)
+        write_run_files(run_dir, cfg, data.pairs, ctx, resume or rerun, state.model.initial_weights,
+                        parameters=peft.count(state.model))
         announce(state, data, cfg, ctx)
     fit(state, data, cfg, ctx, paths, bars)
     calibration = calibrate_best(state, data, ws, cfg, ctx, paths, bars)
@@ -289,7 +291,10 @@ def build(cfg, ctx: Ranks, data: Data) -> State:
     """Model, optimiser, schedule, loss and mixed precision, the same on every rank."""
     t = cfg.train
     torch.manual_seed(t.seed)  # the same initial weights on every rank
-    model = DualStreamNet.from_config(cfg.model).to(ctx.device)
+    model = DualStreamNet.from_config(cfg.model)
+    if t.peft != "none":
+        peft.apply(model, t.peft, t.peft_rank)
+    model = model.to(ctx.device)
     optimizer = make_optimizer(model, **t)
     scheduler, per_update = make_scheduler(optimizer, math.ceil(data.steps / t.accumulate), **t)
     dtype = amp_dtype(t.amp, ctx.device)
@@ -342,17 +347,21 @@ def announce(state: State, data: Data, cfg, ctx: Ranks) -> None:
     t = cfg.train
     plan = (f"no epoch left to run (finished at epoch {state.start_epoch}): recalibrating best.pt"
             if _finished(state.early, state.start_epoch, t) else f"epochs {state.start_epoch + 1}-{t.epochs}")
-    tqdm.write(f"train: {data.train_loader.dataset.stats['clips']} train clips, {len(data.val_loader.dataset)} val "
-               f"clips, {data.steps} batches/epoch x {ctx.world} rank(s) on {ctx.device}, {plan}")
+    say(f"train: {data.train_loader.dataset.stats['clips']} train clips, {len(data.val_loader.dataset)} val "
+        f"clips, {data.steps} batches/epoch x {ctx.world} rank(s) on {ctx.device}, {plan}")
     for stream, weights in state.model.initial_weights.items():
-        tqdm.write(f"train: {stream.upper()} backbone {cfg.model[f'{stream}_backbone']} starts from {weights}")
+        say(f"train: {stream.upper()} backbone {cfg.model[f'{stream}_backbone']} starts from {weights}")
+    params = peft.count(state.model)
+    say(f"train: {params['trainable']:,} of {params['total']:,} parameters train"
+        + (f" (train.peft {t.peft}, rank {t.peft_rank})" if state.model.peft else ""))
 
 
 def fit(state: State, data: Data, cfg, ctx: Ranks, paths: RunPaths, bars: bool) -> None:
     """The epochs: train, validate, log, checkpoint (last.pt every epoch, best.pt when it improved), stop early."""
     t, model, early, history = cfg.train, state.model, state.early, state.history
     meta = Trained(config=cfg.to_dict(), model_config=cfg.model.to_dict(), extract=data.extracted, align=data.crops,
-                   clip_len=cfg.dataset.clip_len, pairs_digest=data.digest, dfpipe_version=__version__).state()
+                   clip_len=cfg.dataset.clip_len, pairs_digest=data.digest, dfpipe_version=__version__,
+                   peft=model.peft).state()
     writer = tensorboard(paths.folder, ctx)
     net = None
     for epoch in range(state.start_epoch, t.epochs):
@@ -399,13 +408,13 @@ def fit(state: State, data: Data, cfg, ctx: Ranks, paths: RunPaths, bars: bool) 
                                          "rng": rngs})
             if improved:  # after last.pt, which can stand in for it (see `restore_best`)
                 save_checkpoint(paths.best, saved)
-            tqdm.write(f"epoch {epoch + 1}/{t.epochs}  train loss {train['loss']:.4f} acc {train['acc']:.3f}  "
-                       f"val loss {val['loss']:.4f} acc {val['accuracy']:.3f} auc {val['auc']:.3f} "
-                       f"eer {val['eer']:.3f}  lr {lrs[0]:.2e}/{lrs[1]:.2e}  "
-                       f"{train['clips'] / seconds:.1f} clips/s{'  *best' if improved else ''}")
+            say(f"epoch {epoch + 1}/{t.epochs}  train loss {train['loss']:.4f} acc {train['acc']:.3f}  "
+                f"val loss {val['loss']:.4f} acc {val['accuracy']:.3f} auc {val['auc']:.3f} "
+                f"eer {val['eer']:.3f}  lr {lrs[0]:.2e}/{lrs[1]:.2e}  "
+                f"{train['clips'] / seconds:.1f} clips/s{'  *best' if improved else ''}")
         if early["bad_epochs"] >= t.early_stop_patience:
             if ctx.main:
-                tqdm.write(f"early stop: val loss has not improved for {t.early_stop_patience} epochs")
+                say(f"early stop: val loss has not improved for {t.early_stop_patience} epochs")
             break
     if writer is not None:
         writer.close()
@@ -428,9 +437,9 @@ def calibrate_best(state: State, data: Data, ws: Workspace, cfg, ctx: Ranks, pat
     calibration = calibrate(pred, cfg.score)
     if ctx.main:
         save_checkpoint(paths.best, {**best, "calibration": calibration})
-        tqdm.write(f"best epoch {state.early['best_epoch']} (val loss {state.early['best_loss']:.4f}); calibration: "
-                   f"temperature {calibration['temperature']:.3f}, threshold {calibration['threshold']:.3f}, "
-                   f"aggregate {calibration['aggregate']}")
+        say(f"best epoch {state.early['best_epoch']} (val loss {state.early['best_loss']:.4f}); calibration: "
+            f"temperature {calibration['temperature']:.3f}, threshold {calibration['threshold']:.3f}, "
+            f"aggregate {calibration['aggregate']}")
     return calibration
 
 

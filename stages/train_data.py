@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm import tqdm
-
 from ..manifests.errors import InputError
+from ..manifests.progress import note
 from ..manifests.table import atomic_write_bytes, read_table, write_table
 from ..manifests.units import load_state
 from ..manifests.workspace import Workspace
@@ -67,13 +66,13 @@ def update_pairs(ws: Workspace, videos: pd.DataFrame, faces: pd.DataFrame, pairs
             raise TrainError(f"{settings_path}: unreadable ({type(e).__name__}); delete it to keep the current "
                              "splits") from None
         if changed:
-            tqdm.write(f"note: {', '.join(changed)}: splits drawn anew (official splits still apply)")
+            note(f"note: {', '.join(changed)}: splits drawn anew (official splits still apply)")
             previous = None
     pairs = pairs_mod.build_training_pairs(videos, faces, previous, **pairs_cfg)
     write_table(path, pairs, pairs_mod.COLUMNS)
     atomic_write_bytes(settings_path, json.dumps(settings, sort_keys=True).encode() + b"\n")
-    for note in pairs.attrs["notes"]:
-        tqdm.write(f"note: {note}")
+    for text in pairs.attrs["notes"]:
+        note(f"note: {text}")
     return pairs
 
 

@@ -8,10 +8,14 @@ second chance when PyAV fails or stops short of the container's frame count.
 """
 from __future__ import annotations
 
+import heapq
+import importlib.util
 import os
 import re
 import sys
+from collections import deque
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -21,13 +25,35 @@ import numpy as np
 
 from ..manifests.errors import DfpipeError, InputError
 
-try:
-    import decord
-    # decord's own FFmpeg logs to stderr ("partial file" on a truncated file); its errors reach us as exceptions,
-    # which become the video's one-line reason, so the log only adds lines the user cannot place
-    decord.logging.set_level(decord.logging.QUIET)
-except ImportError:  # decord ships wheels for Linux x86-64 only; elsewhere auto means PyAV alone
-    decord = None
+_UNLOADED = object()
+
+
+def _decord():
+    """decord, imported when a read first falls back to it (its import is ~0.35 s of every command's start-up,
+    which PyAV reads never need), or None: it ships wheels for Linux x86-64 only; elsewhere auto means PyAV alone.
+    `video.decord` reads it too; a test may set it to None."""
+    module = globals().get("decord", _UNLOADED)
+    if module is _UNLOADED:
+        try:
+            import decord as module
+            # decord's own FFmpeg logs to stderr ("partial file" on a truncated file); its errors reach us as
+            # exceptions, which become the video's one-line reason, so the log only adds lines the user cannot place
+            module.logging.set_level(module.logging.QUIET)
+        except ImportError:
+            module = None
+        globals()["decord"] = module
+    return module
+
+
+def _has_decord() -> bool:
+    module = globals().get("decord", _UNLOADED)
+    return importlib.util.find_spec("decord") is not None if module is _UNLOADED else module is not None
+
+
+def __getattr__(name: str):
+    if name == "decord":
+        return _decord()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 DECODERS = ("auto", "pyav", "decord")
 # Frames per decord get_batch call: large enough to amortise the call, small enough that a
@@ -206,10 +232,10 @@ def decoder_chain(decoder: str) -> tuple[str, ...]:
     """The decoders to try in order for a `decoder` setting from the config."""
     if decoder not in DECODERS:
         raise InputError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
-    if decoder == "decord" and decord is None:
+    if decoder == "decord" and not _has_decord():
         raise InputError("decoder 'decord' requested but decord is not installed on this platform")
     if decoder == "auto":
-        return ("pyav", "decord") if decord is not None else ("pyav",)
+        return ("pyav", "decord") if _has_decord() else ("pyav",)
     return (decoder,)
 
 
@@ -231,20 +257,95 @@ def _first_frame_rotation(container: av.container.InputContainer, stream: av.vid
 
 
 def _pyav_frames(path: Path, pending: range, info: dict) -> Iterator[tuple[int, float, np.ndarray]]:
-    """Decode every frame (H.264 needs them all) but convert to RGB only the pending ones."""
+    """The pending frames, converted to RGB. With a stride, frames that are neither pending nor referenced by others
+    are not decoded at all (`_sampled_frames`); a stream whose packets cannot say which frame they are is decoded
+    whole from the first frame not yet given."""
+    given = -1
     try:
-        with av.open(str(path)) as container:
-            stream = main_stream(container)
-            stream.thread_type = "AUTO"
-            start = stream.start_time or 0
-            for index, frame in enumerate(container.decode(stream)):
-                if index in pending:
-                    image = np.rot90(frame.to_ndarray(format="rgb24"), frame.rotation % 360 // 90)
-                    yield index, _seconds(frame.pts, start, stream, index, info["fps"]), np.ascontiguousarray(image)
-                if index >= pending[-1]:
-                    return
+        if pending.step > 1:
+            try:
+                for item in _decode(path, pending, info, _sampled_frames):
+                    given = item[0]
+                    yield item
+                return
+            except _Unnumbered:
+                pending = pending[pending.index(given) + 1:] if given >= 0 else pending
+        yield from _decode(path, pending, info, _all_frames)
     except av.FFmpegError as err:
         raise VideoError(path, f"pyav: {err.strerror}") from err
+
+
+def _decode(path: Path, pending: range, info: dict, frames: Callable) -> Iterator[tuple[int, float, np.ndarray]]:
+    with av.open(str(path)) as container:
+        stream = main_stream(container)
+        stream.thread_type = "AUTO"
+        start = stream.start_time or 0
+        for index, frame in frames(container, stream, pending):
+            if index in pending:
+                image = np.rot90(frame.to_ndarray(format="rgb24"), frame.rotation % 360 // 90)
+                yield index, _seconds(frame.pts, start, stream, index, info["fps"]), np.ascontiguousarray(image)
+            if index >= pending[-1]:
+                return
+
+
+def _all_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+                pending: range) -> Iterator[tuple[int, av.VideoFrame]]:
+    return enumerate(container.decode(stream))
+
+
+# Packets read ahead of the decoder to learn which frame each one is: more than any codec holds back for reordering
+# (H.264 and HEVC at most 16 frames).
+REORDER_WINDOW = 32
+
+
+class _Unnumbered(Exception):
+    """A packet without a timestamp, a timestamp twice, or a frame that matches no packet: the frame numbers cannot
+    be told from the packets."""
+
+
+def _sampled_frames(container: av.container.InputContainer, stream: av.video.stream.VideoStream,
+                    pending: range) -> Iterator[tuple[int, av.VideoFrame]]:
+    """Numbered frames, skipping (FFmpeg's skip_frame, set per packet) the decode of each frame that is not pending
+    and that no other frame references: a non-reference frame changes no other frame's pixels, so the pending
+    frames are exactly those of a full decode (tests/test_video.py), for ~2/3 of the decode time at stride 3."""
+    context = stream.codec_context
+    numbers: dict[int, int] = {}  # a skipped frame's entry stays: a few bytes per frame of the video
+    for packet, number in _numbered_packets(container.demux(stream)):
+        if number is not None:
+            numbers[packet.pts] = number
+        context.skip_frame = "NONREF" if number is not None and number not in pending else "DEFAULT"
+        for frame in context.decode(packet):
+            if frame.pts not in numbers:
+                raise _Unnumbered
+            yield numbers.pop(frame.pts), frame
+
+
+def _numbered_packets(packets: Iterable[av.Packet]) -> Iterator[tuple[av.Packet, int | None]]:
+    """Packets in decode order, each with the number its frame has in presentation order (what a full decode
+    counts): the rank of its timestamp, known once REORDER_WINDOW later packets are read. None for the final empty
+    packet and for packets the container marks to discard (an edit list's lead-in), whose frames the decoder
+    drops."""
+    waiting: deque[av.Packet] = deque()
+    ahead: list[int] = []  # a heap of the timestamps read but not yet numbered
+    numbered: dict[int, int] = {}
+    count = 0
+    for packet in chain(packets, [None]):
+        if packet is not None:
+            waiting.append(packet)
+            if _shown(packet):
+                if packet.pts is None or packet.pts in ahead:
+                    raise _Unnumbered
+                heapq.heappush(ahead, packet.pts)
+        while ahead and (len(ahead) > REORDER_WINDOW or packet is None):
+            numbered[heapq.heappop(ahead)] = count
+            count += 1
+        while waiting and (not _shown(waiting[0]) or waiting[0].pts in numbered):
+            first = waiting.popleft()
+            yield first, numbered.pop(first.pts) if _shown(first) else None
+
+
+def _shown(packet: av.Packet) -> bool:
+    return bool(packet.size) and not packet.is_discard
 
 
 def _seconds(pts: int | None, start: int, stream: av.video.stream.VideoStream, index: int, fps: float) -> float:
@@ -262,6 +363,7 @@ def _decord_frames(path: Path, pending: range, info: dict) -> Iterator[tuple[int
     """
     if info["rotation"] in (90, 270):
         raise VideoError(path, f"decord: cannot read video rotated {info['rotation']} degrees")
+    decord = _decord()
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
         indices = range(pending.start, min(pending.stop, len(reader)), pending.step)

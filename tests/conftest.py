@@ -11,6 +11,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 
 from dfpipe.stages.video import write_video
 
@@ -100,3 +101,13 @@ def moov_first(src, dst):
                 packet.stream = stream
                 out.mux(packet)
     return dst
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For a module's training runs: two threads per process on a CPU shared with other jobs spin against each other
+    (~30x slower here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

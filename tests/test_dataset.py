@@ -14,7 +14,8 @@ from torchvision.io import write_jpeg
 from torchvision.transforms.v2 import functional as F
 
 from dfpipe.pipeline.config import load_config
-from dfpipe.stages.dataset import (BLENDED, BLENDED_SUFFIX, FAKE, REAL, BalancedSampler, ClipAugment, SequenceDataset,
+from dfpipe.stages.augment import ClipAugment
+from dfpipe.stages.dataset import (BLENDED, BLENDED_SUFFIX, FAKE, REAL, BalancedSampler, SequenceDataset,
                                    collate_clips)
 from dfpipe.stages import dataset as dataset_mod
 from dfpipe.stages import synthesize
@@ -75,8 +76,13 @@ def workspace(pristine, tmp_path):
     return tmp_path, faces.copy()
 
 
-def augment_only(*names: str) -> dict[str, float]:
-    return {k: float(k in names) for k in load_config().dataset.augment}
+PROBABILITIES = ("flip", "affine", "color_jitter", "jpeg", "blur", "noise", "cutout", "randaugment", "mixup", "cutmix")
+
+
+def augment_only(*names: str, **settings) -> dict[str, float]:
+    """The augment section with only ``names`` on (probability 1); ``settings`` set other keys (alphas, ...)."""
+    return {k: float(k in names) if k in PROBABILITIES else v for k, v in load_config().dataset.augment.items()} \
+        | settings
 
 
 def make(workspace, train, **overrides) -> SequenceDataset:
@@ -149,7 +155,7 @@ def smooth_clip(size: int) -> torch.Tensor:
 
 
 def test_augmentation_is_shared_by_frames_and_streams():
-    probabilities = {k: 1.0 for k in load_config().dataset.augment} | {"noise": 0.0}
+    probabilities = augment_only(*PROBABILITIES[:7]) | {"noise": 0.0}
     augment = ClipAugment.sample(probabilities, torch.Generator().manual_seed(3))
     assert augment.flip and augment.affine and augment.jitter and augment.jpeg and augment.blur and augment.cutout
     hq_in, lq_in = smooth_clip(224), smooth_clip(112)
@@ -348,3 +354,101 @@ def test_balanced_sampler_gives_self_blended_fakes_their_share():
     only_blended = [REAL] * 20 + [BLENDED] * 20
     drawn = [only_blended[i % 40] for i in BalancedSampler(SimpleNamespace(kinds=only_blended), seed=0)]
     assert drawn.count(REAL) == drawn.count(BLENDED) == 20
+
+
+# ---------------------------------------------------------------- RandAugment, MixUp, CutMix
+
+def test_randaugment_draws_once_per_clip_and_replays_it_on_the_other_stream():
+    hq_in, lq_in = smooth_clip(224), smooth_clip(112)
+    plain = F.to_dtype(hq_in, torch.float32, scale=True)
+    changed = 0
+    for seed in range(6):
+        augment = ClipAugment(randaugment=(2, 9, seed))
+        hq, lq = augment(hq_in, torch.Generator()), augment(lq_in, torch.Generator())
+        # the input's frames are identical: a per-frame draw would give frames other ops
+        assert all(torch.equal(hq[0], frame) for frame in hq) and all(torch.equal(lq[0], frame) for frame in lq)
+        assert (F.resize(hq, [112, 112], antialias=True) - lq).abs().mean() < 0.03
+        assert torch.equal(augment(hq_in, torch.Generator()), hq)   # the seed decides the draw
+        changed += (hq - plain).abs().mean() > 0.02
+    assert changed >= 4                                            # a few draws may pick Identity twice
+    drawn = ClipAugment.sample(augment_only("randaugment", randaugment_ops=3, randaugment_magnitude=5),
+                               torch.Generator().manual_seed(0))
+    assert drawn.randaugment[:2] == (3, 5) and drawn.flip is False
+
+
+def test_with_probability_zero_mixing_and_randaugment_change_no_item(workspace):
+    """Configs that predate the new keys, and the keys at 0, give the same items bit for bit, batched too."""
+    with_keys = load_config().dataset.augment | {"mixup_alpha": 0.7, "cutmix_alpha": 3.0}
+    before = {k: v for k, v in with_keys.items() if k in PROBABILITIES[:7]}
+    old, new = make(workspace, train=True, augment=before), make(workspace, train=True, augment=with_keys)
+    for epoch in range(3):
+        old.set_epoch(epoch)
+        new.set_epoch(epoch)
+        batches = collate_clips([old[i] for i in range(6)]), collate_clips([new[i] for i in range(6)])
+        assert batches[0].keys() == batches[1].keys()
+        for key in ("hq", "lq", "label", "start"):
+            assert torch.equal(batches[0][key], batches[1][key])
+
+
+def mixed_item(ds, kind: str) -> tuple[dict, dict, dict, object]:
+    """The first item mixed by ``kind`` whose partner has the other label: (mixed, own, partner, plan)."""
+    for index in range(200):
+        plan = ds.mix_plan(index, 112)
+        if plan is None or (plan.box is None) != (kind == "mixup"):
+            continue
+        own = ds._item(index % len(ds), dataset_mod.seeded_generator(0, ds.epoch, index))
+        partner = ds._item(plan.partner, dataset_mod.seeded_generator(0, ds.epoch, index, dataset_mod.PARTNER_STREAM))
+        if own["label"] != partner["label"] and 0.2 < plan.ratio < 0.8:
+            return ds[index], own, partner, plan
+    raise AssertionError(f"no {kind} item with a partner of the other label")
+
+
+def test_mixup_mixes_every_frame_and_both_streams_with_one_partner_and_ratio(workspace):
+    ds = make(workspace, train=True, augment=augment_only("mixup", mixup_alpha=1.0))
+    mixed, own, partner, plan = mixed_item(ds, "mixup")
+    share = plan.ratio if own["label"] == 1 else 1 - plan.ratio     # the fake's share of the pixels
+    assert mixed["label"].item() == pytest.approx(share, abs=1e-6)
+    assert (mixed["video_id"], mixed["start"]) == (own["video_id"], own["start"])
+    for stream in ("hq", "lq"):
+        a, b = own[stream], partner[stream]
+        assert decode(a) != decode(b)                                # two different clips were mixed
+        # the ratio read back from the pixels of each frame, without trusting the plan
+        ratio = ((mixed[stream] - b) * (a - b)).sum(dim=(1, 2, 3)) / ((a - b) ** 2).sum(dim=(1, 2, 3))
+        assert torch.allclose(ratio, torch.full((T,), plan.ratio), atol=1e-4)
+        assert torch.allclose(mixed[stream], plan.ratio * a + (1 - plan.ratio) * b, atol=1e-6)
+
+
+def test_cutmix_pastes_the_same_box_into_every_frame_of_both_streams_at_their_scale(workspace):
+    ds = make(workspace, train=True, augment=augment_only("cutmix", cutmix_alpha=1.0))
+    mixed, own, partner, plan = mixed_item(ds, "cutmix")
+    boxes = {}
+    for stream in ("hq", "lq"):
+        pasted = (mixed[stream] == partner[stream]).all(dim=1) & (mixed[stream] != own[stream]).any(dim=1)
+        kept = (mixed[stream] == own[stream]).all(dim=1)
+        assert bool((pasted | kept).all())                          # every pixel is one clip's or the other's
+        assert torch.equal(pasted, pasted[:1].expand_as(pasted))    # the same box in every frame
+        boxes[stream] = pasted[0]
+        assert 1 - pasted[0].float().mean().item() == pytest.approx(plan.ratio)
+    assert torch.equal(boxes["hq"][::2, ::2], boxes["lq"])          # the LQ box is the HQ box at half scale
+    rows, cols = boxes["lq"].any(dim=1).nonzero().flatten(), boxes["lq"].any(dim=0).nonzero().flatten()
+    assert boxes["lq"][rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()   # a rectangle
+    share = plan.ratio if own["label"] == 1 else 1 - plan.ratio
+    assert mixed["label"].item() == pytest.approx(share, abs=1e-6)
+
+
+def test_mixing_is_reproducible_training_only_and_leaves_pairs_alone(workspace):
+    augment = augment_only("mixup", "flip", mixup_alpha=1.0)
+    first, again = make(workspace, train=True, augment=augment), make(workspace, train=True, augment=augment)
+    assert all(torch.equal(a["hq"], b["hq"]) and a["label"] == b["label"] for a, b in zip(first, again))
+    assert {item["label"].item() for item in first} - {0.0, 1.0}    # mixed targets
+    val = make(workspace, train=False, augment=augment)
+    assert {item["label"].item() for item in val} == {0.0, 1.0}
+    paired = make(workspace, train=True, paired=True, augment=augment)
+    assert all(item["label"].item() in (0.0, 1.0) for item in paired if "hq_real" in item)
+
+
+def test_mixup_and_cutmix_together_may_not_exceed_certainty():
+    from dfpipe.pipeline.config import ConfigError
+    load_config(overrides=[{"dataset": {"augment": {"mixup": 0.5, "cutmix": 0.5}}}])
+    with pytest.raises(ConfigError, match="mixup \\+ dataset.augment.cutmix must not exceed 1"):
+        load_config(overrides=[{"dataset": {"augment": {"mixup": 0.6, "cutmix": 0.5}}}])

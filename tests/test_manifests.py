@@ -2,19 +2,23 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
-import tempfile
+import re
 import stat
+import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from dfpipe.manifests import progress
 from dfpipe.manifests.table import STALE_TMP_SECONDS, atomic_write_bytes, check_writable, read_table, write_table
 from dfpipe.manifests.units import (Journal, Record, StageSpec, Unit, UnitError, UnitOutput, count_states,
-                                    load_state, run_stage, verify)
+                                    judge_all, load_state, run_stage, verify)
 from dfpipe.manifests.workspace import Shard, Workspace, WorkspaceError, safe_name
 
 SPEC = StageSpec(name="toy", version=1, area="out", rows_table="toy_rows.csv",
@@ -283,3 +287,93 @@ def test_atomic_writes_get_the_mode_of_any_new_file(tmp_path):
     with ws.lock("toy"):  # a teammate's shard must be able to take the same lock
         locks = list((tmp_path / "ws").rglob("*.lock"))
         assert locks and all(stat.S_IMODE(lock.stat().st_mode) == mode for lock in locks)
+
+
+def test_status_says_why_each_unit_is_not_done(tmp_path):
+    """As `dvc status` does: the input, the settings, a file or rows gone, a failure; an older table without the
+    input column still reads (its stale units cannot tell which of the two changed)."""
+    spec = replace(SPEC, rows_info="count", rows_key="n")
+    ws, calls = Workspace(tmp_path / "ws"), []
+    run_stage(ws, spec, {"p": 1}, units("a", "b", "c", "d", "e", bad={"e"}), make_work(calls), progress=False)
+    (ws.root / "out/c/1.txt").unlink()
+    table = ws.manifest("toy_rows.csv")
+    table.write_text("".join(line for line in table.read_text().splitlines(keepends=True)
+                             if not line.startswith("d,2,")))
+    now = [Unit("a", "NEW", "ok"), *units("b", "c", "d", "e"), Unit("f", "d0", "ok")]
+    assert judge_all(ws, spec, {"p": 1}, now) == {
+        "a": ("stale", "input changed"), "b": ("done", ""), "c": ("stale", "files missing, e.g. out/c/1.txt"),
+        "d": ("stale", "rows missing from toy_rows.csv"), "e": ("failed", "e: cannot read"),
+        "f": ("pending", "not run yet")}
+    judged = judge_all(ws, spec, {"p": 2}, now)
+    assert {u: judged[u] for u in "ab"} == {"a": ("stale", "input changed"), "b": ("stale", "settings changed")}
+    verify(ws, spec)
+    assert judge_all(ws, spec, {"p": 1}, units("c"))["c"] == (
+        "stale", "verify: 1 file(s) missing or changed, e.g. missing out/c/1.txt")
+    units_table = ws.manifest("toy.csv")
+    old = read_table(units_table, spec.unit_columns).drop(columns="input")
+    write_table(units_table, old, list(old.columns))  # as written before the column existed
+    assert judge_all(ws, spec, {"p": 2}, units("b"))["b"] == ("stale", "input or settings changed")
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def every_update(monkeypatch):
+    monkeypatch.setattr(progress, "INTERVAL", 0.0)
+
+
+def test_progress_in_a_log_is_plain_lines_with_counts_rate_and_eta(every_update, monkeypatch):
+    """A Slurm log got one carriage-return frame per batch (200 batches: 203 frames)."""
+    log = io.StringIO()
+    for _ in progress.bar(range(4), desc="extract", unit="video", file=log):
+        pass
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 4
+    assert [line.split(",")[0] for line in lines] == [f"extract: {n}/4 video ({25 * n}%)" for n in range(1, 5)]
+    assert all(re.search(r", [\d.]+ video/s, elapsed 00:00, ETA 00:00$", line) for line in lines), lines
+
+    monkeypatch.setattr(progress, "INTERVAL", 3600.0)  # a line every 30 s: none within this test but the last
+    log = io.StringIO()
+    with progress.bar(total=3, desc="score", unit="video", file=log) as bar:
+        for _ in range(3):
+            bar.update()
+            bar.set_postfix(loss="0.6931")
+    assert log.getvalue().startswith("score: 3/3 video (100%), ") and log.getvalue().endswith(", loss=0.6931\n")
+    log = io.StringIO()
+    list(progress.bar(range(3), desc="epoch 1/2", unit="batch", leave=False, file=log))
+    assert log.getvalue() == ""  # an epoch's bar leaves nothing: its epoch line follows
+    list(progress.bar(range(3), enabled=False, file=log))
+    assert log.getvalue() == ""
+
+
+def test_a_terminal_gets_a_bar_and_the_log_file_only_the_lines(tmp_path, monkeypatch):
+    terminal_out, terminal_err = Terminal(), Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal_out)
+    monkeypatch.setattr(sys, "stderr", terminal_err)
+    path = tmp_path / "run" / "train.log"
+    with progress.tee(path, "header\n"):
+        progress.say("printed before the folder exists")
+        path.parent.mkdir()
+        for i in progress.bar(range(30), desc="epoch 1/1", unit="batch", leave=False):
+            if i == 10:
+                progress.say("epoch line")
+                progress.note("note: a note")
+        for _ in progress.bar(range(2), desc="val", unit="batch"):
+            pass
+    assert "\r" in terminal_err.getvalue() and "epoch 1/1:" in terminal_err.getvalue()  # tqdm's bar
+    assert terminal_out.getvalue() == "printed before the folder exists\nepoch line\n"
+    text = path.read_text()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert lines[:4] == ["header", "printed before the folder exists", "epoch line", "note: a note"]
+    assert len(lines) == 5 and lines[4].startswith("val: 100%|") and lines[4].endswith("batch/s]")
+    assert sys.stdout is terminal_out and sys.stderr is terminal_err
+
+
+def test_a_log_whose_folder_never_appears_is_not_written(tmp_path):
+    with progress.tee(tmp_path / "refused" / "train.log", "header\n"):
+        progress.say("error: refused before the run folder was made")
+    assert not (tmp_path / "refused").exists()

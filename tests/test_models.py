@@ -1,9 +1,11 @@
 """The detector network: backbones, ConvLSTM, dual-stream fusion. Tiny timm test models unless a name is the point."""
 from __future__ import annotations
 
+import copy
 import logging
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -15,6 +17,8 @@ from dfpipe.models.backbones import build_backbone
 from dfpipe.models.convlstm import ConvLSTM, ConvLSTMCell
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
+from dfpipe.stages.checkpoint import model_from_checkpoint
+from dfpipe.stages.inference import ClipModel
 
 TINY = "test_efficientnet"
 
@@ -307,6 +311,34 @@ def test_bf16_autocast_channels_last_is_close_to_fp32():
 
 def on_bf16_grid(x: torch.Tensor) -> bool:
     return bool(torch.equal(x.bfloat16().float(), x))
+
+
+def test_the_bottleneck_feeds_the_convlstm_and_checkpoints_without_it_score_as_before():
+    """The default model projects the backbone's map to the ConvLSTM's width first; a checkpoint written before the
+    setting existed (no `bottleneck` key in its model_config) rebuilds without one and gives its own logits."""
+    assert load_config().model.bottleneck == load_config().model.convlstm_filters[0]
+    torch.manual_seed(0)
+    narrow = DualStreamNet.from_config(tiny_model_cfg(bottleneck=6, dropout=[0.0, 0.0])).eval()
+    assert narrow.hq.bottleneck.out_channels == narrow.hq.temporal.cells[0].input_conv.in_channels == 6
+    old_config = {k: v for k, v in tiny_model_cfg(dropout=[0.0, 0.0]).items() if k != "bottleneck"}
+    old = DualStreamNet(**old_config).eval()
+    assert not any("bottleneck" in key for key in old.state_dict())
+    rebuilt = model_from_checkpoint({"model": old.state_dict(), "model_config": old_config}, "cpu")
+    hq, lq = clips()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(hq, lq), old(hq, lq))
+        assert narrow(hq, lq).shape == (2,)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs it)")
+def test_fp16_scoring_on_cuda_is_close_to_fp32_on_the_cpu():
+    model = DualStreamNet.from_config(tiny_model_cfg(dropout=[0.0, 0.0])).eval()
+    rng = np.random.default_rng(0)
+    hq, lq = (rng.integers(0, 256, (4, 3, size, size, 3), dtype=np.uint8) for size in (64, 32))
+    cpu = ClipModel(copy.deepcopy(model), device=torch.device("cpu"), dtype=None, temperature=1.0, tta_flip=False)
+    cuda = ClipModel(model.cuda(), device=torch.device("cuda"), dtype=torch.float16, temperature=1.0,
+                     tta_flip=False)
+    np.testing.assert_allclose(cuda(hq, lq), cpu(hq, lq), atol=0.01)
 
 
 def test_bad_clip_shape_is_rejected():

@@ -253,7 +253,7 @@ def test_errors_and_changed_videos_are_scored_again_and_each_reason_reported(roo
     (tmp_path / "out/scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     capsys.readouterr()
     again = run(checkpoint, [root / "data", root / "bad"], tmp_path / "out/scores.csv")
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # notes: stderr
     assert "1 video(s) ended in an error last time; scoring them again" in out
     assert "1 video(s) changed on disk since they were scored; scoring them again" in out
     assert "other settings" not in out
@@ -332,7 +332,7 @@ def test_a_damaged_record_line_is_reported_and_only_its_video_rescored(root, che
     lost = json.loads(lines[1])["path"]
     (tmp_path / "out/scores.jsonl").write_bytes(b"".join([lines[0], b"garbage \xff\n", *lines[2:]]))
     again = run(checkpoint, [root / "data", root / "bad"], tmp_path / "out/scores.csv")
-    assert "scores.jsonl: line(s) 2 are not score records" in capsys.readouterr().out
+    assert "scores.jsonl: line(s) 2 are not score records" in capsys.readouterr().err
     assert (again.scored, again.reused) == (1, 6) and set(jsonl(again.jsonl)) == set(jsonl(scored[0].jsonl))
     assert lost in jsonl(again.jsonl)
 
@@ -341,7 +341,7 @@ def test_labels_that_match_no_video_are_reported(root, checkpoint, tmp_path, cap
     (tmp_path / "labels.csv").write_text("path,label\nelsewhere.mp4,fake\n")
     summary = run(checkpoint, [root / "bad"], tmp_path / "scores.csv", labels=str(tmp_path / "labels.csv"))
     assert summary.metrics is None
-    assert f"{tmp_path / 'labels.csv'} labels none of the 3 videos" in capsys.readouterr().out
+    assert f"{tmp_path / 'labels.csv'} labels none of the 3 videos" in capsys.readouterr().err
 
 
 def test_labels_of_one_class_give_no_auc_and_null_in_metrics(root, checkpoint, scored, model_calls, tmp_path):
@@ -429,6 +429,17 @@ def test_checkpoint_from_train_scores_a_workspace_split(root, tmp_path):
     with pytest.raises(score.ScoreError, match=r"training_pairs.csv: the workspace's splits are not the ones "
                                                r".*best.pt was trained on .*--run-splits scores the run's own val"):
         run(tmp_path / "run/best.pt", [], tmp_path / "again.csv", cfg=cfg, work=str(ws), split="val")
+    # in an ensemble every model is held to the split: one trained on the redrawn pairs does not excuse another
+    fresh = tmp_path / "fresh.pt"
+    torch.save({**torch.load(tmp_path / "run/best.pt", weights_only=True),
+                "pairs_digest": pairs_mod.pairs_digest(redrawn)}, fresh)
+    both = [str(fresh), str(tmp_path / "run/best.pt")]
+    with pytest.raises(score.ScoreError, match=r"not the ones .*run/best.pt was trained on"):
+        score_store.run_score([], both, cfg, out=str(tmp_path / "both.csv"), labels=None, work=str(ws), split="val",
+                              shard=Shard(), progress=False)
+    with pytest.raises(score.ScoreError, match="--run-splits reads one run's splits"):
+        score_store.run_score([], both, cfg, out=str(tmp_path / "both.csv"), labels=None, work=str(ws), split="val",
+                              shard=Shard(), progress=False, run_splits=True)
     own = run(tmp_path / "run/best.pt", [], tmp_path / "own.csv", cfg=cfg, work=str(ws), split="val", run_splits=True)
     assert list(pd.read_csv(own.csv).path) == list(table.path)
     videos_csv = ws / "manifests/videos.csv"

@@ -101,13 +101,7 @@ def make_workspace(root, per_class: int, val_per_class: int):
     return root
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads per process on a CPU shared with other jobs spin against each other (~30x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -248,10 +242,10 @@ def test_new_split_settings_draw_the_splits_anew(tmp_path, capsys):
     again = train_mod.update_pairs(ws, grown, faces, cfg)
     assert again.set_index(["real_id", "fake_id"]).split.loc[first.set_index(["real_id", "fake_id"]).index].tolist() \
         == first.split.tolist()
-    assert "drawn anew" not in capsys.readouterr().out
+    assert "drawn anew" not in capsys.readouterr().err
     redrawn = train_mod.update_pairs(ws, videos, faces, {**cfg, "seed": 1, "test_fraction": 0.2})
     assert (redrawn.split == "test").any()
-    assert "note: pairs.seed 0 -> 1, pairs.test_fraction 0.0 -> 0.2: splits drawn anew" in capsys.readouterr().out
+    assert "note: pairs.seed 0 -> 1, pairs.test_fraction 0.0 -> 0.2: splits drawn anew" in capsys.readouterr().err
     fresh = pairs_mod.build_training_pairs(videos, faces, None, **{**cfg, "seed": 1, "test_fraction": 0.2})
     assert redrawn.equals(fresh)
     (tmp_path / "manifests" / "training_pairs.json").write_text("{")
@@ -383,6 +377,25 @@ def test_the_same_command_again_completes_a_killed_run_and_then_does_nothing(tra
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps
 
 
+def test_a_run_from_before_mixing_and_peft_existed_is_still_found_finished(trained, workspace, tmp_path):
+    """Its config lacks the settings added since, which were off for it, as their defaults are."""
+    run_dir, summary = trained
+    shutil.copytree(run_dir, tmp_path, dirs_exist_ok=True)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    for key in ("randaugment", "randaugment_ops", "randaugment_magnitude", "mixup", "mixup_alpha", "cutmix",
+                "cutmix_alpha"):
+        del last["config"]["dataset"]["augment"][key]
+    del last["config"]["train"]["peft"], last["config"]["train"]["peft_rank"]
+    save_checkpoint(tmp_path / "last.pt", last)
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert run_train(workspace, tmp_path, tiny_cfg(), resume=False)["calibration"] == summary["calibration"]
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamps   # nothing to do
+    cfg = tiny_cfg()
+    cfg.dataset.augment["mixup"] = 0.5
+    with pytest.raises(TrainError, match=r"other settings \(dataset\.augment\.mixup \(run: 0\.0, now: 0\.5\)\)"):
+        run_train(workspace, tmp_path, cfg, resume=False)
+
+
 def test_resume_refuses_changed_training_settings_and_the_cli_resumes_with_the_runs_config(trained, workspace,
                                                                                           tmp_path):
     run_train(workspace, tmp_path, tiny_cfg(epochs=1), resume=False)
@@ -430,10 +443,12 @@ def test_frozen_backbone_phase_trains_only_the_head(workspace, tmp_path):
 
 
 def test_alternative_options_run_end_to_end(workspace, tmp_path):
-    """Worker processes, paired clips, plain shuffling, accumulation, one-cycle schedule, focal loss, fp32."""
+    """Worker processes, paired clips, plain shuffling, accumulation, one-cycle schedule, focal loss, fp32, MixUp,
+    CutMix and RandAugment."""
     cfg = tiny_cfg(epochs=2, workers=1, accumulate=2, scheduler="onecycle", loss="focal", amp="off",
                    lr_backbone=1e-3, deterministic=False)
     cfg.dataset.update(paired=True, balanced=False)
+    cfg.dataset.augment.update(mixup=0.4, cutmix=0.4, randaugment=0.5)
     summary = run_train(workspace, tmp_path, cfg, resume=False)
     table = metrics(tmp_path)
     assert table.epoch.tolist() == [1, 2] and table.notna().all(axis=None)
@@ -561,6 +576,20 @@ def test_losses_on_known_logits():
     focal = make_criterion(**{**t, "loss": "focal", "focal_gamma": 2.0})(z, y).item()
     p = 1 / (1 + math.exp(-2.0)), 1 / (1 + math.exp(-1.0))   # probability of the true class
     assert focal == pytest.approx(np.mean([(1 - q) ** 2 * -math.log(q) for q in p]))
+
+
+@pytest.mark.parametrize("loss", ["bce", "smooth", "focal"])
+def test_losses_on_mixed_targets_are_smallest_at_the_target(loss):
+    """A mixed clip's target is its share of fake pixels: the loss must pull the probability to it (for `smooth`,
+    to the smoothed target), not past it."""
+    t = {**load_config().train, "loss": loss, "label_smoothing": 0.2}
+    y = torch.tensor([0.3, 0.5, 0.85])
+    aim = y * 0.8 + 0.1 if loss == "smooth" else y
+    z = torch.logit(aim).requires_grad_()
+    make_criterion(**t)(z, y).backward()
+    assert torch.allclose(z.grad, torch.zeros(3), atol=1e-6)
+    for step in (-0.2, 0.2):                     # and it is a minimum
+        assert make_criterion(**t)(z.detach() + step, y) > make_criterion(**t)(z.detach(), y)
 
 
 def lr_curve(scheduler_name: str, epochs: int = 4, updates: int = 5) -> list[float]:

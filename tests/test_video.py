@@ -173,6 +173,54 @@ def test_unreadable_file_raises_permission_denied(clip_factory):
         probe(path)
 
 
+def full_decode(monkeypatch, path, **overrides):
+    """The frames as a decode of every frame gives them: the reference the skipping decode must equal."""
+    with monkeypatch.context() as m:
+        m.setattr(video, "_sampled_frames", video._all_frames)
+        return read(path, **overrides)[0]
+
+
+def assert_same_frames(frames, reference):
+    assert [(f.index, f.timestamp) for f in frames] == [(f.index, f.timestamp) for f in reference]
+    for frame, ref in zip(frames, reference):
+        assert np.array_equal(frame.image, ref.image), frame.index
+
+
+@pytest.mark.parametrize("stride,max_frames", [(3, None), (2, None), (4, 5)])
+def test_a_stride_skips_unreferenced_frames_and_gives_the_full_decodes_pixels(clip_factory, monkeypatch, stride,
+                                                                               max_frames):
+    path = clip_factory(n=60)  # x264's default B-frames: some referenced, some not
+    decoded = []
+
+    def counted(*args):
+        for number, frame in video._sampled_frames.__wrapped__(*args):
+            decoded.append(number)
+            yield number, frame
+    counted.__wrapped__ = video._sampled_frames
+    monkeypatch.setattr(video, "_sampled_frames", counted)
+    frames, reader = read(path, stride=stride, max_frames=max_frames, decoder="pyav")
+    assert_same_frames(frames, full_decode(monkeypatch, path, stride=stride, max_frames=max_frames, decoder="pyav"))
+    assert [f.index for f in frames] == list(range(0, 60, stride))[:max_frames] and reader.errors == []
+    assert set(range(0, decoded[-1] + 1, stride)) <= set(decoded) and len(decoded) < decoded[-1] + 1  # some skipped
+
+
+def test_packets_without_timestamps_are_decoded_whole(tmp_path, monkeypatch):
+    path = tmp_path / "raw.h264"  # an elementary stream: no container, no packet timestamps
+    write_video(path, pattern_frames(N))
+    frames, reader = read(path, stride=3, decoder="pyav")
+    assert [f.index for f in frames] == list(range(0, N, 3)) and reader.errors == []
+    assert_same_frames(frames, full_decode(monkeypatch, path, stride=3, decoder="pyav"))
+    assert_frames_match(frames, list(pattern_frames(N)))
+
+
+def test_real_clips_skip_decoding_to_the_same_sampled_frames(shared_data, monkeypatch):
+    for path in [shared_data / "dfdc_sample" / "abofeumbvv.mp4",  # 1080p DFDC, B-frames
+                 shared_data / "ffpp_c40" / "original_sequences" / "youtube" / "c40" / "videos" / "183.mp4"]:
+        frames, _ = read(path, stride=3, decoder="pyav")
+        assert len(frames) > 90
+        assert_same_frames(frames, full_decode(monkeypatch, path, stride=3, decoder="pyav"))
+
+
 def failing_after(count, raise_error):
     """A PyAV backend that stops after `count` frames, by raising or by ending quietly."""
     real = video.BACKENDS["pyav"]
