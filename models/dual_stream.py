@@ -117,13 +117,17 @@ class DualStreamNet(nn.Module):
 
     def _dropout_samples(self, fused: torch.Tensor, count: int) -> list[torch.Tensor]:
         """Monte-Carlo dropout (Gal and Ghahramani 2016) over the head only: the streams' features are computed
-        once. Drawn from a fixed seed (torch's global RNG is restored after), so a rerun gives the same spread."""
+        once. Each clip's masks come from the same fixed seed (torch's global RNG is restored after), so a clip's
+        spread depends on the clip alone: not on its place in a batch, the batch size or a resumed run."""
         was_training = self.classifier.training
         with torch.random.fork_rng(devices=[fused.device] if fused.device.type == "cuda" else []):
-            torch.manual_seed(0)
             self.classifier.train()
             try:
-                return [self.classifier(fused).squeeze(-1) for _ in range(count)]
+                per_clip = []
+                for clip in fused.split(1):
+                    torch.manual_seed(0)
+                    per_clip.append(torch.stack([self.classifier(clip).squeeze(-1) for _ in range(count)]))
+                return list(torch.cat(per_clip, dim=1))
             finally:
                 self.classifier.train(was_training)
 

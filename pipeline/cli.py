@@ -391,6 +391,9 @@ def score_video(paths, checkpoint, out, labels, work, split, run_splits, aggrega
     checkpoints = [str(resolve_checkpoint(c)) for c in checkpoint]
     if report_dir and len(checkpoints) > 1:
         raise click.UsageError("--report explains one model's scores (its Grad-CAM): give one --checkpoint")
+    if report_dir and shard:
+        raise click.UsageError("--report with --shard would give each shard an index of its own videos: once the "
+                               "shards are done, merge them (score-video without --shard) with --report")
     checkpoint = checkpoints[0]
     summary = run_score(list(paths), checkpoint if len(checkpoints) == 1 else checkpoints, cfg, out=out,
                         labels=labels, work=work, split=split, run_splits=run_splits, shard=Shard.parse(shard),

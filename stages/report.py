@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ..manifests.errors import InputError
-from ..manifests.progress import bar
+from ..manifests.progress import bar, warn
 from ..manifests.table import atomic_write_bytes, check_writable
 from ..manifests.units import sha256_file
 from .checkpoint import load_checkpoint, model_from_checkpoint
@@ -68,7 +69,10 @@ def read_scores(scores_csv: str | Path) -> list[dict]:
     jsonl = csv_path.with_suffix(".jsonl")
     if not csv_path.is_file():
         raise ReportError(f"{csv_path}: not found (give the CSV `dfpipe score-video --out` wrote)")
-    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    try:
+        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    except (ValueError, pd.errors.ParserError) as e:  # EmptyDataError is a ValueError
+        raise ReportError(f"{csv_path}: not a score-video output ({' '.join(str(e).split())})") from None
     if list(table.columns) not in (CSV_COLUMNS, *map(list, EARLIER_COLUMNS)):
         raise ReportError(f"{csv_path}: not a score-video output (its columns differ)")
     if not jsonl.is_file():
@@ -108,10 +112,12 @@ def gather_evidence(row: dict, scoring: Scoring, detector: FaceDetector, model, 
     if row["status"] not in ("ok", "no_face"):
         return evidence
     if row.get("file") is not None and file_key(row["path"]) != row["file"]:
-        evidence.note = "the video changed on disk since it was scored: nothing is shown from it"
+        evidence.note = ("the video changed on disk since it was scored" if os.path.exists(row["path"]) else
+                         "the video is no longer where it was scored") + ": nothing is shown from it"
         return evidence
     wanted = {(t, frames): p for t, p, frames in most_suspicious(row, faces)}
     tracks = {t for t, _ in wanted}
+    kept = {int(c[0]) for c in row["clip_probs"]}
     strip_at = _strip_positions(row["frames_sampled"], strip_frames)
     images: dict[int, np.ndarray] = {}
     matrices: dict[tuple[int, int], np.ndarray] = {}
@@ -137,9 +143,9 @@ def gather_evidence(row: dict, scoring: Scoring, detector: FaceDetector, model, 
             for face in frame.faces:
                 if face.track_id in tracks:
                     matrices[(face.track_id, frame.index)] = face.matrix
-            if frame.index in images:
+            if frame.index in images:  # the tracks scoring kept (or every face of a no_face video's short tracks)
                 evidence.strip.append((frame.index, images.pop(frame.index),
-                                       [(f.track_id, f.box) for f in frame.faces]))
+                                       [(f.track_id, f.box) for f in frame.faces if not kept or f.track_id in kept]))
             keep(cutter.add(position, frame))
         keep(cutter.finish())
     except VideoError as e:
@@ -152,7 +158,7 @@ def gather_evidence(row: dict, scoring: Scoring, detector: FaceDetector, model, 
     evidence.faces.sort(key=lambda f: (-f.probability, f.frames[0]))
     if len(found) < len(wanted):
         evidence.note = (f"{len(wanted) - len(found)} of the {len(wanted)} most suspicious clips were not found again "
-                         "(was it scored with other settings?)")
+                         "(scored with other settings? give `dfpipe report` score-video's --config / --set)")
     return evidence
 
 
@@ -188,6 +194,9 @@ def write_report(scores_csv: str | Path, checkpoint: str | Path, out_dir: str | 
         raise ReportError(f"{scores_csv}: scored with another checkpoint than {checkpoint} (e.g. {other['path']}); "
                           "give the checkpoint score-video used")
     scoring = scoring_settings(ckpt, cfg, checkpoint)
+    if any(r.get("clips_settings") not in (None, scoring.clips_digest()) for r in rows):
+        warn(f"report: {scores_csv} was scored with other settings than these (--max-frames, --clip-every, precision, "
+             "...): a page may miss clips; give `dfpipe report` score-video's --config / --set")
     out_dir, settings = Path(out_dir), dict(cfg.report)
     check_writable(out_dir / "videos")
     device = resolve_device(cfg.score.device)
@@ -203,7 +212,7 @@ def write_report(scores_csv: str | Path, checkpoint: str | Path, out_dir: str | 
                 detector = FaceDetector(**{**scoring.align, "device": str(device)})
             evidence = gather_evidence(row, scoring, detector, model, faces=settings["faces"],
                                        strip_frames=settings["strip_frames"])
-            page, entry = report_html.video_page(row, evidence, scoring, name, settings)
+            page, entry = report_html.video_page(row, evidence, name, settings)
             atomic_write_bytes(out_dir / "videos" / f"{name}.html", page.encode())
             entry = {**entry, "key": key}
             atomic_write_bytes(entry_path, json.dumps(entry, sort_keys=True).encode())
@@ -212,5 +221,5 @@ def write_report(scores_csv: str | Path, checkpoint: str | Path, out_dir: str | 
     index = out_dir / "index.html"
     csv_path = Path(scores_csv)
     plots = csv_path.with_name(f"{csv_path.stem}_plots")  # score-video's, with labels (see write_evaluation)
-    atomic_write_bytes(index, report_html.index_page(entries, scoring.threshold, plots, csv_path.name).encode())
+    atomic_write_bytes(index, report_html.index_page(entries, plots, csv_path.name).encode())
     return ReportSummary(written, len(rows) - written, index)

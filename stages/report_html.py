@@ -47,7 +47,7 @@ VIDEO_TEMPLATE = _ENV.from_string("""<!doctype html>
 {% if status_text %}<p class="note">{{ status_text }}{% if row.reason %}: {{ row.reason }}{% endif %}.</p>{% endif %}
 {% if note %}<p class="note">{{ note }}</p>{% endif %}
 {% if timelines %}<h2>Clip probability over time, per face track</h2>
-{% for t in timelines %}<figure><img src="{{ t.image }}" alt="timeline of track {{ t.track }}"><figcaption>track {{ t.track }}: score {{ "%.4f"|format(t.score) }} ({{ rule }} of {{ t.clips }} clips)</figcaption></figure>
+{% for t in timelines %}<figure><img src="{{ t.image }}" alt="timeline of track {{ t.track }}"><figcaption>track {{ t.track }}: score {{ "%.4f"|format(t.score) }} from its {{ t.clips }} clips</figcaption></figure>
 {% endfor %}{% endif %}
 {% if faces %}<h2>Most suspicious faces</h2>
 <p>Each clip's face as the model saw it (HQ crop, the clip's frame with the strongest heatmap), beside the same crop
@@ -67,7 +67,7 @@ much the fusion trusted each stream.</p>
 INDEX_TEMPLATE = _ENV.from_string("""<!doctype html>
 <html><head><meta charset="utf-8"><title>{{ title }}: dfpipe report</title><style>{{ style }}</style></head><body>
 <h1>{{ title }}</h1>
-<p>{{ rows|length }} videos; threshold {{ "%.4f"|format(threshold) }}.{% if labelled %} {{ wrong }} of {{ labelled }} labelled videos misclassified (listed first).{% endif %}</p>
+<p>{{ rows|length }} videos; threshold {{ threshold }}.{% if labelled %} {{ wrong }} of {{ labelled }} labelled videos misclassified (listed first).{% endif %}</p>
 {% if plots %}<h2>Metrics</h2>
 {% for p in plots %}<figure><img src="{{ p.image }}" width="375" alt="{{ p.name }}"><figcaption>{{ p.name }}</figcaption></figure>{% endfor %}
 {% endif %}
@@ -76,7 +76,7 @@ INDEX_TEMPLATE = _ENV.from_string("""<!doctype html>
 {% for r in rows %}<tr{% if r.wrong %} class="wrong"{% endif %}>
 <td>{% if r.thumb %}<img src="{{ r.thumb }}" width="56" height="56" alt="">{% endif %}</td>
 <td><a href="videos/{{ r.name }}.html">{{ r.title }}</a></td>
-<td>{% if r.score is not none %}<span class="bar"><span style="width:{{ (r.score * 100)|round(1) }}%;background:{{ r.colour }}"></span><i style="left:{{ (threshold * 100)|round(1) }}%"></i></span> {{ "%.4f"|format(r.score) }}{% else %}none{% endif %}</td>
+<td>{% if r.score is not none %}<span class="bar"><span style="width:{{ (r.score * 100)|round(1) }}%;background:{{ r.colour }}"></span><i style="left:{{ (r.threshold * 100)|round(1) }}%"></i></span> {{ "%.4f"|format(r.score) }}{% else %}none{% endif %}</td>
 <td>{% if r.label %}<span class="{{ r.label }}">{{ r.label }}</span>{% endif %}</td>
 {% if labelled %}<td>{{ r.true_label }}</td>{% endif %}<td>{{ r.status }}</td></tr>
 {% endfor %}</table>
@@ -155,7 +155,7 @@ def _colour(score: float, threshold: float) -> str:
     return "#c33" if score >= threshold else "#3a3"
 
 
-def video_page(row: dict, evidence, scoring, name: str, settings: dict) -> tuple[str, dict]:
+def video_page(row: dict, evidence, name: str, settings: dict) -> tuple[str, dict]:
     """The page of one video, and its entry for the index (small: the index is built from these alone)."""
     threshold = float(row["threshold"])
     true_label = row.get("true_label") or ""
@@ -173,8 +173,8 @@ def video_page(row: dict, evidence, scoring, name: str, settings: dict) -> tuple
         style=_STYLE, title=Path(row["path"]).name, row=row, threshold=threshold, true_label=true_label, wrong=wrong,
         bar_colour=_colour(row["score"], threshold) if row["score"] is not None else "",
         status_text=STATUS_TEXT.get(row["status"], ""), note=evidence.note, timelines=timelines, faces=faces,
-        strip=strip, rule=scoring.rule)
-    entry = {"name": name, "path": row["path"], "status": row["status"], "score": row["score"],
+        strip=strip)
+    entry = {"name": name, "path": row["path"], "status": row["status"], "score": row["score"], "threshold": threshold,
              "label": row["label"], "true_label": true_label, "wrong": wrong,
              "thumb": _thumb(evidence.faces[0].crops) if evidence.faces else ""}
     return page, entry
@@ -184,11 +184,15 @@ def _thumb(crops: np.ndarray) -> str:
     return jpeg_uri(cv2.resize(crops[len(crops) // 2], (56, 56), interpolation=cv2.INTER_AREA), 80)
 
 
-def index_page(entries: list[dict], threshold: float, plots_dir: Path | None, title: str) -> str:
-    """Every video as a row: misclassified first, then by score, highest first; videos without a score last.
+def index_page(entries: list[dict], plots_dir: Path | None, title: str) -> str:
+    """Every video as a row: misclassified first, then by score, highest first; videos without a score last. Each
+    is shown against the threshold its verdict was made with (score-video's, which `--threshold` may have set).
     ``plots_dir``: score-video's `<stem>_plots/` (ROC, PR, confusion), shown when it exists."""
     view = [{**e, "title": Path(e["path"]).name,
-             "colour": _colour(e["score"], threshold) if e["score"] is not None else ""} for e in entries]
+             "colour": _colour(e["score"], e["threshold"]) if e["score"] is not None else ""} for e in entries]
+    thresholds = sorted({e["threshold"] for e in entries})
+    shown = ", ".join(f"{t:.4f}" for t in thresholds[:3]) + (", ..." if len(thresholds) > 3 else "")
+    threshold = shown if len(thresholds) <= 1 else f"per video ({shown})"
     view.sort(key=lambda e: (not e["wrong"], e["score"] is None, -(e["score"] or 0.0), e["path"]))
     plots = []
     if plots_dir is not None and plots_dir.is_dir():

@@ -22,6 +22,7 @@ import pandas as pd
 import yaml
 
 from ..manifests.errors import InputError
+from ..manifests.progress import warn
 from ..manifests.table import atomic_write_bytes
 
 REGISTRY = "registry.json"
@@ -94,11 +95,21 @@ def run_row(folder: Path) -> dict:
             "status": "finished" if finished else "interrupted"}
 
 
+def _readable_row(folder: Path) -> dict | None:
+    """A run killed while writing its first files (run.json before config.yaml, a torn metrics.csv) is listed as
+    unreadable on stderr, so one bad folder does not hide every other run."""
+    try:
+        return run_row(folder)
+    except (InputError, OSError, ValueError, KeyError, pd.errors.ParserError) as e:  # EmptyDataError is a ValueError
+        warn(f"runs: {folder}: skipped, unreadable ({' '.join(str(e).split())})")
+        return None
+
+
 def list_runs(folders: list[str | Path], sort: str = "best_val_loss") -> pd.DataFrame:
     """One row per run (COLUMNS), the best by ``sort`` first; runs without that metric last."""
     if sort not in SORT:
         raise InputError(f"runs: cannot sort by '{sort}' (one of {', '.join(SORT)})")
-    table = pd.DataFrame([run_row(folder) for folder in find_runs(folders)], columns=COLUMNS)
+    table = pd.DataFrame([row for folder in find_runs(folders) if (row := _readable_row(folder))], columns=COLUMNS)
     return table.sort_values(sort, ascending=SORT[sort], na_position="last", kind="stable").reset_index(drop=True)
 
 

@@ -169,6 +169,9 @@ def test_refusals_are_one_line(scores, checkpoint, root, tmp_path):
         report.write_report(scores, other, tmp_path / "r", config(), progress=False)
     with pytest.raises(report.ReportError, match="not a score-video output"):
         report.write_report(root / "labels.csv", checkpoint, tmp_path / "r", config(), progress=False)
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(report.ReportError, match="empty.csv: not a score-video output"):
+        report.write_report(tmp_path / "empty.csv", checkpoint, tmp_path / "r", config(), progress=False)
     lonely = tmp_path / "scores.csv"
     shutil.copy(scores, lonely)
     with pytest.raises(report.ReportError, match="clip scores score-video records"):
@@ -182,6 +185,9 @@ def test_cli_report_and_its_errors(written, scores, checkpoint, tmp_path):
     bad = dfpipe("report", tmp_path / "missing.csv", "--checkpoint", checkpoint, "--out", tmp_path / "r",
                  check=False)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    sharded = dfpipe("score-video", tmp_path / "none", "--checkpoint", checkpoint, "--shard", "0/2", "--report",
+                     tmp_path / "r", check=False)
+    assert sharded.returncode == 2 and "--report with --shard" in sharded.stderr
     assert bad.stderr.strip().splitlines()[-1].endswith("missing.csv: not found (give the CSV `dfpipe score-video "
                                                         "--out` wrote)")
 

@@ -127,3 +127,14 @@ def test_checkpoint_best_without_a_single_promoted_run_is_one_line(runs, tmp_pat
         resolve_checkpoint(other / "best")
     assert f"{other / 'b/best.pt'} (data {'0' * 12})" in str(e.value)
     assert f"{other / 'a/best.pt'} (data " in str(e.value)
+
+
+def test_an_unreadable_run_is_skipped_with_a_warning_and_the_others_listed(runs, tmp_path, capsys):
+    _, folder = runs
+    copy = tmp_path / "runs"
+    shutil.copytree(folder, copy)
+    (copy / "a" / "config.yaml").unlink()        # killed between run.json and config.yaml
+    (copy / "b" / "metrics.csv").write_text("")  # a torn metrics file
+    assert list(list_runs([copy]).run) == [str(copy / "c")]
+    err = capsys.readouterr().err
+    assert f"runs: {copy / 'a'}: skipped, unreadable" in err and f"runs: {copy / 'b'}: skipped, unreadable" in err

@@ -33,6 +33,9 @@ def test_the_first_column_is_the_model_and_the_rest_draw_dropout_without_touchin
     assert (sampled[:, 1:] - plain[:, None]).abs().max() > 0
     with torch.no_grad():
         assert torch.equal(model(hq, lq, mc_samples=5), sampled)   # a fixed seed: the same spread every time
+        # a clip's samples are its own: the same alone or behind another clip in a batch
+        alone = model(hq[1:], lq[1:], mc_samples=5)
+    assert torch.allclose(alone[0], sampled[1], atol=1e-6)
 
 
 def test_mc_dropout_gives_a_score_std_and_leaves_the_score_alone(root, checkpoint, tmp_path):
