@@ -14,8 +14,8 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
+from itertools import count
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -25,12 +25,11 @@ from ..manifests.progress import bar, warn
 from ..manifests.table import atomic_write_bytes, check_writable
 from ..manifests.units import sha256_file
 from .checkpoint import load_checkpoint, model_from_checkpoint
-from .clips import ClipCutter
 from .explain import ClipExplanation, explain_clip
-from .faces import FaceDetector, FaceStream, resolve_device
-from .score import Scoring, scoring_settings
+from .faces import FaceDetector, resolve_device
+from .score import FacePath, Scoring, scoring_settings
 from .score_store import CSV_COLUMNS, EARLIER_COLUMNS, file_key, read_records
-from .video import FrameReader, VideoError
+from .video import Frame, VideoError
 
 REPORT_VERSION = 1  # part of every page's key: a change of what a page shows redoes the pages
 
@@ -123,11 +122,11 @@ def gather_evidence(row: dict, scoring: Scoring, detector: FaceDetector, model, 
     matrices: dict[tuple[int, int], np.ndarray] = {}
     found: dict[tuple[int, tuple[int, ...]], np.ndarray] = {}
 
-    def frames_kept(reader: FrameReader) -> Iterator:
-        for position, frame in enumerate(reader):
-            if position in strip_at:
-                images[frame.index] = frame.image
-            yield frame
+    decoded = count()
+
+    def keep_image(frame: Frame) -> None:
+        if next(decoded) in strip_at:
+            images[frame.index] = frame.image
 
     def keep(cut) -> None:
         for clip, hq, lq in cut:
@@ -135,19 +134,18 @@ def gather_evidence(row: dict, scoring: Scoring, detector: FaceDetector, model, 
                 found[(clip.track, clip.frames)] = (hq, lq)
 
     try:
-        reader = FrameReader(row["path"], stride=scoring.stride, max_frames=scoring.max_frames,
-                             decoder=scoring.decoder)
-        evidence.fps = float(reader.info["fps"])
-        cutter = ClipCutter(scoring.clip_len, clip_every=scoring.clip_every, **scoring.align)
-        for position, frame in enumerate(FaceStream(frames_kept(reader), detector, **scoring.align)):
+        path = FacePath(row["path"], scoring, detector, tap=keep_image)
+        evidence.fps = float(path.reader.info["fps"])
+        for frame, clips in path:
+            keep(clips)
+            if frame is None:
+                continue
             for face in frame.faces:
                 if face.track_id in tracks:
                     matrices[(face.track_id, frame.index)] = face.matrix
             if frame.index in images:  # the tracks scoring kept (or every face of a no_face video's short tracks)
                 evidence.strip.append((frame.index, images.pop(frame.index),
                                        [(f.track_id, f.box) for f in frame.faces if not kept or f.track_id in kept]))
-            keep(cutter.add(position, frame))
-        keep(cutter.finish())
     except VideoError as e:
         evidence.note = f"the video cannot be read any more ({e.reason})"
         return evidence

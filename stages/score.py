@@ -36,10 +36,10 @@ from .checkpoint import SCORING_KEYS
 from .clips import Clip, ClipCutter
 from .discover import read_user_csv, video_files
 from .extract import VIDEO_COLUMNS
-from .faces import FaceDetector, FaceStream, no_face_reason, select_tracks
+from .faces import FaceDetector, FaceStream, FrameFaces, no_face_reason, select_tracks
 from .inference import ClipQueue, Predict
 from .labels import parse_label
-from .video import FrameReader, VideoError
+from .video import Frame, FrameReader, VideoError
 
 STATUSES = ("ok", "no_face", "undecodable", "empty", "error")
 # a video that could not be read is a failed input (exit 1); no face is a result
@@ -292,24 +292,49 @@ def _is_empty(path: str, reader: FrameReader | None) -> bool:
     return not reader.errors and not reader.count and not reader.promised_frames()
 
 
+class FacePath:
+    """One video's faces as scoring sees them: decoded (in a prefetch thread) with the checkpoint's stride, detected,
+    tracked and aligned with its align settings, cut into its clips. score-video scores these clips; the report
+    (stages/report.py) walks the same path to find the very clips it scored, with the same track numbers. ``tap``
+    sees every decoded frame before the face path does (the report keeps a few images)."""
+
+    def __init__(self, path: str, scoring: Scoring, detector: FaceDetector,
+                 tap: Callable[[Frame], None] | None = None):
+        self.reader = FrameReader(path, stride=scoring.stride, max_frames=scoring.max_frames, decoder=scoring.decoder)
+        frames = prefetch(self.reader, scoring.align["batch_size"])
+        self.stream = FaceStream(frames if tap is None else _tapped(frames, tap), detector, **scoring.align)
+        self.cutter = ClipCutter(scoring.clip_len, clip_every=scoring.clip_every, **scoring.align)
+
+    def __iter__(self) -> Iterator[tuple[FrameFaces | None, list[tuple[Clip, np.ndarray, np.ndarray]]]]:
+        """Each frame's faces with the clips it completed; last (None, the padded clips of the tracks that filled
+        none), once the reader found the video complete: a cut or damaged file is not scored on its part, as
+        extract does not keep it."""
+        for position, frame in enumerate(self.stream):
+            yield frame, self.cutter.add(position, frame)
+        self.reader.check_complete()
+        yield None, self.cutter.finish()
+
+
+def _tapped(frames: Iterable[Frame], tap: Callable[[Frame], None]) -> Iterator[Frame]:
+    for frame in frames:
+        tap(frame)
+        yield frame
+
+
 def _video_clips(job: _Job, scoring: Scoring, detector: FaceDetector) -> Iterator[tuple[Clip, np.ndarray, np.ndarray]]:
-    """Decode (in a prefetch thread), detect, track, align and cut one video; failures become the job's status."""
-    reader = None
+    """One video's clips (`FacePath`); failures become the job's status."""
+    faces = None
     try:
-        reader = FrameReader(job.video.path, stride=scoring.stride, max_frames=scoring.max_frames,
-                             decoder=scoring.decoder)
-        stream = FaceStream(prefetch(reader, scoring.align["batch_size"]), detector, **scoring.align)
-        cutter = ClipCutter(scoring.clip_len, clip_every=scoring.clip_every, **scoring.align)
-        for position, frame in enumerate(stream):
-            job.frames_sampled += 1
-            yield from cutter.add(position, frame)
-        reader.check_complete()  # a cut or damaged file is not scored on its part, as extract does not keep it
-        yield from cutter.finish()
-        job.face_frames = cutter.face_frames
-        job.kept = select_tracks(stream.track_lengths, stream.track_sizes, **scoring.align)
-        job.reason = "; ".join(reader.errors)  # the first decoder stopped early, the fallback read the rest
+        faces = FacePath(job.video.path, scoring, detector)
+        for frame, clips in faces:
+            job.frames_sampled += frame is not None
+            yield from clips
+        job.face_frames = faces.cutter.face_frames
+        job.kept = select_tracks(faces.stream.track_lengths, faces.stream.track_sizes, **scoring.align)
+        job.reason = "; ".join(faces.reader.errors)  # the first decoder stopped early, the fallback read the rest
     except VideoError as e:
-        job.status, job.reason = ("empty" if _is_empty(job.video.path, reader) else "undecodable"), e.reason
+        empty = _is_empty(job.video.path, faces.reader if faces else None)
+        job.status, job.reason = ("empty" if empty else "undecodable"), e.reason
     except Exception as e:  # noqa: BLE001 - one bad video must not stop the others
         job.status, job.reason = "error", one_line(e)
 
