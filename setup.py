@@ -38,6 +38,9 @@ setup(
         "opencv-python-headless>=4.8",
         "matplotlib>=3.7",
         "jinja2>=3.1",  # the report's pages
+        # score-video's model on CPUs without AMX (stages/onnx_model.py): ~35 MB together, against torch's 5 GB
+        "onnxruntime>=1.20",
+        "onnx>=1.16",
         "tqdm",
         "click>=8",
         "pyyaml>=6",

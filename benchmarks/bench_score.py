@@ -1,22 +1,26 @@
 """`score-video` beside its floor, on a synthetic 1080p30 face clip: each of its parts alone (decoding the sampled
 frames, the face path on those frames, the model on the clips they give), its wall time over a list of clips
 (start-up included) and per 10 s over a long clip, its peak memory; for each model asked for, with the CPU's bf16
-support named (score-video scores in bf16 only where the CPU has bf16 instructions).
+and AMX support and what the model runs in named (onnxruntime fp32 on CPUs without AMX, else torch: bf16 on CPUs
+with bf16 instructions, fp32 without; see stages/onnx_model.py).
 
 Goals (issue 18, on 2 cores): <= 5 s per 10 s clip over a list of 3 (start-up included), <= 1.25x the sum of its
 parts measured alone, peak RSS < 1.2 GB and flat with length (<= 1.1x from the short clips to the long one).
 `--staged` adds the staged path (`dfpipe extract` + `dfpipe align` + the model over the stored crops, in the clips
 score-video cuts). Every measurement runs in a fresh process, so each peak RSS (VmHWM) is that measurement's alone.
 
-Usage: python benchmarks/bench_score.py [--models default b4-b0] [--amp auto|off] [--seconds 10]
-           [--long-seconds 300] [--stride N] [--batch-size B] [--clip-every N] [--clips N] [--repeats N] [--staged]
+Usage: python benchmarks/bench_score.py [--models default b4-b0] [--runtime auto|torch|onnx] [--amp auto|off]
+           [--seconds 10] [--long-seconds 300] [--stride N] [--batch-size B] [--clip-every N] [--clips N]
+           [--repeats N] [--staged]
   default: the configured model; b4-b0: configs/b4-b0.yaml (the card's); tiny: timm's test_efficientnet (all random
-  init: speed does not depend on the weights). --amp off scores in fp32 as a CPU without bf16 does.
+  init: speed does not depend on the weights). `--runtime torch --amp off` scores as dfpipe did before onnxruntime
+  on a CPU without bf16 (torch fp32); on such a CPU without AMX, `auto` picks onnxruntime.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -25,25 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import av
-import cv2
-import numpy as np
-import torch
-
-from dfpipe.manifests.table import read_table
-from dfpipe.manifests.workspace import Shard
-from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
-from dfpipe.stages import score, score_store
-from dfpipe.stages.clips import ClipCutter, clip_positions, scoring_clips
-from dfpipe.stages.dataset import face_rows, read_crops, track_segments
-from dfpipe.stages.demo import head_motion, head_sprite, random_background
-from dfpipe.stages.detector import Detector
-from dfpipe.stages.faces import FaceStream, resolve_device
-from dfpipe.stages.checkpoint import load_checkpoint, model_from_checkpoint
-from dfpipe.stages.inference import ClipModel, ClipQueue, amp_dtype, model_batch
-from dfpipe.stages.video import FrameReader, write_video
 
+# Everything else is imported where it is used: the "score" child is timed as a process, start-up included, so it
+# must import what score-video imports and no more (the face path's and the model's modules, say, are not).
 CLI = [sys.executable, "-m", "dfpipe.pipeline.cli"]
 TINY = {"hq_backbone": "test_efficientnet", "lq_backbone": "test_efficientnet", "convlstm_filters": [8, 8],
         "pretrained_hq": None, "pretrained_lq": None, "bottleneck": None,
@@ -55,6 +44,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def face_clip(path: Path, seconds: int, seed: int = 0) -> Path:
     """The demo set's moving astronaut head over a textured background, rendered one frame at a time."""
+    import cv2
+    import numpy as np
+    from dfpipe.stages.demo import head_motion, head_sprite, random_background
+    from dfpipe.stages.video import write_video
     rng = np.random.default_rng(seed)
     width, height = SIZE
     sprite = head_sprite()
@@ -72,6 +65,7 @@ def face_clip(path: Path, seconds: int, seed: int = 0) -> Path:
 
 def loop_clip(src: Path, dst: Path, times: int) -> Path:
     """`times` copies of src back to back, remuxed without re-encoding (seconds for a long clip, not minutes)."""
+    import av
     with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
         stream_in = inp.streams.video[0]
         stream_out = out.add_stream_from_template(stream_in)
@@ -87,6 +81,8 @@ def loop_clip(src: Path, dst: Path, times: int) -> Path:
 
 
 def make_checkpoint(path: Path, model_kind: str, stride: int) -> Path:
+    import torch
+    from dfpipe.models.dual_stream import DualStreamNet
     recipe = MODELS[model_kind]
     cfg = load_config(REPO / recipe) if isinstance(recipe, str) else load_config()
     model_cfg = {**cfg.model, **(recipe if isinstance(recipe, dict) else {}), "pretrained_hq": None,
@@ -110,22 +106,31 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def config(batch_size: str, clip_every: str, amp: str = "auto"):
+def config(batch_size: str, clip_every: str, amp: str = "auto", runtime: str = "auto"):
     return load_config(overrides=[{"score": {"batch_size": None if batch_size == "auto" else int(batch_size),
-                                             "clip_every": int(clip_every)}, "train": {"amp": amp}}])
+                                             "clip_every": int(clip_every), "runtime": runtime},
+                                   "train": {"amp": amp}}])
 
 
-def cpu_line(amp: str) -> str:
-    """The CPU and whether scoring runs in bf16 on it (`inference.amp_dtype` decides; --amp off forces fp32)."""
+def cpu_line(amp: str, runtime: str) -> str:
+    """The CPU, and what scoring runs in on it: onnxruntime or torch (`onnx_model.choose_runtime` decides), in bf16
+    or fp32 (`inference.amp_dtype` decides; --amp off forces fp32)."""
+    import torch
+    from dfpipe.stages.faces import resolve_device
+    from dfpipe.stages.inference import amp_dtype
+    from dfpipe.stages.onnx_model import choose_runtime
     with open("/proc/cpuinfo") as f:
         name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
                     platform.processor() or "unknown CPU")
     bf16, amx = torch.cpu._is_avx512_bf16_supported(), torch.cpu._is_amx_tile_supported()
     device = resolve_device("auto")
-    scoring = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp_dtype(amp, device)]
+    chosen = choose_runtime(runtime, device, 0)
+    scoring = "fp32" if chosen == "onnx" else {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[
+        amp_dtype(amp, device)]
     gpu = f" on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
     return (f"CPU: {name}, {torch.get_num_threads()} threads, AVX512-BF16 {'yes' if bf16 else 'no'}, AMX "
-            f"{'yes' if amx else 'no'}; the model scores in {scoring}{gpu}{' (--amp off)' if amp == 'off' else ''}")
+            f"{'yes' if amx else 'no'}; the model scores in {'onnxruntime' if chosen == 'onnx' else 'torch'} "
+            f"{scoring}{gpu} (--runtime {runtime}{', --amp off' if amp == 'off' else ''})")
 
 
 def timed(call, *args) -> tuple[float, object]:
@@ -134,11 +139,16 @@ def timed(call, *args) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
-def child_parts(checkpoint: str, batch_size: str, clip_every: str, amp: str, video: str) -> dict:
+def child_parts(checkpoint: str, batch_size: str, clip_every: str, amp: str, runtime: str, video: str) -> dict:
     """score-video's parts, each alone and warmed up (oneDNN builds its kernels on first use): decoding the sampled
     frames, the face path on those frames held in memory (detect, track, align, JPEG round trips, clip cutting),
-    the model on the clips it cut."""
-    detector = Detector.from_checkpoint(checkpoint, config=config(batch_size, clip_every, amp))
+    the model on the clips it cut. Run first: it makes the onnxruntime export the score runs find cached."""
+    from dfpipe.stages.clips import ClipCutter
+    from dfpipe.stages.detector import Detector
+    from dfpipe.stages.faces import FaceStream
+    from dfpipe.stages.inference import ClipQueue
+    from dfpipe.stages.video import FrameReader
+    detector = Detector.from_checkpoint(checkpoint, config=config(batch_size, clip_every, amp, runtime))
     s = detector.scoring
 
     def decode() -> list:
@@ -163,9 +173,13 @@ def child_parts(checkpoint: str, batch_size: str, clip_every: str, amp: str, vid
     return {**seconds, "frames": len(frames), "clips": len(clips)}
 
 
-def child_score(checkpoint: str, out: str, batch_size: str, clip_every: str, amp: str, *videos: str) -> dict:
-    summary = score_store.run_score(list(videos), checkpoint, config(batch_size, clip_every, amp), out=out, labels=None,
-                                    work=None, split=None, shard=Shard(), progress=False)
+def child_score(checkpoint: str, out: str, batch_size: str, clip_every: str, amp: str, runtime: str,
+                *videos: str) -> dict:
+    from dfpipe.manifests.table import read_table
+    from dfpipe.manifests.workspace import Shard
+    from dfpipe.stages import score_store
+    summary = score_store.run_score(list(videos), checkpoint, config(batch_size, clip_every, amp, runtime), out=out,
+                                    labels=None, work=None, split=None, shard=Shard(), progress=False)
     rows = read_table(summary.csv, score_store.CSV_COLUMNS).to_dict("records")
     return {"video_seconds": sum(float(r["seconds"]) for r in rows) / len(rows),
             "loop_seconds": sum(float(r["seconds"]) for r in rows),
@@ -174,9 +188,17 @@ def child_score(checkpoint: str, out: str, batch_size: str, clip_every: str, amp
             "rss_mb": peak_rss_mb()}
 
 
-def child_staged_model(checkpoint: str, ws: str, batch_size: str, clip_every: str, amp: str) -> dict:
-    """The model over the staged JPEG crops, cut into the clips score-video cuts (`scoring_clips`)."""
-    cfg = config(batch_size, clip_every, amp)
+def child_staged_model(checkpoint: str, ws: str, batch_size: str, clip_every: str, amp: str, runtime: str) -> dict:
+    """The model (torch, as training's) over the staged JPEG crops, cut into the clips score-video cuts
+    (`scoring_clips`)."""
+    from dfpipe.manifests.table import read_table
+    from dfpipe.stages import score
+    from dfpipe.stages.checkpoint import load_checkpoint, model_from_checkpoint
+    from dfpipe.stages.clips import clip_positions, scoring_clips
+    from dfpipe.stages.dataset import face_rows, read_crops, track_segments
+    from dfpipe.stages.faces import resolve_device
+    from dfpipe.stages.inference import ClipModel, ClipQueue, amp_dtype, model_batch
+    cfg = config(batch_size, clip_every, amp, runtime)
     ckpt = load_checkpoint(checkpoint)
     settings = score.scoring_settings(ckpt, cfg, checkpoint)
     device = resolve_device(cfg.score.device)
@@ -219,6 +241,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["default", "b4-b0"])
     parser.add_argument("--amp", choices=["auto", "off"], default="auto",
                         help="train.amp for scoring: auto (bf16 where the CPU has it), off (fp32, as without bf16)")
+    parser.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
+                        help="score.runtime: auto (onnxruntime on CPUs without AMX), torch, onnx")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--long-seconds", type=int, default=300)
     parser.add_argument("--stride", type=int, default=load_config().extract.stride)
@@ -257,9 +281,10 @@ def staged(tmp: Path, checkpoint: Path, args: argparse.Namespace, k: int, *rest:
 
 
 def bench_model(kind: str, tmp: Path, copies: list[Path], long: Path, args: argparse.Namespace) -> None:
+    import torch
     checkpoint = make_checkpoint(tmp / f"{kind}.pt", kind, args.stride)
     model_cfg = torch.load(checkpoint, weights_only=True, mmap=True)["model_config"]
-    rest = (str(args.batch_size), str(args.clip_every), args.amp)
+    rest = (str(args.batch_size), str(args.clip_every), args.amp, args.runtime)
     print(f"\n== model {kind}: {model_cfg['hq_backbone']} + {model_cfg['lq_backbone']}, bottleneck "
           f"{model_cfg.get('bottleneck')}", flush=True)
     parts = in_child("parts", str(checkpoint), *rest, str(copies[0]))
@@ -301,12 +326,13 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        os.environ["DFPIPE_CACHE"] = str(tmp / "cache")  # the onnxruntime exports: made by the parts run
         started = time.perf_counter()
         copies, long = make_clips(tmp, args)
         print(f"clips made in {time.perf_counter() - started:.0f} s: {args.seconds} s and "
               f"{args.long_seconds // args.seconds * args.seconds} s of {SIZE[0]}x{SIZE[1]}@{FPS}; stride "
               f"{args.stride}, T={load_config().dataset.clip_len}, batch {args.batch_size} clips, clip_every "
-              f"{args.clip_every}\n{cpu_line(args.amp)}", flush=True)
+              f"{args.clip_every}\n{cpu_line(args.amp, args.runtime)}", flush=True)
         for kind in args.models:
             bench_model(kind, tmp, copies, long, args)
 

@@ -33,9 +33,11 @@ class ConvLSTMCell(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B,T,C,h,w) -> the hidden state after every frame, (B,T,hidden,h,w)."""
-        batch, steps, _, height, width = x.shape
-        gates_x = self.input_conv(x.flatten(0, 1)).unflatten(0, (batch, steps))
-        h = c = x.new_zeros(batch, self.hidden_channels, height, width)
+        steps = x.shape[1]
+        # the batch size as -1 and the state shaped after a tensor, not as Python ints: so the ONNX export
+        # (stages/onnx_model.py) traces them as shapes and takes any batch
+        gates_x = self.input_conv(x.flatten(0, 1)).unflatten(0, (-1, steps))
+        h = c = torch.zeros_like(gates_x[:, 0, :self.hidden_channels], memory_format=torch.contiguous_format)
         outputs = []
         for t in range(steps):
             gates = gates_x[:, t] + self.hidden_conv(h) if t else gates_x[:, t]  # h_0 = 0

@@ -42,11 +42,20 @@ class Stream(nn.Module):
         self.register_buffer("mean", torch.tensor(self.backbone.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.backbone.std).view(1, 3, 1, 1), persistent=False)
 
+    frames_per_call: int | None = None  # in eval mode, the backbone sees this many frames of each clip at a time
+
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        batch, steps = clips.shape[:2]
+        """Training runs the backbone over all frames at once (its BatchNorm statistics are over all of them); in
+        eval mode ``frames_per_call`` splits the clips along time, so that fewer frames' activations are alive at
+        once (set for the CPU export, see stages/onnx_model.py; same outputs)."""
+        step = self.frames_per_call if self.frames_per_call and not self.training else clips.shape[1]
+        parts = [self._features(part) for part in clips.split(step, dim=1)]
+        return self.temporal(parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)).mean(dim=(2, 3))
+
+    def _features(self, clips: torch.Tensor) -> torch.Tensor:
+        """(B,t,3,H,W) -> (B,t,C,h,w). The batch size as -1 so that the ONNX export takes any (see ConvLSTMCell)."""
         frames = ((clips.flatten(0, 1) - self.mean) / self.std).contiguous(memory_format=self.memory_format)
-        features = self.bottleneck(self.backbone(frames)).unflatten(0, (batch, steps))
-        return self.temporal(features).mean(dim=(2, 3))
+        return self.bottleneck(self.backbone(frames)).unflatten(0, (-1, clips.shape[1]))
 
 
 class AttentionFusion(nn.Module):

@@ -358,6 +358,8 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
          help="Monte-Carlo dropout samples of the head: each video gets a score_std.")
 @setting("--ensemble", key="score.ensemble", type=click.Choice(["mean", "median"]),
          help="How several checkpoints' video scores make the score.")
+@setting("--runtime", key="score.runtime", type=click.Choice(["auto", "torch", "onnx"]),
+         help="What runs the model: auto is onnxruntime (fp32) on CPUs without AMX, torch on others and on CUDA.")
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default=None,
               help="Then write the HTML report of this call's videos into this folder (see `dfpipe report`).")
 @shard_option
@@ -365,8 +367,8 @@ def train(work, run_dir, resume, epochs, batch_size, workers, device, hq_backbon
 @output_options
 @command
 def score_video(paths, checkpoint, out, labels, work, split, run_splits, aggregate, threshold, tta_flip, clip_every,
-                max_frames, fallback_score, device, batch_size, mc_samples, ensemble, report_dir, shard, config_file,
-                overrides):
+                max_frames, fallback_score, device, batch_size, mc_samples, ensemble, runtime, report_dir, shard,
+                config_file, overrides):
     """Score raw videos (files, folders or a CSV list): one score per video, no files on disk but the results.
 
     Decodes, detects, tracks and aligns in memory with the settings the model was trained with, and reruns skip

@@ -164,6 +164,7 @@ RULES: dict[str, Rule] = {
     "score.confident_fraction": PROBABILITY, "score.clip_every": POSITIVE,
     "score.threshold": _or_null(PROBABILITY), "score.fallback_score": _or_null(PROBABILITY),
     "score.suspicious_frames": COUNT, "score.mc_samples": COUNT, "score.ensemble": _one_of("mean", "median"),
+    "score.runtime": _one_of("auto", "torch", "onnx"),
     "report.faces": COUNT, "report.strip_frames": COUNT, "report.thumb_size": _at_least(16),
     **{f"{section}.seed": SEED for section in ("pairs", "train", "demo")},
     "demo.n_real": POSITIVE, "demo.n_fake": COUNT, "demo.frames": POSITIVE, "demo.width": _at_least(64),

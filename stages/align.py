@@ -10,14 +10,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
-from torchvision.ops import box_iou
 
 from ..manifests.units import Unit, UnitError, UnitOutput, load_state, run_stage
 from ..manifests.workspace import Shard, Workspace
 from ..manifests.workers import prefetch
 from . import extract
 from .align_units import SPEC, params_of, plan_units
+from .boxes import box_iou
 from .faces import FaceDetector, FaceStream, align_face, no_face_reason, resolve_device, select_tracks
 from .video import Frame, jpeg_bytes
 
@@ -118,7 +117,7 @@ def lines_up(ws: Workspace, unit: Unit, source_rows: list[dict], detector: FaceD
         boxes = np.array([_box(r) for r in faces_at[frame.index]])
         found = detector.confirm(frame.image, boxes)
         if found:
-            overlap = box_iou(torch.as_tensor(np.stack([d.box for d in found])), torch.as_tensor(boxes))
+            overlap = box_iou(np.stack([d.box for d in found]), boxes)
             verdicts.append(bool((overlap >= 0.5).any()))
     return bool(verdicts) and all(verdicts)
 

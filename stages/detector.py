@@ -15,7 +15,8 @@ from ..pipeline.config import load_config
 from .checkpoint import model_from_checkpoint
 from .ensemble import load_models, stacked
 from .faces import FaceDetector, resolve_device
-from .inference import ClipModel, amp_dtype, model_batch
+from .inference import ClipModel, Predict, amp_dtype, model_batch
+from .onnx_model import OnnxClipModel, choose_runtime
 from .score import Scoring, ScoreError, VideoInput, score_videos
 
 
@@ -65,23 +66,30 @@ class VideoScore:
 
 
 class Detector:
-    """A checkpoint loaded for scoring: the model (in bf16 on CPUs with bf16 instructions, fp16 on CUDA), the face
-    detector, and the settings `scoring_settings` reads from the checkpoint and the config's `score:` section."""
+    """A checkpoint loaded for scoring: the model (in onnxruntime on CPUs without AMX, see `onnx_model`; else torch,
+    in bf16 on CPUs with AMX, fp16 on CUDA), the face detector, and the settings `scoring_settings` reads from the
+    checkpoint and the config's `score:` section."""
 
     def __init__(self, ckpt: dict | list[dict], scoring: Scoring, *, device: str = "auto",
-                 batch_size: int | None = None, checkpoint: str | Path = "checkpoint"):
-        """A list of checkpoints, with their `ensemble.EnsembleScoring`, scores as an ensemble."""
+                 batch_size: int | None = None, checkpoint: str | Path | list = "checkpoint"):
+        """A list of checkpoints (and of their files), with their `ensemble.EnsembleScoring`, scores as an
+        ensemble."""
         self.scoring = scoring
         self.device = resolve_device(device)
+        self.runtime = choose_runtime(scoring.runtime, self.device, scoring.mc_samples)
         if isinstance(ckpt, list):
-            self._predict = stacked([self._model(c, member, checkpoint) for c, member in zip(ckpt, scoring.members)])
+            self._predict = stacked([self._model(c, member, path)
+                                     for c, member, path in zip(ckpt, scoring.members, checkpoint)])
         else:
             self._predict = self._model(ckpt, scoring, checkpoint)
         self._faces = FaceDetector(**{**scoring.align, "device": str(self.device)})
         self.batch_size = model_batch(batch_size, self.device)
 
-    def _model(self, ckpt: dict, scoring: Scoring, checkpoint: str | Path) -> ClipModel:
+    def _model(self, ckpt: dict, scoring: Scoring, checkpoint: str | Path) -> Predict:
         try:
+            if self.runtime == "onnx":
+                return OnnxClipModel(ckpt, checkpoint, clip_len=scoring.clip_len, temperature=scoring.temperature,
+                                     tta_flip=scoring.tta_flip)
             model = model_from_checkpoint(ckpt, self.device)
         except ValueError as e:  # a model_config its weights do not fit, an unknown backbone
             raise ScoreError(f"{checkpoint}: {e}") from None
@@ -97,7 +105,7 @@ class Detector:
         ckpts, scoring = load_models(checkpoint, cfg)
         single = isinstance(checkpoint, (str, Path))
         return cls(ckpts[0] if single else ckpts, scoring, device=device, batch_size=cfg.score.batch_size,
-                   checkpoint=checkpoint if single else checkpoint[0])
+                   checkpoint=checkpoint)
 
     def rows(self, videos: Iterable[VideoInput]) -> Iterator[dict]:
         """Result rows in the order the videos finish (a video's last clips may share a batch with the next)."""

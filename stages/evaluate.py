@@ -10,7 +10,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 
 
 def _metrics():
@@ -115,6 +114,7 @@ def fit_temperature(logits, labels) -> float:
         scaled = z / np.exp(log_t)
         return float(np.mean(np.logaddexp(0.0, scaled) - y * scaled))
 
+    from scipy.optimize import minimize_scalar  # on first use: 0.4 s of every score-video's start-up
     result = minimize_scalar(nll, bounds=np.log(_TEMPERATURE_RANGE), method="bounded")
     return float(np.exp(result.x))
 

@@ -14,11 +14,10 @@ from typing import Any, Iterable, Iterator, Sequence
 import cv2
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from skimage.transform import SimilarityTransform
-from torchvision.ops import box_iou, nms
 
 from ..manifests.errors import InputError
+from .boxes import box_iou, nms
 from .mtcnn import MTCNN
 from .video import jpeg_bytes
 
@@ -129,8 +128,7 @@ class FaceDetector:
         if len(detections) < 2:
             return detections
         # Windows of neighbouring faces overlap and find a face twice: keep the likelier copy.
-        keep = nms(torch.as_tensor(np.stack([d.box for d in detections])),
-                   torch.as_tensor([d.prob for d in detections], dtype=torch.float64), 0.5)
+        keep = nms(np.stack([d.box for d in detections]), np.array([d.prob for d in detections]), 0.5)
         return [detections[i] for i in sorted(keep.tolist())]
 
     @staticmethod
@@ -170,6 +168,15 @@ def _jitter(box: np.ndarray) -> np.ndarray:
     return np.hstack([shifted - side / 2, shifted + side / 2])
 
 
+def _assignment(score: np.ndarray) -> Iterable[tuple[int, int]]:
+    """The (detection, track) pairs of highest total score. One face and one track, the usual case, pair without
+    scipy.optimize, whose import costs ~0.4 s of score-video's start-up (2-core AMD EPYC)."""
+    if score.shape == (1, 1):
+        return [(0, 0)]
+    from scipy.optimize import linear_sum_assignment
+    return zip(*linear_sum_assignment(score, maximize=True))
+
+
 class FaceTracker:
     """Online tracker with optimal (not greedy) assignment, so two nearby faces keep their own tracks.
 
@@ -198,7 +205,7 @@ class FaceTracker:
 
     def _scores(self, boxes: np.ndarray, last: np.ndarray) -> np.ndarray:
         """> 1 for overlapping pairs (ranked by IoU), in (0, 1) for nearby ones (ranked by closeness), 0 else."""
-        iou = box_iou(torch.as_tensor(boxes), torch.as_tensor(last)).numpy()
+        iou = box_iou(boxes, last)
         centre = lambda b: (b[:, :2] + b[:, 2:]) / 2  # noqa: E731
         side = lambda b: np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))  # noqa: E731
         shift = np.linalg.norm(centre(boxes)[:, None] - centre(last)[None], axis=2) / side(last)[None]
@@ -211,7 +218,7 @@ class FaceTracker:
         ids: list[int | None] = [None] * len(detections)
         if live and detections:
             score = self._scores(np.stack([d.box for d in detections]), np.stack([self._last_box[t] for t in live]))
-            for row, col in zip(*linear_sum_assignment(score, maximize=True)):
+            for row, col in _assignment(score):
                 if score[row, col] > 0:
                     ids[row] = live[col]
         # New tracks are numbered left to right, so ids do not depend on the detector's output order.
@@ -359,8 +366,7 @@ class FaceStream:
         expected = self._tracker.expected()
         confirmed = self._detector.confirm(image, expected) if expected else []
         if confirmed and found:
-            overlap = box_iou(torch.as_tensor(np.stack([d.box for d in found])),
-                              torch.as_tensor(np.stack([d.box for d in confirmed]))).amax(dim=1)
+            overlap = box_iou(np.stack([d.box for d in found]), np.stack([d.box for d in confirmed])).max(axis=1)
             found = [d for d, iou in zip(found, overlap.tolist()) if iou < 0.5]
         return confirmed + found
 

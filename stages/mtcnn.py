@@ -9,21 +9,21 @@ test_mtcnn.py checks it finds the faces facenet-pytorch finds; benchmarks/bench_
 `refine` skips P-Net and starts the cascade from boxes the caller already expects a face near (a track's last
 position): the face's box, probability and landmarks at a fraction of a full detection's cost, which is part of
 what lets the face stream run the full detector only on every few sampled frames.
+
+facenet-pytorch itself is not imported (neither is torchvision, which it imports): that costs 1.2-1.7 s and ~165 MB
+of every process's start-up (see `boxes.py`). Its networks are defined layer for layer in `mtcnn_nets.py` and load
+its weight files; its box helpers are defined below with facenet-pytorch's own arithmetic (detect_face.py of
+facenet-pytorch 2.5.3: generateBoundingBox, bbreg, rerec, pad and batched_nms_numpy's "Min" NMS, with its +1 pixel
+widths), and torchvision's NMS and IoU come from `boxes.py`. tests/test_mtcnn.py checks each against the original.
 """
 from __future__ import annotations
 
 import cv2
 import numpy as np
 import torch
-from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
-from facenet_pytorch.models.utils.detect_face import (
-    batched_nms_numpy,
-    bbreg,
-    generateBoundingBox,
-    pad,
-    rerec,
-)
-from torchvision.ops import batched_nms, box_iou
+
+from . import boxes as box_ops
+from .mtcnn_nets import ONet, PNet, RNet
 
 PYRAMID_FACTOR = 0.709  # facenet-pytorch's and the MTCNN paper's
 
@@ -39,12 +39,80 @@ def _no_faces() -> Faces:
     return np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))
 
 
+# facenet-pytorch's box helpers (facenet_pytorch/models/utils/detect_face.py), with its operations in its order so
+# that every box is bit for bit what facenet-pytorch computes. Boxes are (k, 5+) float tensors: x1, y1, x2, y2,
+# score (and for P-Net's, its four regression outputs); `bbreg` and `rerec` change them in place, as facenet's do.
+
+def generate_bounding_box(reg: torch.Tensor, probs: torch.Tensor, scale: float, thresh: float):
+    """facenet's `generateBoundingBox`: P-Net's 12 x 12 windows (stride 2) whose face probability (N, h, w) is >=
+    thresh, in the frame's pixels: boxes (k, 9) [x1, y1, x2, y2, score, 4 regression outputs] and their image
+    indices (k,)."""
+    stride, cellsize = 2, 12
+    mask = probs >= thresh
+    mask_inds = mask.nonzero()
+    reg = reg.permute(1, 0, 2, 3)[:, mask].permute(1, 0)
+    bb = mask_inds[:, 1:].type(reg.dtype).flip(1)
+    q1 = ((stride * bb + 1) / scale).floor()
+    q2 = ((stride * bb + cellsize - 1 + 1) / scale).floor()
+    return torch.cat([q1, q2, probs[mask].unsqueeze(1), reg], dim=1), mask_inds[:, 0]
+
+
+def bbreg(boxes: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
+    """facenet's `bbreg`: R-Net's or O-Net's regression (k, 4) applied, as fractions of the +1 pixel width and
+    height."""
+    w = boxes[:, 2] - boxes[:, 0] + 1
+    h = boxes[:, 3] - boxes[:, 1] + 1
+    boxes[:, :4] = boxes[:, :4] + reg[:, :4] * torch.stack([w, h, w, h], dim=1)
+    return boxes
+
+
+def rerec(boxes: torch.Tensor) -> torch.Tensor:
+    """facenet's `rerec`: each box made square (side: its longer one) around its centre."""
+    wh = boxes[:, 2:4] - boxes[:, 0:2]
+    side = torch.max(wh[:, 0], wh[:, 1])[:, None]
+    boxes[:, 0:2] = boxes[:, 0:2] + wh * 0.5 - side * 0.5
+    boxes[:, 2:4] = boxes[:, 0:2] + side
+    return boxes
+
+
+def pad(boxes: torch.Tensor, width: int, height: int):
+    """facenet's `pad`: the boxes truncated to ints and clipped to the frame in 1-based pixels: y, ey, x, ex."""
+    x, y, ex, ey = boxes[:, :4].trunc().int().cpu().numpy().T
+    return np.maximum(y, 1), np.minimum(ey, height), np.maximum(x, 1), np.minimum(ex, width)
+
+
+def batched_nms_min(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, threshold: float):
+    """facenet's `batched_nms_numpy(..., "Min")`, its last NMS: greedy, a box suppressed when its intersection
+    covers more than `threshold` of the smaller box's area (areas with +1 widths), within each image (images
+    separated by facenet's coordinate offset). Kept indices, by decreasing score."""
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    offsets = idxs.to(boxes) * (boxes.max() + 1)
+    x1, y1, x2, y2 = (boxes + offsets[:, None]).cpu().numpy().T
+    area = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = np.argsort(scores.cpu().numpy())  # ascending, facenet's sort (ties fall as its sort leaves them)
+    pick = []
+    while order.size > 0:
+        i, rest = order[-1], order[:-1]
+        pick.append(i)
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
+        order = rest[w * h / np.minimum(area[i], area[rest]) <= threshold]
+    return torch.as_tensor(pick, dtype=torch.int64, device=boxes.device)
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """torchvision's `batched_nms` (IoU > threshold, within each image), run by `boxes.batched_nms` on the CPU."""
+    keep = box_ops.batched_nms(boxes.cpu().numpy(), scores.cpu().numpy(), idxs.cpu().numpy(), threshold)
+    return torch.as_tensor(keep, device=boxes.device)
+
+
 class MTCNN:
     def __init__(self, *, min_face_size: float, thresholds, device: torch.device):
         self.min_face_size = min_face_size
         self.thresholds = list(thresholds)
         self.device = device
-        self.pnet, self.rnet, self.onet = (net().eval().to(device, memory_format=torch.channels_last)
+        self.pnet, self.rnet, self.onet = (net().load_weights().eval().to(device, memory_format=torch.channels_last)
                                            for net in (PNet, RNet, ONet))
 
     @torch.inference_mode()
@@ -96,7 +164,7 @@ class MTCNN:
             # A permuted NHWC batch is an NCHW tensor in channels_last layout already: no copy.
             pyramid = torch.as_tensor(level, device=self.device).permute(0, 3, 1, 2).float()
             reg, probs = self.pnet(_normalise(pyramid))
-            found, inds = generateBoundingBox(reg, probs[:, 1], scale, self.thresholds[0])
+            found, inds = generate_bounding_box(reg, probs[:, 1], scale, self.thresholds[0])
             pick = batched_nms(found[:, :4], found[:, 4], inds, 0.5)
             boxes.append(found[pick])
             image_inds.append(inds[pick])
@@ -152,9 +220,11 @@ class MTCNN:
         side = (boxes[:, 2:4] - boxes[:, 0:2] + 1)[:, None]  # (k, 1, 2): width, height
         points = torch.stack([marks[:, :5], marks[:, 5:]], dim=2) * side + boxes[:, None, 0:2] - 1
         boxes = bbreg(boxes, reg)
-        pick = batched_nms_numpy(boxes[:, :4], boxes[:, 4], image_inds, 0.7, "Min")
+        pick = batched_nms_min(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
         if vote and len(pick):
-            same = (box_iou(boxes[pick, :4], boxes[:, :4]) >= 0.5) & (image_inds[pick, None] == image_inds[None])
+            iou = torch.as_tensor(box_ops.box_iou(boxes[pick, :4].cpu().numpy(), boxes[:, :4].cpu().numpy()),
+                                  device=boxes.device)
+            same = (iou >= 0.5) & (image_inds[pick, None] == image_inds[None])
             weight = same * boxes[None, :, 4]
             weight = weight / weight.sum(dim=1, keepdim=True)
             voted = torch.cat([weight @ boxes[:, :4], boxes[pick, 4:5]], dim=1)

@@ -198,6 +198,7 @@ class Scoring:
     amp: str
     clip_every: int
     mc_samples: int = 0
+    runtime: str = "auto"  # torch or onnxruntime for the model (see onnx_model.choose_runtime)
 
     def clip_extra(self) -> str | None:
         """The row key of what a clip's probability columns past the first hold (see `Clip.samples`)."""
@@ -215,8 +216,9 @@ class Scoring:
         return _digest(self._params(skip=DECISION))
 
     def _params(self, skip: tuple[str, ...] = ()) -> dict:
-        # mc_samples 0 left out: the rows of outputs scored before it existed stay reusable
-        return {**{k: v for k, v in self.__dict__.items() if k not in skip and (k != "mc_samples" or v)},
+        # settings newer than the digest left out at their defaults: rows scored before they existed stay reusable
+        newer = {"mc_samples": 0, "runtime": "auto"}
+        return {**{k: v for k, v in self.__dict__.items() if k not in skip and not (k in newer and v == newer[k])},
                 "align": {k: v for k, v in self.align.items() if k not in align_units.NOT_IN_FINGERPRINT},
                 "face_path": align_units.SPEC.version}  # a changed face path gives other crops: rescore
 
@@ -266,7 +268,7 @@ def scoring_settings(ckpt: dict, cfg, checkpoint: str | Path) -> Scoring:
                    temperature=float(calibration.get("temperature", 1.0)), threshold=float(threshold),
                    tta_flip=bool(s.tta_flip), fallback_score=s.fallback_score,
                    suspicious_frames=int(s.suspicious_frames), amp=cfg.train.amp, clip_every=s.clip_every,
-                   mc_samples=int(s.mc_samples))
+                   mc_samples=int(s.mc_samples), runtime=s.runtime)
 
 
 # ---------------------------------------------------------------- videos

@@ -283,7 +283,8 @@ def run_score(inputs: list[str], checkpoint: str | list[str], cfg, *, out: str, 
             note(f"score-video: {n} video(s) {reason}; scoring them again")
         if todo:
             detector = Detector(ckpts[0] if isinstance(checkpoint, str) else ckpts, scoring,
-                                device=cfg.score.device, batch_size=cfg.score.batch_size, checkpoint=paths[0])
+                                device=cfg.score.device, batch_size=cfg.score.batch_size,
+                                checkpoint=checkpoint)
             for ckpt in ckpts:  # the model holds what it needs (cast, or moved to the GPU): the files' tensors can go
                 ckpt.clear()
             extra = {"settings": scoring.digest(), "clips_settings": scoring.clips_digest(),

@@ -44,6 +44,15 @@ def make_clip(path: str | Path, n: int = 12, width: int = 64, height: int = 48, 
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _onnx_cache(tmp_path_factory):
+    """score-video's onnxruntime exports (stages/onnx_model.py) go to a folder of this run, not the user's cache;
+    subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DFPIPE_CACHE", str(tmp_path_factory.mktemp("dfpipe-cache")))
+        yield
+
+
 @pytest.fixture
 def clip_factory(tmp_path):
     def factory(name: str = "clip.mp4", **kw) -> Path:

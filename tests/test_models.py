@@ -257,6 +257,27 @@ def test_forward_shapes_and_attention_weights_sum_to_one():
     assert (weights > 0).all()
 
 
+def test_frames_per_call_splits_the_clip_in_eval_mode_only():
+    torch.manual_seed(0)
+    model = DualStreamNet.from_config(tiny_model_cfg())
+    hq, lq = clips(batch=2, steps=5)
+    model.eval()
+    with torch.no_grad():
+        whole = model(hq, lq)
+        calls = []
+        hook = model.hq.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        for stream in (model.hq, model.lq):
+            stream.frames_per_call = 2
+        split = model(hq, lq)
+    assert calls == [4, 4, 2]  # 2 clips x 2 frames, twice, then the last frame of each
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-6)
+    model.train()  # training's BatchNorm statistics must cover all frames at once
+    calls.clear()
+    model(hq, lq)
+    hook.remove()
+    assert calls == [10]
+
+
 def test_gradients_reach_both_backbones_and_convlstms():
     # Seeded: with dropout 0.5 in a 16-8-4 head, about one random init in twenty drops every path to a backbone.
     torch.manual_seed(0)

@@ -1,15 +1,25 @@
-"""dfpipe's rearranged MTCNN against facenet-pytorch's own `detect` on the same frames."""
+"""dfpipe's rearranged MTCNN against facenet-pytorch's own `detect` on the same frames, and its copies of
+facenet-pytorch's networks and box helpers against the originals (dfpipe imports neither facenet_pytorch nor
+torchvision; the tests may)."""
 from __future__ import annotations
 
+import importlib.util
+import subprocess
+import sys
 from itertools import islice
+from pathlib import Path
 
 import av
 import cv2
 import numpy as np
 import pytest
 import torch
+from dfpipe.manifests.errors import InputError
+from dfpipe.stages import mtcnn, mtcnn_nets
 from dfpipe.stages.mtcnn import MTCNN
 from facenet_pytorch import MTCNN as FacenetMTCNN
+from facenet_pytorch.models import mtcnn as facenet_nets
+from facenet_pytorch.models.utils import detect_face as facenet_boxes
 from skimage import data
 from torchvision.ops import box_iou
 
@@ -106,3 +116,83 @@ def test_frames_smaller_than_the_smallest_face_have_no_faces(ours):
     """No pyramid level fits a 16 px frame when faces start at 20 px: an empty result, not an error."""
     found = ours.detect(np.zeros((2, 16, 16, 3), dtype=np.uint8))
     assert [len(boxes) for boxes, _, _ in found] == [0, 0]
+
+
+@pytest.mark.parametrize("name, shape", [("PNet", (2, 3, 41, 57)), ("RNet", (7, 3, 24, 24)), ("ONet", (7, 3, 48, 48))])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_nets_are_facenet_pytorchs_with_its_weights(name, shape, layout):
+    ours = getattr(mtcnn_nets, name)().load_weights().eval().to(memory_format=layout)
+    theirs = getattr(facenet_nets, name)().eval().to(memory_format=layout)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    x = torch.empty(shape).uniform_(-1, 1, generator=torch.Generator().manual_seed(0)).to(memory_format=layout)
+    with torch.inference_mode():
+        outputs, expected = ours(x), theirs(x)
+    assert len(outputs) == len(expected)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, expected))
+    assert (expected[0].std(dim=0) > 0).all()  # outputs that depend on the input
+
+
+def test_nets_load_facenet_pytorchs_files_without_importing_it_and_say_when_it_is_missing(monkeypatch):
+    path = mtcnn_nets.weights_file("onet")
+    assert path == Path(facenet_nets.__file__).parents[1] / "data" / "onet.pt"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(InputError, match="facenet-pytorch, which is not installed"):
+        mtcnn_nets.PNet().load_weights()
+
+
+def test_importing_the_face_path_imports_neither_torchvision_nor_facenet_pytorch():
+    code = ("import sys, dfpipe.stages.faces, dfpipe.stages.align; "
+            "print([m for m in ('torchvision', 'facenet_pytorch', 'torch._dynamo') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def random_candidates(generator, n: int, images: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 5) float32 boxes (x1, y1, x2, y2, score) around a few centres, overlapping at all ratios, and their
+    image indices."""
+    centres = torch.rand(4, 2, generator=generator) * 200
+    centres = centres[torch.randint(0, 4, (n,), generator=generator)] + torch.randn(n, 2, generator=generator) * 8
+    sides = 10 + torch.rand(n, 2, generator=generator) * 40
+    boxes = torch.cat([centres - sides / 2, centres + sides / 2, torch.rand(n, 1, generator=generator)], dim=1)
+    return boxes, torch.randint(0, images, (n,), generator=generator)
+
+
+def test_box_helpers_are_facenet_pytorchs_bit_for_bit():
+    g = torch.Generator().manual_seed(0)
+    reg, probs = torch.randn(3, 4, 23, 31, generator=g) * 0.2, torch.rand(3, 23, 31, generator=g)
+    for ours, theirs in zip(mtcnn.generate_bounding_box(reg, probs, 0.37, 0.6),
+                            facenet_boxes.generateBoundingBox(reg, probs, 0.37, 0.6)):
+        assert torch.equal(ours, theirs)
+    boxes, _ = random_candidates(g, 200)
+    boxes[:, :4] *= 3.7  # 0-800 px, beyond a 640 x 360 frame on both sides once shifted
+    boxes[:, :4] -= 50
+    shift = torch.randn(200, 4, generator=g) * 0.1
+    assert torch.equal(mtcnn.bbreg(boxes.clone(), shift), facenet_boxes.bbreg(boxes.clone(), shift))
+    assert torch.equal(mtcnn.rerec(boxes.clone()), facenet_boxes.rerec(boxes.clone()))
+    clipped, expected = mtcnn.pad(boxes, 640, 360), facenet_boxes.pad(boxes, 640, 360)
+    assert all(np.array_equal(a, b) for a, b in zip(clipped, expected))
+    assert (expected[0] == 1).any() and (expected[3] == 640).any()  # both sides clipped
+
+
+@pytest.mark.parametrize("n", [0, 1, 40, 300])
+def test_min_nms_is_facenet_pytorchs(n):
+    boxes, images = random_candidates(torch.Generator().manual_seed(n), n)
+    keep = mtcnn.batched_nms_min(boxes[:, :4], boxes[:, 4], images, 0.7)
+    expected = facenet_boxes.batched_nms_numpy(boxes[:, :4], boxes[:, 4], images, 0.7, "Min")
+    assert keep.dtype == torch.int64 and torch.equal(keep, expected)
+    if n >= 40:
+        assert 3 < len(keep) < n  # some suppressed, several kept
+
+
+def test_min_nms_is_facenet_pytorchs_on_ties_and_at_the_threshold():
+    boxes, images = random_candidates(torch.Generator().manual_seed(5), 300)
+    scores = (boxes[:, 4] * 4).floor() / 4  # four distinct scores: ties broken as facenet's unstable sort does
+    keep = mtcnn.batched_nms_min(boxes[:, :4], scores, images, 0.7)
+    assert torch.equal(keep, facenet_boxes.batched_nms_numpy(boxes[:, :4], scores, images, 0.7, "Min"))
+    # +1 widths: the second box covers exactly 70 of the first's 100 pixels, which is not more than 0.7
+    edge = torch.tensor([[0, 0, 9, 9], [0, 3, 9, 19], [0, 2, 9, 19]], dtype=torch.float32)
+    keep = mtcnn.batched_nms_min(edge, torch.tensor([0.9, 0.8, 0.7]), torch.zeros(3, dtype=torch.int64), 0.7)
+    assert keep.tolist() == [0, 1]
+    assert torch.equal(keep, facenet_boxes.batched_nms_numpy(edge, torch.tensor([0.9, 0.8, 0.7]),
+                                                             torch.zeros(3, dtype=torch.int64), 0.7, "Min"))

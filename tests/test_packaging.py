@@ -8,6 +8,7 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 from dfpipe.models.pretrained import LITE_PACKAGES
+from dfpipe.stages import mtcnn_nets, onnx_model
 
 REPO = Path(__file__).resolve().parents[1]
 FOLDERS = ["api", "pipeline", "models", "stages", "manifests"]
@@ -30,8 +31,9 @@ def declared() -> tuple[set[str], set[str]]:
 
 
 def imported_modules() -> set[str]:
-    """Top-level third-party modules the package imports, by statement or by name (the Lite weight packages)."""
-    found = {module for module, _ in LITE_PACKAGES.values()}
+    """Top-level third-party modules the package imports, by statement or by name (the Lite weight packages,
+    facenet-pytorch's weight files, onnx through torch.onnx)."""
+    found = {module for module, _ in LITE_PACKAGES.values()} | {mtcnn_nets.PACKAGE, *onnx_model.MODULES}
     for folder in FOLDERS:
         for path in (REPO / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):

@@ -14,6 +14,7 @@ from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import ConfigError, load_config
 from dfpipe.stages.checkpoint import load_checkpoint, model_from_checkpoint
 from dfpipe.stages.detector import Detector
+from dfpipe.stages.onnx_model import OnnxClipModel
 from dfpipe.stages.train import run_train
 from test_train import HQ, LQ, make_workspace, tiny_cfg
 
@@ -88,7 +89,7 @@ def test_a_saved_peft_checkpoint_scores_exactly_like_the_model_it_was_trained_as
         expected = reference(hq, lq)
         assert torch.equal(model_from_checkpoint(best, "cpu")(hq, lq), expected)
     # score-video's and dfpipe.Detector's path: rebuilt, adapters merged, fp32 (train.amp off), calibrated
-    config = load_config(overrides=[{"train": {"amp": "off"}}])
+    config = load_config(overrides=[{"train": {"amp": "off"}, "score": {"runtime": "torch"}}])
     detector = Detector.from_checkpoint(run_dir / "best.pt", device="cpu", config=config)
     as_uint8 = [(x * 255).round().to(torch.uint8) for x in (hq, lq)]
     probs = detector._predict(*(x.permute(0, 1, 3, 4, 2).numpy() for x in as_uint8))
@@ -98,6 +99,16 @@ def test_a_saved_peft_checkpoint_scores_exactly_like_the_model_it_was_trained_as
     merged = detector._predict.model
     assert not any("parametrizations" in k for k in merged.state_dict())   # plain weights: no slower to score
     assert merged.state_dict().keys() == DualStreamNet.from_config(cfg.model).state_dict().keys()
+    # and onnxruntime's export (the CPU default without AMX), at the crop sizes the checkpoint scores
+    rng = np.random.default_rng(0)
+    crops = [rng.integers(0, 256, (2, best["clip_len"], best["align"][k], best["align"][k], 3), dtype=np.uint8)
+             for k in ("hq_size", "lq_size")]
+    exported = OnnxClipModel(best, run_dir / "best.pt", clip_len=best["clip_len"],
+                             temperature=best["calibration"]["temperature"], tta_flip=False)
+    with torch.no_grad():
+        logits = reference(*(torch.from_numpy(c).permute(0, 1, 4, 2, 3).float() / 255 for c in crops)).double()
+    assert np.allclose(exported(*crops), torch.sigmoid(logits / best["calibration"]["temperature"]).numpy(),
+                       atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["lora", "svd"])

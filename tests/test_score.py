@@ -6,6 +6,8 @@ import hashlib
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,12 +16,13 @@ import pandas as pd
 import pytest
 import torch
 from conftest import dfpipe, make_clip, moov_first
+from dfpipe.manifests.errors import InputError
 from dfpipe.manifests.table import write_table
 from dfpipe.manifests.workspace import Shard, Workspace
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import pairs as pairs_mod
-from dfpipe.stages import inference, score, score_store
+from dfpipe.stages import inference, onnx_model, score, score_store
 from dfpipe.stages.clips import ClipCutter, clip_positions, scoring_clips
 from dfpipe.stages.dataset import face_rows, read_crops, track_segments
 from dfpipe.stages.demo import make_demo_dataset
@@ -95,15 +98,17 @@ def checkpoint(root) -> Path:
 
 
 def record_model_calls(monkeypatch) -> list:
-    """Every batch the model scores: (hq, lq, probs)."""
+    """Every batch the model scores, in whichever runtime: (hq, lq, probs)."""
     calls = []
-    original = inference.ClipModel.__call__
 
-    def recording(self, hq, lq):
-        probs = original(self, hq, lq)
-        calls.append((hq.copy(), lq.copy(), probs))
-        return probs
-    monkeypatch.setattr(inference.ClipModel, "__call__", recording)
+    def recorder(original):
+        def recording(self, hq, lq):
+            probs = original(self, hq, lq)
+            calls.append((hq.copy(), lq.copy(), probs))
+            return probs
+        return recording
+    for model in (inference.ClipModel, onnx_model.OnnxClipModel):
+        monkeypatch.setattr(model, "__call__", recorder(model.__call__))
     return calls
 
 
@@ -719,3 +724,166 @@ def test_the_command_exits_1_when_a_video_could_not_be_read(root, checkpoint, tm
     out = dfpipe("score-video", root / "bad", "--checkpoint", checkpoint, "--out", tmp_path / "b.csv", "--quiet",
                  check=False)
     assert out.returncode == 1 and "undecodable" in out.stdout and (tmp_path / "b.csv").is_file()
+
+
+# ---------------------------------------------------------------- the onnxruntime path (stages/onnx_model.py)
+
+def onnx_and_torch(checkpoint, tta_flip=False):
+    ckpt = load_checkpoint(checkpoint)
+    temperature = ckpt["calibration"]["temperature"]
+    torch_model = inference.ClipModel(model_from_checkpoint(ckpt, "cpu"), device=torch.device("cpu"), dtype=None,
+                                      temperature=temperature, tta_flip=tta_flip)
+    ort_model = onnx_model.OnnxClipModel(load_checkpoint(checkpoint), checkpoint, clip_len=CLIP_LEN,
+                                         temperature=temperature, tta_flip=tta_flip)
+    return torch_model, ort_model
+
+
+@pytest.mark.parametrize("tta_flip", [False, True])
+def test_onnxruntime_gives_torchs_fp32_probabilities_at_any_batch_size(checkpoint, tta_flip):
+    torch_model, ort_model = onnx_and_torch(checkpoint, tta_flip)
+    rng = np.random.default_rng(2)
+    for batch in (1, 4):  # exported at batch 1: the batch axis must stay free
+        hq = rng.integers(0, 256, (batch, CLIP_LEN, 224, 224, 3), dtype=np.uint8)
+        lq = rng.integers(0, 256, (batch, CLIP_LEN, 112, 112, 3), dtype=np.uint8)
+        want, got = torch_model(hq, lq), ort_model(hq, lq)
+        assert got.shape == (batch,) and got.dtype == np.float64
+        # float rounding, magnified by this checkpoint's amplified BatchNorm and small temperature (see `checkpoint`)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    assert np.ptp(want) > 0.05  # distinct clips, distinct probabilities: the comparison can fail
+
+
+def test_the_export_is_cached_per_checkpoint_file_and_a_hit_reads_no_weights(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("DFPIPE_CACHE", str(tmp_path / "cache"))
+    onnx_and_torch(checkpoint)
+    cached = sorted((tmp_path / "cache/onnx").iterdir())
+    assert len(cached) == 1 and cached[0].suffix == ".onnx" and cached[0].stat().st_size > 10_000
+    ckpt = load_checkpoint(checkpoint)
+    ckpt["model"] = {}  # a hit must not build the model: with no weights, building it would fail
+    monkeypatch.setattr(onnx_model, "export", lambda *a, **k: pytest.fail("exported again"))
+    hit = onnx_model.OnnxClipModel(ckpt, checkpoint, clip_len=CLIP_LEN, temperature=1.0, tta_flip=False)
+    assert hit.session is not None
+    other = tmp_path / "other.pt"
+    other.write_bytes(checkpoint.read_bytes() + b"")  # same bytes: same cache entry
+    onnx_model.OnnxClipModel(load_checkpoint(other), other, clip_len=CLIP_LEN, temperature=1.0, tta_flip=False)
+    assert sorted((tmp_path / "cache/onnx").iterdir()) == cached
+
+
+def test_an_unwritable_cache_still_scores_with_a_warning(checkpoint, tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("DFPIPE_CACHE", str(tmp_path / "file"))  # a file where the cache folder would go
+    torch_model, ort_model = onnx_and_torch(checkpoint)
+    assert "cannot write" in capsys.readouterr().err
+    hq = np.full((1, CLIP_LEN, 224, 224, 3), 90, np.uint8)
+    lq = np.full((1, CLIP_LEN, 112, 112, 3), 90, np.uint8)
+    np.testing.assert_allclose(ort_model(hq, lq), torch_model(hq, lq), atol=1e-4)
+
+
+def test_a_damaged_cache_file_is_exported_again(checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DFPIPE_CACHE", str(tmp_path / "cache"))
+    torch_model, ort_model = onnx_and_torch(checkpoint)
+    cached = next((tmp_path / "cache/onnx").iterdir())
+    good = cached.read_bytes()
+    cached.write_bytes(good[: len(good) // 3])  # cut short
+    capsys.readouterr()
+    again = onnx_model.OnnxClipModel(load_checkpoint(checkpoint), checkpoint, clip_len=CLIP_LEN,
+                                      temperature=load_checkpoint(checkpoint)["calibration"]["temperature"],
+                                      tta_flip=False)
+    err = capsys.readouterr().err
+    assert f"{cached}: not a readable export" in err and "exporting" in err
+    assert cached.read_bytes() == good  # replaced by the same export
+    hq = np.full((1, CLIP_LEN, 224, 224, 3), 60, np.uint8)
+    lq = np.full((1, CLIP_LEN, 112, 112, 3), 60, np.uint8)
+    np.testing.assert_allclose(again(hq, lq), torch_model(hq, lq), atol=1e-4)
+
+
+def test_runtime_choice_and_refusals(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert onnx_model.choose_runtime("auto", cpu, 0) == "onnx"
+    assert onnx_model.choose_runtime("auto", cpu, 4) == "torch"  # Monte-Carlo dropout runs in torch
+    assert onnx_model.choose_runtime("auto", cuda, 0) == "torch"
+    assert onnx_model.choose_runtime("torch", cpu, 0) == "torch"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert onnx_model.choose_runtime("auto", cpu, 0) == "torch"  # AMX: torch's bf16 is the faster
+    assert onnx_model.choose_runtime("onnx", cpu, 0) == "onnx"
+    with pytest.raises(InputError, match="score.device is cuda"):
+        onnx_model.choose_runtime("onnx", cuda, 0)
+    with pytest.raises(InputError, match="mc_samples needs torch"):
+        onnx_model.choose_runtime("onnx", cpu, 2)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    find_spec = onnx_model.importlib.util.find_spec
+    monkeypatch.setattr(onnx_model.importlib.util, "find_spec", lambda n: None if n == "onnxruntime" else find_spec(n))
+    assert onnx_model.choose_runtime("auto", cpu, 0) == "torch"  # an install without it still scores
+    with pytest.raises(InputError, match="onnx needs onnxruntime, not installed here: pip install onnxruntime"):
+        onnx_model.choose_runtime("onnx", cpu, 0)
+
+
+def test_score_video_in_onnxruntime_and_in_torch_agree_and_a_warm_process_imports_no_timm(root, checkpoint,
+                                                                                           tmp_path):
+    videos = [root / f"data/{v}.mp4" for v in DEMO[:2]]
+    rows = {}
+    for runtime in ("onnx", "torch"):
+        summary = run(checkpoint, videos, tmp_path / runtime / "scores.csv", cfg=config(runtime=runtime))
+        rows[runtime] = jsonl(summary.jsonl)
+    probs = {rt: np.array([c[2] for v in videos for c in r[str(v)]["clip_probs"]]) for rt, r in rows.items()}
+    assert len(probs["onnx"]) == 4 and np.ptp(probs["torch"]) > 0.1
+    np.testing.assert_allclose(probs["onnx"], probs["torch"], atol=1e-4)
+    # the export is cached now: a new process scoring through it loads neither timm nor torchvision
+    script = (f"import sys; from dfpipe.stages import score_store; from dfpipe.manifests.workspace import Shard; "
+              f"from dfpipe.pipeline.config import load_config; "
+              f"cfg = load_config(overrides=[{{'score': {{'runtime': 'onnx', 'device': 'cpu'}}, "
+              f"'align': {{'device': 'cpu'}}}}]); "
+              f"score_store.run_score([{str(videos[0])!r}], {str(checkpoint)!r}, cfg, out={str(tmp_path / 'w.csv')!r},"
+              f" labels=None, work=None, split=None, shard=Shard(), progress=False); "
+              f"print(sorted(m for m in ('timm', 'torchvision', 'facenet_pytorch', 'torch._dynamo') "
+              f"if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+    assert "exporting" not in proc.stderr
+
+
+
+def test_the_runtime_option_picks_what_runs_the_model(root, checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("DFPIPE_CACHE", str(tmp_path / "cache"))
+    video = root / "data/real/real_000.mp4"
+    torch_run = dfpipe("score-video", video, "--checkpoint", checkpoint, "--out", tmp_path / "t.csv", "--runtime",
+                       "torch", "--device", "cpu", "--set", "train.amp=off")  # fp32, as onnxruntime's
+    assert "onnxruntime" not in torch_run.stderr and not (tmp_path / "cache").exists()
+    onnx_run = dfpipe("score-video", video, "--checkpoint", checkpoint, "--out", tmp_path / "o.csv", "--runtime",
+                      "onnx", "--device", "cpu")
+    assert "exporting" in onnx_run.stderr and len(list((tmp_path / "cache/onnx").glob("*.onnx"))) == 1
+    scores = [float(pd.read_csv(tmp_path / f"{name}.csv").score[0]) for name in ("t", "o")]
+    assert scores[0] == pytest.approx(scores[1], abs=1e-4)
+
+
+def test_onnxruntime_scores_real_videos_as_torch_fp32(shared_data, checkpoint, tmp_path):
+    videos = [shared_data / "ffpp_c40/original_sequences/youtube/c40/videos/183.mp4",
+              shared_data / "ffpp_c40/manipulated_sequences/Deepfakes/c40/videos/183_253.mp4"]
+    probs = {}
+    for runtime in ("onnx", "torch"):
+        cfg = load_config(overrides=[{"train": {"amp": "off"}, "align": {"device": "cpu"}, "extract": {"max_frames": 24},
+                                      "score": {"runtime": runtime, "device": "cpu"}}])
+        rows = jsonl(run(checkpoint, videos, tmp_path / runtime / "s.csv", cfg=cfg).jsonl)
+        probs[runtime] = np.array([c[1] for v in videos for c in rows[str(v)]["clip_probs"]])
+    assert len(probs["onnx"]) >= 4 and np.ptp(probs["torch"]) > 0.01
+    np.testing.assert_allclose(probs["onnx"], probs["torch"], atol=1e-4)
+
+
+def test_a_checkpoint_of_the_older_convlstm_layout_scores_alike_in_onnxruntime(checkpoint, tmp_path):
+    """Checkpoints written before the ConvLSTM's gate convolution was split hold one `conv` over [x, h]."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    state = ckpt["model"]
+    for prefix in sorted({k.rsplit(".input_conv.", 1)[0] for k in state if ".input_conv." in k}):
+        state[f"{prefix}.conv.weight"] = torch.cat([state.pop(f"{prefix}.input_conv.weight"),
+                                                    state.pop(f"{prefix}.hidden_conv.weight")], dim=1)
+        state[f"{prefix}.conv.bias"] = state.pop(f"{prefix}.input_conv.bias")
+    old = tmp_path / "old.pt"
+    torch.save(ckpt, old)
+    temperature = ckpt["calibration"]["temperature"]
+    rng = np.random.default_rng(3)
+    hq = rng.integers(0, 256, (2, CLIP_LEN, 224, 224, 3), dtype=np.uint8)
+    lq = rng.integers(0, 256, (2, CLIP_LEN, 112, 112, 3), dtype=np.uint8)
+    torch_model, _ = onnx_and_torch(checkpoint)
+    from_old = onnx_model.OnnxClipModel(load_checkpoint(old), old, clip_len=CLIP_LEN, temperature=temperature,
+                                        tta_flip=False)
+    np.testing.assert_allclose(from_old(hq, lq), torch_model(hq, lq), atol=1e-4)

@@ -40,15 +40,17 @@ def test_the_first_column_is_the_model_and_the_rest_draw_dropout_without_touchin
 
 def test_mc_dropout_gives_a_score_std_and_leaves_the_score_alone(root, checkpoint, tmp_path):
     videos = [root / "data", root / "bad"]
-    run(checkpoint, videos, tmp_path / "plain.csv")
+    run(checkpoint, videos, tmp_path / "plain.csv", cfg=config(runtime="torch"))  # what --mc-samples runs in
+    run(checkpoint, videos, tmp_path / "onnx.csv")  # the CPU default without AMX
     run(checkpoint, videos, tmp_path / "mc.csv", cfg=config(mc_samples=8))
     no_dropout = with_dropout(checkpoint, tmp_path / "no_dropout.pt", [0.0, 0.0])
     run(no_dropout, videos, tmp_path / "zero.csv", cfg=config(mc_samples=8))
-    plain, mc, zero = (jsonl(tmp_path / f"{name}.jsonl") for name in ("plain", "mc", "zero"))
+    plain, onnx, mc, zero = (jsonl(tmp_path / f"{name}.jsonl") for name in ("plain", "onnx", "mc", "zero"))
     ok = [p for p, r in plain.items() if r["status"] == "ok"]
     assert len(ok) == 4 and all(plain[p]["score_std"] is None for p in plain)
     for path in ok:
         assert mc[path]["score"] == plain[path]["score"] == zero[path]["score"]
+        assert mc[path]["score"] == pytest.approx(onnx[path]["score"], abs=1e-4)  # float rounding apart
         assert mc[path]["score_std"] > 1e-4 and zero[path]["score_std"] == 0.0
         assert len(mc[path]["clip_samples"]) == mc[path]["clips"] and len(mc[path]["clip_samples"][0]) == 8
     assert all(mc[p]["score_std"] is None for p in mc if p not in ok)    # no face, undecodable: no score
