@@ -12,7 +12,7 @@ The export (torch.onnx's TorchScript exporter: the clip model at its one clip le
 per checkpoint and cached by the checkpoint file's sha256 under `$DFPIPE_CACHE` (default ~/.cache/dfpipe): a
 later run reads no weights from the checkpoint at all. The graph takes the uint8 (B, T, H, W, 3) crop batches
 `Predict` gets and returns logits; it is the model in fp32 after `for_inference` (BatchNorm folded, adapters
-merged), so its logits are torch's fp32 ones up to float rounding (tests/test_onnx_model.py).
+merged), so its logits are torch's fp32 ones up to float rounding (tests/test_score.py, the onnxruntime section).
 """
 from __future__ import annotations
 
@@ -93,8 +93,10 @@ def export(model: torch.nn.Module, clip_len: int, hq_size: int, lq_size: int) ->
 
 
 def _cache_path(checkpoint: str | Path, clip_len: int) -> Path:
-    key = f"{sha256_file(Path(checkpoint))[:32]}-T{clip_len}-f{EXPORT_FORMAT}-dfpipe{__version__}-torch{torch.__version__}"
-    return cache_dir() / f"{key}.onnx"
+    """The checkpoint's bytes and everything else the graph depends on: the clip length it is traced at, the
+    export's format, the model code's version and the exporter's."""
+    digest = sha256_file(Path(checkpoint))[:32]
+    return cache_dir() / f"{digest}-T{clip_len}-f{EXPORT_FORMAT}-dfpipe{__version__}-torch{torch.__version__}.onnx"
 
 
 def cached_session(ckpt: dict, checkpoint: str | Path, clip_len: int):
