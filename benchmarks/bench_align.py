@@ -24,9 +24,9 @@ import cv2
 import numpy as np
 import torch
 from facenet_pytorch import MTCNN
-from torchvision.ops import box_iou
 
 from dfpipe.pipeline.config import load_config, parse_override
+from dfpipe.stages.boxes import box_iou
 from dfpipe.stages.faces import FaceDetector, FaceStream
 from dfpipe.stages.video import FrameReader
 
@@ -75,8 +75,8 @@ def matched(reference: np.ndarray, found: np.ndarray) -> np.ndarray:
     """Per baseline detection: whether dfpipe found a box over it (IoU >= 0.5)."""
     if not len(reference) or not len(found):
         return np.zeros(len(reference), bool)
-    iou = box_iou(torch.as_tensor(reference[:, :4], dtype=torch.float32), torch.as_tensor(found, dtype=torch.float32))
-    return (iou.max(dim=1).values >= 0.5).numpy()
+    iou = box_iou(reference[:, :4].astype(np.float32), np.asarray(found, np.float32))
+    return iou.max(axis=1) >= 0.5
 
 
 def kind_of(detection: np.ndarray, smallest: float) -> str:
