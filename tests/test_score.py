@@ -752,20 +752,38 @@ def test_onnxruntime_gives_torchs_fp32_probabilities_at_any_batch_size(checkpoin
     assert np.ptp(want) > 0.05  # distinct clips, distinct probabilities: the comparison can fail
 
 
+def cache_files(tmp_path) -> tuple[Path, Path]:
+    """The export and, beside it, the graph as onnxruntime optimised it for this CPU."""
+    files = sorted((tmp_path / "cache/onnx").iterdir(), key=lambda p: "-optimized-" in p.name)
+    assert len(files) == 2 and all(p.suffix == ".onnx" and p.stat().st_size > 10_000 for p in files)
+    assert files[1].name.startswith(files[0].stem + "-optimized-")
+    return files[0], files[1]
+
+
 def test_the_export_is_cached_per_checkpoint_file_and_a_hit_reads_no_weights(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("DFPIPE_CACHE", str(tmp_path / "cache"))
-    onnx_and_torch(checkpoint)
-    cached = sorted((tmp_path / "cache/onnx").iterdir())
-    assert len(cached) == 1 and cached[0].suffix == ".onnx" and cached[0].stat().st_size > 10_000
+    _, first = onnx_and_torch(checkpoint)
+    cached = cache_files(tmp_path)
     ckpt = load_checkpoint(checkpoint)
     ckpt["model"] = {}  # a hit must not build the model: with no weights, building it would fail
     monkeypatch.setattr(onnx_model, "export", lambda *a, **k: pytest.fail("exported again"))
     hit = onnx_model.OnnxClipModel(ckpt, checkpoint, clip_len=CLIP_LEN, temperature=1.0, tta_flip=False)
-    assert hit.session is not None
+    hq = np.random.default_rng(3).integers(0, 256, (2, CLIP_LEN, 224, 224, 3), dtype=np.uint8)
+    lq = np.random.default_rng(4).integers(0, 256, (2, CLIP_LEN, 112, 112, 3), dtype=np.uint8)
+    first.temperature = 1.0
+    # the optimised graph read back gives what the session that optimised it gave, bit for bit
+    assert np.array_equal(hit(hq, lq), first(hq, lq))
     other = tmp_path / "other.pt"
     other.write_bytes(checkpoint.read_bytes() + b"")  # same bytes: same cache entry
     onnx_model.OnnxClipModel(load_checkpoint(other), other, clip_len=CLIP_LEN, temperature=1.0, tta_flip=False)
-    assert sorted((tmp_path / "cache/onnx").iterdir()) == cached
+    assert cache_files(tmp_path) == cached
+
+
+def test_the_optimised_graph_is_named_for_the_cpu_and_onnxruntime(tmp_path, monkeypatch):
+    export = tmp_path / "abc-T10.onnx"
+    here = onnx_model._optimized_path(export)
+    monkeypatch.setattr(onnx_model.platform, "processor", lambda: "another CPU")
+    assert onnx_model._optimized_path(export) != here and here.parent == tmp_path
 
 
 def test_an_unwritable_cache_still_scores_with_a_warning(checkpoint, tmp_path, monkeypatch, capsys):
@@ -781,9 +799,10 @@ def test_an_unwritable_cache_still_scores_with_a_warning(checkpoint, tmp_path, m
 def test_a_damaged_cache_file_is_exported_again(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DFPIPE_CACHE", str(tmp_path / "cache"))
     torch_model, ort_model = onnx_and_torch(checkpoint)
-    cached = next((tmp_path / "cache/onnx").iterdir())
+    cached, optimized = cache_files(tmp_path)
     good = cached.read_bytes()
-    cached.write_bytes(good[: len(good) // 3])  # cut short
+    for path in (cached, optimized):
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])  # cut short
     capsys.readouterr()
     again = onnx_model.OnnxClipModel(load_checkpoint(checkpoint), checkpoint, clip_len=CLIP_LEN,
                                       temperature=load_checkpoint(checkpoint)["calibration"]["temperature"],
@@ -794,6 +813,15 @@ def test_a_damaged_cache_file_is_exported_again(checkpoint, tmp_path, monkeypatc
     hq = np.full((1, CLIP_LEN, 224, 224, 3), 60, np.uint8)
     lq = np.full((1, CLIP_LEN, 112, 112, 3), 60, np.uint8)
     np.testing.assert_allclose(again(hq, lq), torch_model(hq, lq), atol=1e-4)
+    # a damaged optimised graph alone: optimised again from the export, with the same probabilities
+    optimized.write_bytes(b"not a graph")
+    capsys.readouterr()
+    third = onnx_model.OnnxClipModel(load_checkpoint(checkpoint), checkpoint, clip_len=CLIP_LEN,
+                                      temperature=load_checkpoint(checkpoint)["calibration"]["temperature"],
+                                      tta_flip=False)
+    err = capsys.readouterr().err
+    assert f"{optimized}: not a readable optimised graph" in err and "exporting" not in err
+    assert optimized.stat().st_size > 10_000 and np.array_equal(third(hq, lq), again(hq, lq))
 
 
 def test_runtime_choice_and_refusals(monkeypatch):
@@ -851,7 +879,7 @@ def test_the_runtime_option_picks_what_runs_the_model(root, checkpoint, tmp_path
     assert "onnxruntime" not in torch_run.stderr and not (tmp_path / "cache").exists()
     onnx_run = dfpipe("score-video", video, "--checkpoint", checkpoint, "--out", tmp_path / "o.csv", "--runtime",
                       "onnx", "--device", "cpu")
-    assert "exporting" in onnx_run.stderr and len(list((tmp_path / "cache/onnx").glob("*.onnx"))) == 1
+    assert "exporting" in onnx_run.stderr and len(cache_files(tmp_path)) == 2
     scores = [float(pd.read_csv(tmp_path / f"{name}.csv").score[0]) for name in ("t", "o")]
     assert scores[0] == pytest.approx(scores[1], abs=1e-4)
 
