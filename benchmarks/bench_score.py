@@ -185,7 +185,7 @@ def child_score(checkpoint: str, out: str, batch_size: str, clip_every: str, amp
             "loop_seconds": sum(float(r["seconds"]) for r in rows),
             "clips": sum(int(r["clips"]) for r in rows),
             "status": ", ".join(sorted({f"{r['status']} {r['reason']}".strip() for r in rows})),
-            "rss_mb": peak_rss_mb()}
+            "rss_mb": peak_rss_mb(), "torch": "torch" in sys.modules}
 
 
 def child_staged_model(checkpoint: str, ws: str, batch_size: str, clip_every: str, amp: str, runtime: str) -> dict:
@@ -209,7 +209,7 @@ def child_staged_model(checkpoint: str, ws: str, batch_size: str, clip_every: st
                                                            "hq_path", "lq_path"])
     faces = faces.assign(frame_index=faces.frame_index.astype(int), track_id=faces.track_id.astype(int))
     labels = dict.fromkeys(faces.video_id, 0)
-    queue = ClipQueue(predict, model_batch(cfg.score.batch_size, device))
+    queue = ClipQueue(predict, model_batch(cfg.score.batch_size, device.type))
     segments = track_segments(face_rows(faces, labels), labels)
     chosen = scoring_clips(segments, settings.clip_len, cfg.score.clip_every)
     for i, start in chosen:
@@ -299,7 +299,8 @@ def bench_model(kind: str, tmp: Path, copies: list[Path], long: Path, args: argp
         runs.append(run)
         print(f"  run {k + 1}: score-video {run['wall']:.1f} s for {args.clips} clips (video loop "
               f"{run['loop_seconds']:.1f} s, start-up and the rest {run['wall'] - run['loop_seconds']:.1f} s; "
-              f"{run['clips']} model clips, {run['status']}; peak RSS {run['rss_mb']:.0f} MB)", flush=True)
+              f"{run['clips']} model clips, {run['status']}; peak RSS {run['rss_mb']:.0f} MB; "
+              f"{'imported torch' if run['torch'] else 'never imported torch'})", flush=True)
         if args.staged:
             print(f"  staged / score-video = {staged(tmp, checkpoint, args, k, *rest) * args.clips / run['wall']:.2f}x")
     best = min(runs, key=lambda r: r["wall"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
 
 from .aggregate import RULE_KEYS, choose_rule, video_score
 from .evaluate import fit_temperature, fit_threshold
@@ -15,6 +14,8 @@ def calibrate(pred: pd.DataFrame, score_cfg) -> dict:
     balanced-accuracy threshold on the video scores that rule gives: what score-video applies to turn clip logits
     into a decision. The threshold is fitted on video scores, not clip probabilities, because it is applied to
     them, and the max over tracks and rules such as topk push video scores above their clips'."""
+    import torch  # training's; scoring imports this module for `decide`, and may run without torch
+
     temperature = fit_temperature(pred.logit, pred.label)
     pred = pred.assign(prob=torch.sigmoid(torch.tensor(pred.logit.to_numpy()) / temperature).numpy())
     videos = [{int(t): g.prob.tolist() for t, g in clips.groupby("track_id")} for _, clips in pred.groupby("video_id")]

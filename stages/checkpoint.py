@@ -14,13 +14,20 @@ from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from ..manifests.errors import InputError
 from ..manifests.table import atomic_write_bytes
-from ..models import peft
-from ..models.dual_stream import DualStreamNet
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..models.dual_stream import DualStreamNet
+
+# torch and the models are imported where they are used: a process that scores through onnxruntime with a cached
+# export reads what it needs of a checkpoint from its card (`onnx_model.cached_card`) and never imports torch.
 
 
 class CheckpointError(InputError):
@@ -51,11 +58,13 @@ class Trained:
 
 
 SCORING_KEYS = ("extract", "align", "clip_len", "calibration")  # the Trained fields scoring settings are read from
+CARD_KEYS = (*SCORING_KEYS, "pairs_digest")  # all that scoring reads of a checkpoint besides the weights
 
 
 def rng_state(device: torch.device) -> dict:
     """torch, CUDA, numpy and python RNG states as tensors and plain lists (weights_only-loadable). CUDA: only
     this rank's GPU, so a run resumes on a machine with fewer GPUs."""
+    import torch
     name, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     return {"torch": torch.get_rng_state(),
@@ -65,6 +74,7 @@ def rng_state(device: torch.device) -> dict:
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
+    import torch
     torch.set_rng_state(state["torch"])
     if state["cuda"] and device.type == "cuda":  # earlier last.pt files hold every visible GPU's state
         cuda = state["cuda"]
@@ -76,6 +86,7 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
+    import torch
     buffer = io.BytesIO()
     torch.save(_canonical(state), buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -125,6 +136,7 @@ def load_checkpoint(path: str | Path) -> dict:
                "last.pt / best.pt" if cut else
                "not a checkpoint (torch.save writes a zip archive; this file is not one)")
         raise CheckpointError(f"{path}: {why}")
+    import torch
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, foreign pickle, ...: all the same to the user
@@ -143,6 +155,10 @@ def model_from_checkpoint(ckpt: dict, device: str | torch.device) -> DualStreamN
     random initialisation is computed and stored only to be overwritten). Backbones are built without their
     pretrained files (the checkpoint's weights replace them, and the files need not exist where the model is used),
     so the random-init warning that building them would log is silenced."""
+    import torch
+
+    from ..models import peft
+    from ..models.dual_stream import DualStreamNet
     backbones_log = logging.getLogger("dfpipe.models.backbones")
     level = backbones_log.level
     backbones_log.setLevel(logging.ERROR)

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 from ..pipeline.config import load_config
 from .checkpoint import model_from_checkpoint
 from .ensemble import load_models, stacked
-from .faces import FaceDetector, resolve_device
+from .faces import FaceDetector, device_type, resolve_device
 from .inference import ClipModel, Predict, amp_dtype, model_batch
 from .onnx_model import OnnxClipModel, choose_runtime
 from .score import Scoring, ScoreError, VideoInput, score_videos
@@ -68,22 +68,23 @@ class VideoScore:
 class Detector:
     """A checkpoint loaded for scoring: the model (in onnxruntime on CPUs without AMX, see `onnx_model`; else torch,
     in bf16 on CPUs with AMX, fp16 on CUDA), the face detector, and the settings `scoring_settings` reads from the
-    checkpoint and the config's `score:` section."""
+    checkpoint and the config's `score:` section. Through onnxruntime, with the checkpoint's export cached, the
+    checkpoints may be their cards (`onnx_model.cached_card`): the process then never imports torch."""
 
     def __init__(self, ckpt: dict | list[dict], scoring: Scoring, *, device: str = "auto",
                  batch_size: int | None = None, checkpoint: str | Path | list = "checkpoint"):
         """A list of checkpoints (and of their files), with their `ensemble.EnsembleScoring`, scores as an
         ensemble."""
         self.scoring = scoring
-        self.device = resolve_device(device)
-        self.runtime = choose_runtime(scoring.runtime, self.device, scoring.mc_samples)
+        self.runtime = runtime_for(scoring.runtime, device, scoring.mc_samples)
+        self.device = "cpu" if self.runtime == "onnx" else resolve_device(device)
         if isinstance(ckpt, list):
             self._predict = stacked([self._model(c, member, path)
                                      for c, member, path in zip(ckpt, scoring.members, checkpoint)])
         else:
             self._predict = self._model(ckpt, scoring, checkpoint)
         self._faces = FaceDetector(**{**scoring.align, "device": str(self.device)})
-        self.batch_size = model_batch(batch_size, self.device)
+        self.batch_size = model_batch(batch_size, device_type(str(self.device)))
 
     def _model(self, ckpt: dict, scoring: Scoring, checkpoint: str | Path) -> Predict:
         try:
@@ -102,7 +103,8 @@ class Detector:
         `extract.max_frames` settings apply; the defaults without one. A list of checkpoints is an ensemble (see
         `ensemble`; `VideoScore.model_scores` holds each model's score)."""
         cfg = config if config is not None else load_config()
-        ckpts, scoring = load_models(checkpoint, cfg)
+        ckpts, scoring = load_models(checkpoint, cfg, cards=runtime_for(cfg.score.runtime, device,
+                                                                        cfg.score.mc_samples) == "onnx")
         single = isinstance(checkpoint, (str, Path))
         return cls(ckpts[0] if single else ckpts, scoring, device=device, batch_size=cfg.score.batch_size,
                    checkpoint=checkpoint)
@@ -118,3 +120,8 @@ class Detector:
 
     def score(self, path: str | Path) -> VideoScore:
         return next(self.score_many([path]))
+
+
+def runtime_for(runtime: str, device: str, mc_samples: int) -> str:
+    """`onnx_model.choose_runtime` for a device setting (auto, cpu, cuda:N)."""
+    return choose_runtime(runtime, device_type(str(device)), mc_samples)

@@ -20,6 +20,7 @@ from .calibration import decide
 from .checkpoint import load_checkpoint
 from .evaluate import binary_metrics, fit_threshold
 from .inference import Predict
+from .onnx_model import cached_card
 from .labels import TARGET
 from .score import Scoring, ScoreError, scoring_settings
 
@@ -98,10 +99,12 @@ def fitted_threshold(csv_path) -> str:
             f"videos, scores in {csv_path}); give it to score-video as --threshold {threshold:.6g}")
 
 
-def load_models(checkpoint: str | list[str], cfg) -> tuple[list[dict], Scoring]:
-    """A checkpoint path, or a list of them (an ensemble, even of one): the checkpoints and their scoring."""
+def load_models(checkpoint: str | list[str], cfg, *, cards: bool = False) -> tuple[list[dict], Scoring]:
+    """A checkpoint path, or a list of them (an ensemble, even of one): the checkpoints and their scoring. With
+    `cards` (the models run in onnxruntime), a checkpoint whose export is cached is read from its card instead
+    (`onnx_model.cached_card`: no weights, no torch)."""
     paths = [str(checkpoint)] if isinstance(checkpoint, (str, Path)) else [str(c) for c in checkpoint]
-    ckpts = [load_checkpoint(path) for path in paths]
+    ckpts = [(cards and cached_card(path)) or load_checkpoint(path) for path in paths]
     scorings = [scoring_settings(ckpt, cfg, path) for ckpt, path in zip(ckpts, paths)]
     if isinstance(checkpoint, (str, Path)):
         return ckpts, scorings[0]

@@ -6,20 +6,23 @@ largest N faces) needs the whole video and is therefore left to the consumer via
 """
 from __future__ import annotations
 
+import os
 from collections import deque
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
-import torch
 from skimage.transform import SimilarityTransform
 
 from ..manifests.errors import InputError
 from .boxes import box_iou, nms
 from .mtcnn import MTCNN
 from .video import jpeg_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 # ArcFace (insightface) 112x112 template: left eye, right eye, nose tip, left and right mouth corners.
 ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -65,7 +68,11 @@ class FrameFaces:
     faces: list[AlignedFace]
 
 
+GPU_DRIVER_FILES = ("/dev/nvidiactl", "/dev/kfd")  # NVIDIA's driver's and AMD's (ROCm), which torch.cuda uses
+
+
 def resolve_device(device: str) -> torch.device:
+    import torch
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
@@ -75,13 +82,22 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def device_type(device: str) -> str:
+    """cpu or cuda for a device setting. Where no GPU driver is loaded, auto is the CPU without asking torch, whose
+    import is 1.6 s and ~470 MB: a CPU process may then detect faces and score without torch (see `ort_session`)."""
+    device = str(device)
+    if device == "cpu" or (device == "auto" and not any(os.path.exists(p) for p in GPU_DRIVER_FILES)):
+        return "cpu"
+    return resolve_device(device).type
+
+
 class FaceDetector:
     """`detect`: MTCNN on frames shrunk to `detect_max_side`: its cost grows with pixels (1080p -> 640 px side is 9x
     fewer), while faces big enough to be worth classifying stay far above `min_face_size`. `confirm`: known faces
     re-found in small windows around where they are expected, which is what tracking uses between detections."""
 
     def __init__(self, *, device, min_face_size, thresholds, detect_max_side, min_prob, **_):
-        self.device = resolve_device(device)
+        self.device = "cpu" if device_type(device) == "cpu" else str(resolve_device(device))
         self.detect_max_side = detect_max_side
         self.min_prob = min_prob
         self._mtcnn = MTCNN(min_face_size=min_face_size, thresholds=thresholds, device=self.device)

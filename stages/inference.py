@@ -3,12 +3,17 @@ fills its batches with the clips of several videos."""
 from __future__ import annotations
 
 from itertools import chain
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
 
 from ..manifests.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where the model runs in it: a scoring process whose model runs in onnxruntime uses the queue
+# alone and may never import torch (see `ort_session`).
 
 # uint8 HQ and LQ crop batches (B, T, H, W, 3) -> probabilities (B,)
 Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -17,6 +22,7 @@ Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """bf16 on CPU needs no loss scaling; fp16 on CUDA is the fast path of most GPUs and needs a GradScaler.
     A CPU without bf16 instructions (AVX512-BF16 or AMX) emulates bf16 and runs slower than fp32: fp32 there."""
+    import torch
     if amp == "off":
         return None
     if amp == "auto":
@@ -56,6 +62,7 @@ class ClipModel:
         self.mc_samples = mc_samples
 
     def _tensor(self, crops: np.ndarray) -> torch.Tensor:
+        import torch
         x = torch.from_numpy(crops)
         if self.device.type == "cuda":
             x = x.pin_memory()
@@ -63,12 +70,14 @@ class ClipModel:
         return x.to(self.dtype).div_(255) if self.cast else x.float().div_(255)
 
     def _probs(self, hq: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+        import torch
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None and not self.cast):
             # an fp32 sigmoid near 0.5 rounds to steps of 6e-8: ties
             logits = self.model(hq, lq, mc_samples=self.mc_samples).double()
         return torch.sigmoid(logits / self.temperature)
 
     def __call__(self, hq: np.ndarray, lq: np.ndarray) -> np.ndarray:
+        import torch
         with torch.inference_mode():
             hq_t, lq_t = self._tensor(hq), self._tensor(lq)
             probs = self._probs(hq_t, lq_t)
@@ -77,10 +86,10 @@ class ClipModel:
             return probs.double().cpu().numpy()
 
 
-def model_batch(batch_size: int | None, device: torch.device) -> int:
+def model_batch(batch_size: int | None, device_type: str) -> int:
     """A GPU needs many clips per call to stay busy; a CPU is no faster with more than one (measured with
     benchmarks/bench_score.py), and each extra clip of B4 activations costs ~100 MB of memory."""
-    return batch_size if batch_size is not None else (16 if device.type == "cuda" else 1)
+    return batch_size if batch_size is not None else (16 if device_type == "cuda" else 1)
 
 
 class ClipQueue:

@@ -18,38 +18,38 @@ again: 0.07-0.09 s instead of 0.36-0.49 s of every score-video's start-up, the s
 """
 from __future__ import annotations
 
-import ctypes
-import hashlib
+import functools
+import importlib.metadata
 import importlib.util
 import io
-import os
-import platform
-import tempfile
+import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..manifests.errors import InputError
-from ..manifests.progress import note, warn
+from ..manifests.progress import note
 from ..manifests.table import NotWritable, atomic_write_bytes
 from ..manifests.units import sha256_file
 from ..pipeline import __version__
-from .checkpoint import model_from_checkpoint
+from .checkpoint import CARD_KEYS
+from .ort_session import cache_dir, cached_session, cpu_flags
+
+if TYPE_CHECKING:
+    import torch
 
 RUNTIMES = ("auto", "torch", "onnx")
 EXPORT_FORMAT = 1  # bump when the exported graph changes for the same checkpoint: older cache files are not read
+CARD_FORMAT = 1    # the same for the checkpoint's card
 FRAMES_PER_CALL = 5
 MODULES = ("onnxruntime", "onnx")  # the runtime, and what torch.onnx.export needs (imported there, not here)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("DFPIPE_CACHE") or Path.home() / ".cache" / "dfpipe").expanduser() / "onnx"
-
-
-def choose_runtime(runtime: str, device: torch.device, mc_samples: int) -> str:
-    """torch or onnx for this machine; `onnx` asked for where it cannot serve is refused in one line."""
+def choose_runtime(runtime: str, device_type: str, mc_samples: int) -> str:
+    """torch or onnx for this machine (`device_type`: cpu or cuda); `onnx` asked for where it cannot serve is
+    refused in one line."""
     if runtime not in RUNTIMES:
         raise InputError(f"score.runtime: '{runtime}' is none of {', '.join(RUNTIMES)}")
     missing = [name for name in MODULES if importlib.util.find_spec(name) is None]
@@ -57,35 +57,44 @@ def choose_runtime(runtime: str, device: torch.device, mc_samples: int) -> str:
         raise InputError(f"score.runtime: onnx needs {' and '.join(missing)}, not installed here: "
                          f"pip install {' '.join(missing)}")
     if runtime == "onnx":
-        if device.type != "cpu":
-            raise InputError(f"score.runtime: onnx runs on the CPU, and score.device is {device.type}")
+        if device_type != "cpu":
+            raise InputError(f"score.runtime: onnx runs on the CPU, and score.device is {device_type}")
         if mc_samples:
             raise InputError("score.runtime: onnx runs the model without dropout; score.mc_samples needs torch")
         return "onnx"
-    if (runtime == "auto" and device.type == "cpu" and not mc_samples and not missing
-            and not torch.cpu._is_amx_tile_supported()):
+    if runtime == "auto" and device_type == "cpu" and not mc_samples and not missing and not has_amx():
         return "onnx"
     return "torch"
 
 
-class _UInt8Clips(torch.nn.Module):
-    """What `ClipModel` does before the network (uint8 NHWC crops to [0, 1] NCHW), inside the graph."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, hq: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
-        return self.model(hq.permute(0, 1, 4, 2, 3).float() / 255, lq.permute(0, 1, 4, 2, 3).float() / 255)
+def has_amx() -> bool:
+    """AMX tiles, where torch's bf16 outruns onnxruntime's fp32: from the kernel's CPU flags, which needs no torch;
+    torch's own check where there are none (not Linux)."""
+    flags = cpu_flags()
+    if flags:
+        return "amx_tile" in flags.split()
+    import torch
+    return torch.cpu._is_amx_tile_supported()
 
 
 def export(model: torch.nn.Module, clip_len: int, hq_size: int, lq_size: int) -> bytes:
-    """The eval-mode `DualStreamNet` in fp32 as an ONNX graph taking uint8 crop batches of any batch size. Its
-    backbones see FRAMES_PER_CALL frames of a clip at a time: onnxruntime plans memory for every activation of the
-    graph, and half a clip's frames at once keep ~95 MB less alive at the same speed (default model, one clip)."""
+    """The eval-mode `DualStreamNet` in fp32 as an ONNX graph taking uint8 crop batches (B, T, H, W, 3) of any batch
+    size, doing what `ClipModel` does before the network (to [0, 1] NCHW) inside the graph. Its backbones see
+    FRAMES_PER_CALL frames of a clip at a time: onnxruntime plans memory for every activation of the graph, and
+    half a clip's frames at once keep ~95 MB less alive at the same speed (default model, one clip)."""
+    import torch
+
+    class UInt8Clips(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module):
+            super().__init__()
+            self.model = model
+
+        def forward(self, hq: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+            return self.model(hq.permute(0, 1, 4, 2, 3).float() / 255, lq.permute(0, 1, 4, 2, 3).float() / 255)
+
     for stream in (model.hq, model.lq):
         stream.frames_per_call = FRAMES_PER_CALL
-    model = _UInt8Clips(model.for_inference()).eval()
+    model = UInt8Clips(model.for_inference()).eval()
     example = (torch.zeros(1, clip_len, hq_size, hq_size, 3, dtype=torch.uint8),
                torch.zeros(1, clip_len, lq_size, lq_size, 3, dtype=torch.uint8))
     out = io.BytesIO()
@@ -99,98 +108,74 @@ def export(model: torch.nn.Module, clip_len: int, hq_size: int, lq_size: int) ->
 
 def _cache_path(checkpoint: str | Path, clip_len: int) -> Path:
     """The checkpoint's bytes and everything else the graph depends on: the clip length it is traced at, the
-    export's format, the model code's version and the exporter's."""
-    digest = sha256_file(Path(checkpoint))[:32]
-    return cache_dir() / f"{digest}-T{clip_len}-f{EXPORT_FORMAT}-dfpipe{__version__}-torch{torch.__version__}.onnx"
+    export's format, the model code's version and the exporter's (read from the installed package's metadata:
+    a cache hit imports no torch)."""
+    exporter = importlib.metadata.version("torch")
+    return cache_dir() / f"{_digest(checkpoint)}-T{clip_len}-f{EXPORT_FORMAT}-dfpipe{__version__}-torch{exporter}.onnx"
 
 
-def cached_session(ckpt: dict, checkpoint: str | Path, clip_len: int):
-    """The session of the cached export, exported first if missing or unreadable (a damaged cache file is
-    replaced); from the bytes themselves where the cache cannot be written."""
-    path = _cache_path(checkpoint, clip_len)
-    if path.is_file():
-        try:
-            return session(str(path), optimized=_optimized_path(path))
-        except Exception as e:  # onnxruntime raises its own types, e.g. InvalidProtobuf for a damaged file
-            warn(f"warning: {path}: not a readable export ({str(e).splitlines()[0][:200]}); exporting again")
-    model = model_from_checkpoint(ckpt, "cpu")  # a checkpoint that does not load fails before the note
-    note(f"score-video: exporting {checkpoint} for onnxruntime (once per checkpoint; cached in {path.parent})")
-    data = export(model, clip_len, int(ckpt["align"]["hq_size"]), int(ckpt["align"]["lq_size"]))
+def _card_path(checkpoint: str | Path) -> Path:
+    return cache_dir() / f"{_digest(checkpoint)}-card{CARD_FORMAT}.json"
+
+
+def _digest(checkpoint: str | Path) -> str:
+    stat = Path(checkpoint).stat()
+    return _file_digest(str(Path(checkpoint).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """Once per file version and process: the export's and the card's names both need it (~0.06 s per 90 MB)."""
+    return sha256_file(Path(path))[:32]
+
+
+def cached_card(checkpoint: str | Path) -> dict | None:
+    """What scoring reads of the checkpoint besides its weights (`CARD_KEYS`), where its export is cached too: a
+    process that finds both reads neither the checkpoint nor imports torch. None where either is missing or the
+    card is unreadable (the next scoring through onnxruntime writes it again)."""
     try:
-        atomic_write_bytes(path, data)
-    except NotWritable as e:
-        warn(f"warning: {e}; exporting again next time (set DFPIPE_CACHE to a writable folder)")
-        return session(data)
-    return session(str(path), optimized=_optimized_path(path))
+        card = json.loads(_card_path(checkpoint).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(card, dict) or not set(CARD_KEYS) <= card.keys() or not isinstance(card["clip_len"], int):
+        return None
+    return card if _cache_path(checkpoint, card["clip_len"]).is_file() else None
 
 
-def _optimized_path(export_path: Path) -> Path:
-    """Where the export as optimised here goes: onnxruntime's NCHWc layout is chosen for the CPU's vector width
-    (8 floats with AVX2, 16 with AVX-512), so the name holds onnxruntime's version and the CPU's instruction set,
-    and a cache shared between machines never hands one CPU another's layout."""
-    import onnxruntime as ort
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "") \
-        if cpuinfo.is_file() else ""
-    key = hashlib.sha256(f"{ort.__version__} {platform.machine()} {platform.processor()} {flags}".encode())
-    return export_path.with_name(f"{export_path.stem}-optimized-{key.hexdigest()[:16]}.onnx")
-
-
-def session(model: str | bytes, optimized: Path | None = None):
-    """The session of an export. With `optimized`, the graph onnxruntime optimised for this CPU is read from
-    there (a damaged file is made again) or saved there once: optimising the default model's graph is ~0.3 s."""
-    if optimized is not None and optimized.is_file():
+def _write_card(ckpt: dict, checkpoint: str | Path) -> None:
+    """Only a card that reads back equal is written (JSON has no tuples, no integer keys): else none, and the
+    checkpoint is read each time."""
+    card = {k: ckpt.get(k) for k in CARD_KEYS}
+    text = json.dumps(card, sort_keys=True)
+    if json.loads(text) == card:
         try:
-            return _build(str(optimized), preoptimized=True)
-        except Exception as e:  # noqa: BLE001 - onnxruntime's own types; the export itself is still there
-            warn(f"warning: {optimized}: not a readable optimised graph ({str(e).splitlines()[0][:200]}); "
-                 "optimising again")
-    if optimized is None:
-        return _build(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        saved = Path(tmp) / optimized.name
-        loaded = _build(model, save=saved)
-        try:
-            atomic_write_bytes(optimized, saved.read_bytes())
-        except NotWritable as e:
-            warn(f"warning: {e}; optimising again next time")
+            atomic_write_bytes(_card_path(checkpoint), text.encode())
+        except NotWritable:
+            pass  # the export's own write has said so
+
+
+def clip_model_session(ckpt: dict, checkpoint: str | Path, clip_len: int):
+    """The session of the checkpoint's cached export (see `ort_session.cached_session`), exported first if need be;
+    `ckpt` may be the checkpoint's card, whose export was cached when it was read (if it has gone since, the
+    checkpoint is read to export it again)."""
+    def make() -> bytes:
+        from .checkpoint import load_checkpoint, model_from_checkpoint
+        full = ckpt if "model" in ckpt else load_checkpoint(checkpoint)
+        model = model_from_checkpoint(full, "cpu")  # a checkpoint that does not load fails before the note
+        note(f"score-video: exporting {checkpoint} for onnxruntime (once per checkpoint; cached in {cache_dir()})")
+        return export(model, clip_len, int(full["align"]["hq_size"]), int(full["align"]["lq_size"]))
+
+    loaded = cached_session(_cache_path(checkpoint, clip_len), make, optimize=True)
+    if "model" in ckpt and cached_card(checkpoint) is None:
+        _write_card(ckpt, checkpoint)
     return loaded
-
-
-def _build(model: str | bytes, *, preoptimized: bool = False, save: Path | None = None):
-    """Threads as torch's (OMP_NUM_THREADS, torch.set_num_threads); they sleep rather than spin between calls,
-    leaving the cores to the decoder and the face path that run beside the model."""
-    import onnxruntime as ort
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if preoptimized:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if save is not None:
-        options.optimized_model_filepath = str(save)
-        options.log_severity_level = 3  # its warning that the saved graph suits this CPU only: hence the key
-    loaded = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    _return_freed_memory()
-    return loaded
-
-
-def _return_freed_memory() -> None:
-    """Building a session frees ~130 MB of transient copies of the weights (the model file's bytes, the weights
-    before their reordering for the NCHWc kernels) that glibc keeps in its heap; the video loop's large buffers
-    (frames, activations) are mapped afresh and never reuse them, so without this they stay in the peak RSS
-    (measured on the default model: +232 MB after the session, +102 MB after the trim). Not glibc: nothing to do."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class OnnxClipModel:
     """`ClipModel`'s contract (uint8 crop batches in, calibrated probabilities out) over an onnxruntime session."""
 
     def __init__(self, ckpt: dict, checkpoint: str | Path, *, clip_len: int, temperature: float, tta_flip: bool):
-        self.session = cached_session(ckpt, checkpoint, clip_len)
+        self.session = clip_model_session(ckpt, checkpoint, clip_len)
         self.temperature = temperature
         self.tta_flip = tta_flip
 

@@ -6,7 +6,8 @@ import torch
 import yaml
 
 from dfpipe.pipeline.config import DEFAULTS_PATH, RULES, ConfigError, load_config, parse_override
-from dfpipe.stages.faces import resolve_device
+from dfpipe.stages import faces
+from dfpipe.stages.faces import device_type, resolve_device
 
 
 def flat_keys(tree: dict, prefix: str = "") -> set[str]:
@@ -106,6 +107,15 @@ def test_an_unusable_cuda_device_is_refused(monkeypatch):
     with pytest.raises(ValueError, match="device 'cuda': no CUDA GPU is usable here"):
         resolve_device("cuda")
     assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_device_type_asks_torch_only_where_a_gpu_driver_is_loaded(monkeypatch):
+    asked = []
+    monkeypatch.setattr(faces, "resolve_device", lambda d: asked.append(d) or torch.device("cuda"))
+    monkeypatch.setattr(faces.os.path, "exists", lambda p: False)
+    assert (device_type("auto"), device_type("cpu"), asked) == ("cpu", "cpu", [])  # no driver: the CPU
+    monkeypatch.setattr(faces.os.path, "exists", lambda p: p == "/dev/nvidiactl")
+    assert (device_type("auto"), device_type("cuda:1"), asked) == ("cuda", "cuda", ["auto", "cuda:1"])
 
 
 def test_values_wrong_together_only_in_the_file_may_be_completed_by_an_override(tmp_path):

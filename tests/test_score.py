@@ -2,6 +2,7 @@
 get their status, resume, shards, metrics; clip cutting and batching on synthetic faces."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -22,12 +23,13 @@ from dfpipe.manifests.workspace import Shard, Workspace
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import pairs as pairs_mod
-from dfpipe.stages import inference, onnx_model, score, score_store
+from dfpipe.stages import ensemble, inference, onnx_model, ort_session, score, score_store
 from dfpipe.stages.clips import ClipCutter, clip_positions, scoring_clips
 from dfpipe.stages.dataset import face_rows, read_crops, track_segments
 from dfpipe.stages.demo import make_demo_dataset
+from dfpipe.stages.detector import Detector
 from dfpipe.stages.faces import FrameFaces
-from dfpipe.stages.checkpoint import load_checkpoint, model_from_checkpoint
+from dfpipe.stages.checkpoint import CARD_KEYS, load_checkpoint, model_from_checkpoint
 from dfpipe.stages.train import run_train
 from dfpipe.stages.train_data import align_params
 from sklearn.metrics import roc_auc_score
@@ -752,12 +754,16 @@ def test_onnxruntime_gives_torchs_fp32_probabilities_at_any_batch_size(checkpoin
     assert np.ptp(want) > 0.05  # distinct clips, distinct probabilities: the comparison can fail
 
 
-def cache_files(tmp_path) -> tuple[Path, Path]:
-    """The export and, beside it, the graph as onnxruntime optimised it for this CPU."""
-    files = sorted((tmp_path / "cache/onnx").iterdir(), key=lambda p: "-optimized-" in p.name)
-    assert len(files) == 2 and all(p.suffix == ".onnx" and p.stat().st_size > 10_000 for p in files)
-    assert files[1].name.startswith(files[0].stem + "-optimized-")
-    return files[0], files[1]
+def cache_files(tmp_path) -> tuple[Path, Path, Path]:
+    """The checkpoint's export, the graph as onnxruntime optimised it for this CPU and the checkpoint's card (MTCNN's
+    exports may lie beside them)."""
+    files = sorted(p for p in (tmp_path / "cache/onnx").iterdir() if not p.name.startswith("mtcnn"))
+    assert len(files) == 3, files
+    export, optimized = sorted((p for p in files if p.suffix == ".onnx"), key=lambda p: "-optimized-" in p.name)
+    assert all(p.stat().st_size > 10_000 for p in (export, optimized))
+    assert optimized.name.startswith(export.stem + "-optimized-")
+    card = next(p for p in files if p.suffix == ".json")
+    return export, optimized, card
 
 
 def test_the_export_is_cached_per_checkpoint_file_and_a_hit_reads_no_weights(checkpoint, tmp_path, monkeypatch):
@@ -781,9 +787,39 @@ def test_the_export_is_cached_per_checkpoint_file_and_a_hit_reads_no_weights(che
 
 def test_the_optimised_graph_is_named_for_the_cpu_and_onnxruntime(tmp_path, monkeypatch):
     export = tmp_path / "abc-T10.onnx"
-    here = onnx_model._optimized_path(export)
-    monkeypatch.setattr(onnx_model.platform, "processor", lambda: "another CPU")
-    assert onnx_model._optimized_path(export) != here and here.parent == tmp_path
+    here = ort_session._optimized_path(export)
+    monkeypatch.setattr(ort_session, "cpu_flags", lambda: "fpu avx2")
+    assert ort_session._optimized_path(export) != here and here.parent == tmp_path
+
+
+def test_with_its_export_cached_a_checkpoint_is_read_from_its_card_alone(root, checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("DFPIPE_CACHE", str(tmp_path / "cache"))
+    video = root / "data/fake/fake_000.mp4"
+    first = Detector.from_checkpoint(checkpoint, device="cpu", config=config(runtime="onnx")).score(video)
+    _, _, card_file = cache_files(tmp_path)
+    card = json.loads(card_file.read_text())
+    full = load_checkpoint(checkpoint)
+    assert card == {k: full[k] for k in CARD_KEYS} and card["calibration"]["temperature"] != 1.0
+    monkeypatch.setattr(ensemble, "load_checkpoint", lambda p: pytest.fail(f"read {p}"))
+    again = Detector.from_checkpoint(checkpoint, device="cpu", config=config(runtime="onnx")).score(video)
+    same = lambda result: dataclasses.replace(result, seconds=0.0)  # noqa: E731  (wall time aside)
+    assert same(again) == same(first) and first.status == "ok" and len(first.tracks[0].clips) == 2
+    # torch asked for: the weights are needed, and read
+    with pytest.raises(pytest.fail.Exception, match="read"):
+        Detector.from_checkpoint(checkpoint, device="cpu", config=config(runtime="torch"))
+
+
+def test_a_card_without_its_export_or_unreadable_is_not_used(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("DFPIPE_CACHE", str(tmp_path / "cache"))
+    onnx_and_torch(checkpoint)
+    export, _, card_file = cache_files(tmp_path)
+    assert onnx_model.cached_card(checkpoint)["clip_len"] == CLIP_LEN
+    card_file.write_text('{"clip_len": 1')  # cut short
+    assert onnx_model.cached_card(checkpoint) is None
+    onnx_and_torch(checkpoint)  # scoring with the checkpoint itself writes the card again
+    assert onnx_model.cached_card(checkpoint) == json.loads(card_file.read_text())
+    export.unlink()
+    assert onnx_model.cached_card(checkpoint) is None
 
 
 def test_an_unwritable_cache_still_scores_with_a_warning(checkpoint, tmp_path, monkeypatch, capsys):
@@ -799,7 +835,7 @@ def test_an_unwritable_cache_still_scores_with_a_warning(checkpoint, tmp_path, m
 def test_a_damaged_cache_file_is_exported_again(checkpoint, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DFPIPE_CACHE", str(tmp_path / "cache"))
     torch_model, ort_model = onnx_and_torch(checkpoint)
-    cached, optimized = cache_files(tmp_path)
+    cached, optimized, _ = cache_files(tmp_path)
     good = cached.read_bytes()
     for path in (cached, optimized):
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])  # cut short
@@ -825,20 +861,20 @@ def test_a_damaged_cache_file_is_exported_again(checkpoint, tmp_path, monkeypatc
 
 
 def test_runtime_choice_and_refusals(monkeypatch):
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu, cuda = "cpu", "cuda"
+    monkeypatch.setattr(onnx_model, "has_amx", lambda: False)
     assert onnx_model.choose_runtime("auto", cpu, 0) == "onnx"
     assert onnx_model.choose_runtime("auto", cpu, 4) == "torch"  # Monte-Carlo dropout runs in torch
     assert onnx_model.choose_runtime("auto", cuda, 0) == "torch"
     assert onnx_model.choose_runtime("torch", cpu, 0) == "torch"
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(onnx_model, "has_amx", lambda: True)
     assert onnx_model.choose_runtime("auto", cpu, 0) == "torch"  # AMX: torch's bf16 is the faster
     assert onnx_model.choose_runtime("onnx", cpu, 0) == "onnx"
     with pytest.raises(InputError, match="score.device is cuda"):
         onnx_model.choose_runtime("onnx", cuda, 0)
     with pytest.raises(InputError, match="mc_samples needs torch"):
         onnx_model.choose_runtime("onnx", cpu, 2)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(onnx_model, "has_amx", lambda: False)
     find_spec = onnx_model.importlib.util.find_spec
     monkeypatch.setattr(onnx_model.importlib.util, "find_spec", lambda n: None if n == "onnxruntime" else find_spec(n))
     assert onnx_model.choose_runtime("auto", cpu, 0) == "torch"  # an install without it still scores
@@ -846,8 +882,16 @@ def test_runtime_choice_and_refusals(monkeypatch):
         onnx_model.choose_runtime("onnx", cpu, 0)
 
 
-def test_score_video_in_onnxruntime_and_in_torch_agree_and_a_warm_process_imports_no_timm(root, checkpoint,
-                                                                                           tmp_path):
+def test_amx_is_read_from_the_cpu_flags_as_torch_reads_it(monkeypatch):
+    assert onnx_model.has_amx() == torch.cpu._is_amx_tile_supported()  # this machine, either way
+    monkeypatch.setattr(onnx_model, "cpu_flags", lambda: " fpu avx512f amx_bf16 amx_tile amx_int8")
+    assert onnx_model.has_amx()
+    monkeypatch.setattr(onnx_model, "cpu_flags", lambda: " fpu avx512f avx512_bf16")
+    assert not onnx_model.has_amx()
+
+
+def test_score_video_in_onnxruntime_and_in_torch_agree_and_a_warm_process_imports_no_torch(root, checkpoint,
+                                                                                            tmp_path):
     videos = [root / f"data/{v}.mp4" for v in DEMO[:2]]
     rows = {}
     for runtime in ("onnx", "torch"):
@@ -856,18 +900,19 @@ def test_score_video_in_onnxruntime_and_in_torch_agree_and_a_warm_process_import
     probs = {rt: np.array([c[2] for v in videos for c in r[str(v)]["clip_probs"]]) for rt, r in rows.items()}
     assert len(probs["onnx"]) == 4 and np.ptp(probs["torch"]) > 0.1
     np.testing.assert_allclose(probs["onnx"], probs["torch"], atol=1e-4)
-    # the export is cached now: a new process scoring through it loads neither timm nor torchvision
+    # the export and MTCNN's are cached now: a new process scoring through them loads no torch (nor timm, torchvision)
     script = (f"import sys; from dfpipe.stages import score_store; from dfpipe.manifests.workspace import Shard; "
               f"from dfpipe.pipeline.config import load_config; "
               f"cfg = load_config(overrides=[{{'score': {{'runtime': 'onnx', 'device': 'cpu'}}, "
               f"'align': {{'device': 'cpu'}}}}]); "
               f"score_store.run_score([{str(videos[0])!r}], {str(checkpoint)!r}, cfg, out={str(tmp_path / 'w.csv')!r},"
               f" labels=None, work=None, split=None, shard=Shard(), progress=False); "
-              f"print(sorted(m for m in ('timm', 'torchvision', 'facenet_pytorch', 'torch._dynamo') "
-              f"if m in sys.modules))")
+              f"print(sorted(m for m in ('torch', 'timm', 'torchvision', 'facenet_pytorch') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
     assert "exporting" not in proc.stderr
+    # and it scores as the process that loaded the checkpoint with torch did, bit for bit
+    assert jsonl(tmp_path / "w.jsonl")[str(videos[0])]["clip_probs"] == rows["onnx"][str(videos[0])]["clip_probs"]
 
 
 
@@ -876,10 +921,12 @@ def test_the_runtime_option_picks_what_runs_the_model(root, checkpoint, tmp_path
     video = root / "data/real/real_000.mp4"
     torch_run = dfpipe("score-video", video, "--checkpoint", checkpoint, "--out", tmp_path / "t.csv", "--runtime",
                        "torch", "--device", "cpu", "--set", "train.amp=off")  # fp32, as onnxruntime's
-    assert "onnxruntime" not in torch_run.stderr and not (tmp_path / "cache").exists()
+    # the model is not exported (the face path's MTCNN runs in onnxruntime on the CPU whatever runs the model)
+    assert f"exporting {checkpoint}" not in torch_run.stderr
+    assert [p.name[:6] for p in (tmp_path / "cache/onnx").iterdir()] == ["mtcnn-"] * 3
     onnx_run = dfpipe("score-video", video, "--checkpoint", checkpoint, "--out", tmp_path / "o.csv", "--runtime",
                       "onnx", "--device", "cpu")
-    assert "exporting" in onnx_run.stderr and len(cache_files(tmp_path)) == 2
+    assert "exporting" in onnx_run.stderr and len(cache_files(tmp_path)) == 3
     scores = [float(pd.read_csv(tmp_path / f"{name}.csv").score[0]) for name in ("t", "o")]
     assert scores[0] == pytest.approx(scores[1], abs=1e-4)
 
