@@ -124,7 +124,7 @@ def cpu_line(amp: str, runtime: str) -> str:
                     platform.processor() or "unknown CPU")
     bf16, amx = torch.cpu._is_avx512_bf16_supported(), torch.cpu._is_amx_tile_supported()
     device = resolve_device("auto")
-    chosen = choose_runtime(runtime, device, 0)
+    chosen = choose_runtime(runtime, device.type, 0)
     scoring = "fp32" if chosen == "onnx" else {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[
         amp_dtype(amp, device)]
     gpu = f" on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
