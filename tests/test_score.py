@@ -23,7 +23,7 @@ from dfpipe.manifests.workspace import Shard, Workspace
 from dfpipe.models.dual_stream import DualStreamNet
 from dfpipe.pipeline.config import load_config
 from dfpipe.stages import pairs as pairs_mod
-from dfpipe.stages import ensemble, inference, onnx_model, ort_session, score, score_store
+from dfpipe.stages import ensemble, inference, mtcnn_nets, onnx_model, ort_session, score, score_store
 from dfpipe.stages.clips import ClipCutter, clip_positions, scoring_clips
 from dfpipe.stages.dataset import face_rows, read_crops, track_segments
 from dfpipe.stages.demo import make_demo_dataset
@@ -942,6 +942,28 @@ def test_onnxruntime_scores_real_videos_as_torch_fp32(shared_data, checkpoint, t
         probs[runtime] = np.array([c[1] for v in videos for c in rows[str(v)]["clip_probs"]])
     assert len(probs["onnx"]) >= 4 and np.ptp(probs["torch"]) > 0.01
     np.testing.assert_allclose(probs["onnx"], probs["torch"], atol=1e-4)
+
+
+def test_mtcnn_in_onnxruntime_scores_real_videos_as_mtcnn_in_torch(shared_data, checkpoint, tmp_path, monkeypatch):
+    """MTCNN's nets in onnxruntime move boxes and landmarks by ~1e-4 px against torch's (tests/test_mtcnn.py); the
+    crops warped from them then differ by a rounding here and there, and the scores by about as much as that moves
+    them: on 10 shared videos (354 clips, a default-architecture checkpoint) 1.1e-3 at most per clip, 2.5e-4 per
+    video. This test's tiny model amplifies its input (see `checkpoint`): 8.7e-3 at most over these 26 clips, hence
+    its tolerance, against clip probabilities spread over 0.98 of (0, 1): a wrong crop moves them by far more."""
+    videos = [shared_data / "ffpp_c40/manipulated_sequences/Deepfakes/c40/videos/183_253.mp4",
+              shared_data / "dfdc_sample/abqwwspghj.mp4"]
+    cfg = load_config(overrides=[{"align": {"device": "cpu"}, "extract": {"max_frames": 40},
+                                  "score": {"runtime": "onnx", "device": "cpu"}}])
+    probs = {}
+    load = mtcnn_nets.load
+    for runtime in ("onnx", "torch"):
+        monkeypatch.setattr(mtcnn_nets, "load", lambda device, _, runtime=runtime: load(device, runtime))
+        rows = jsonl(run(checkpoint, videos, tmp_path / runtime / "s.csv", cfg=cfg).jsonl)
+        probs[runtime] = {(str(v), c[0], tuple(c[2])): c[1] for v in videos for c in rows[str(v)]["clip_probs"]}
+    assert probs["onnx"].keys() == probs["torch"].keys() and len(probs["onnx"]) >= 6  # the same clips
+    got, want = (np.array([probs[r][k] for k in sorted(probs["onnx"])]) for r in ("onnx", "torch"))
+    assert np.ptp(want) > 0.5
+    np.testing.assert_allclose(got, want, atol=2e-2)
 
 
 def test_a_checkpoint_of_the_older_convlstm_layout_scores_alike_in_onnxruntime(checkpoint, tmp_path):
