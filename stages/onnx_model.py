@@ -2,15 +2,16 @@
 
 On a CPU without AMX, torch runs the default model in fp32 (no bf16 instructions) or in bf16 on AVX512-BF16 alone;
 ONNX Runtime's fp32 kernels (NCHWc convolutions) are faster than torch's fp32 and close to its bf16, and a process
-that scores through it never imports timm, which imports torchvision, which imports torch._dynamo. Measured on an
-AMD EPYC, 2 cores, AVX512-BF16, no AMX, default Lite2+Lite0 model, one clip of 10 frames: torch fp32 0.20-0.23 s,
-onnxruntime fp32 0.15 s, torch bf16 0.12 s; the imports it saves, 1.4 s and 190 MB of every score-video's start-up.
+that scores through it, once the export is cached, never imports torch. Measured on an AMD EPYC, 2 cores,
+AVX512-BF16, no AMX, default Lite2+Lite0 model, one clip of 10 frames: torch fp32 0.20-0.23 s, onnxruntime fp32
+0.15 s, torch bf16 0.12 s; the imports it saves, 1.6 s and ~470 MB of every score-video's start-up.
 On a CPU with AMX torch's bf16 is ~4x its fp32 (the card's B4 22 ms per 224 px frame), beyond onnxruntime's fp32:
 `auto` keeps torch there, and on CUDA.
 
 The export (torch.onnx's TorchScript exporter: the clip model at its one clip length, any batch size) is made once
-per checkpoint and cached by the checkpoint file's sha256 under `$DFPIPE_CACHE` (default ~/.cache/dfpipe): a
-later run reads no weights from the checkpoint at all. The graph takes the uint8 (B, T, H, W, 3) crop batches
+per checkpoint and cached by the checkpoint file's sha256 under `$DFPIPE_CACHE` (default ~/.cache/dfpipe), with the
+checkpoint's card beside it (what scoring reads of it besides the weights, as JSON): a later run reads nothing of
+the checkpoint but its bytes' hash (see `ort_session`). The graph takes the uint8 (B, T, H, W, 3) crop batches
 `Predict` gets and returns logits; it is the model in fp32 after `for_inference` (BatchNorm folded, adapters
 merged), so its logits are torch's fp32 ones up to float rounding (tests/test_score.py, the onnxruntime section).
 Beside it goes the graph as onnxruntime optimised it for this CPU, which later sessions load without optimising
