@@ -20,6 +20,9 @@ from ..manifests.progress import warn
 from ..manifests.table import NotWritable, atomic_write_bytes
 
 
+_UNWRITABLE: set[Path] = set()  # cache folders this process could not write to, and has said so
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("DFPIPE_CACHE") or Path.home() / ".cache" / "dfpipe").expanduser() / "onnx"
 
@@ -38,7 +41,9 @@ def cached_session(path: Path, make: Callable[[], bytes], *, optimize: bool = Fa
     try:
         atomic_write_bytes(path, data)
     except NotWritable as e:
-        warn(f"warning: {e}; exporting again next time (set DFPIPE_CACHE to a writable folder)")
+        if path.parent not in _UNWRITABLE:  # once per folder: the model's export and MTCNN's three would repeat it
+            _UNWRITABLE.add(path.parent)
+            warn(f"warning: {e}; exporting again next time (set DFPIPE_CACHE to a writable folder)")
         return session(data)
     return session(str(path), optimized=optimized)
 

@@ -276,7 +276,7 @@ def test_an_unwritable_cache_still_detects_with_a_warning(monkeypatch, tmp_path,
     monkeypatch.setenv("DFPIPE_CACHE", str(blocker / "cache"))
     assert faces_in_a_frame() == 2
     assert exported == ["pnet", "rnet", "onet"]
-    assert capsys.readouterr().err.count("exporting again next time") == 3
+    assert capsys.readouterr().err.count("exporting again next time") == 1  # one warning for the folder
 
 
 def test_a_process_detects_without_importing_torch_once_the_cache_is_warm(ours, tmp_path):
