@@ -16,7 +16,7 @@ from .checkpoint import model_from_checkpoint
 from .ensemble import load_models, stacked
 from .faces import FaceDetector, device_type, resolve_device
 from .inference import ClipModel, Predict, amp_dtype, model_batch
-from .onnx_model import OnnxClipModel, choose_runtime
+from .onnx_model import OnnxClipModel, runtime_for
 from .score import Scoring, ScoreError, VideoInput, score_videos
 
 
@@ -103,8 +103,7 @@ class Detector:
         `extract.max_frames` settings apply; the defaults without one. A list of checkpoints is an ensemble (see
         `ensemble`; `VideoScore.model_scores` holds each model's score)."""
         cfg = config if config is not None else load_config()
-        ckpts, scoring = load_models(checkpoint, cfg, cards=runtime_for(cfg.score.runtime, device,
-                                                                        cfg.score.mc_samples) == "onnx")
+        ckpts, scoring = load_models(checkpoint, cfg, device=device)
         single = isinstance(checkpoint, (str, Path))
         return cls(ckpts[0] if single else ckpts, scoring, device=device, batch_size=cfg.score.batch_size,
                    checkpoint=checkpoint)
@@ -120,8 +119,3 @@ class Detector:
 
     def score(self, path: str | Path) -> VideoScore:
         return next(self.score_many([path]))
-
-
-def runtime_for(runtime: str, device: str, mc_samples: int) -> str:
-    """`onnx_model.choose_runtime` for a device setting (auto, cpu, cuda:N)."""
-    return choose_runtime(runtime, device_type(str(device)), mc_samples)

@@ -20,7 +20,7 @@ from .calibration import decide
 from .checkpoint import load_checkpoint
 from .evaluate import binary_metrics, fit_threshold
 from .inference import Predict
-from .onnx_model import cached_card
+from .onnx_model import cached_card, runtime_for
 from .labels import TARGET
 from .score import Scoring, ScoreError, scoring_settings
 
@@ -99,11 +99,12 @@ def fitted_threshold(csv_path) -> str:
             f"videos, scores in {csv_path}); give it to score-video as --threshold {threshold:.6g}")
 
 
-def load_models(checkpoint: str | list[str], cfg, *, cards: bool = False) -> tuple[list[dict], Scoring]:
-    """A checkpoint path, or a list of them (an ensemble, even of one): the checkpoints and their scoring. With
-    `cards` (the models run in onnxruntime), a checkpoint whose export is cached is read from its card instead
-    (`onnx_model.cached_card`: no weights, no torch)."""
+def load_models(checkpoint: str | list[str], cfg, *, device: str = "auto") -> tuple[list[dict], Scoring]:
+    """A checkpoint path, or a list of them (an ensemble, even of one): the checkpoints and their scoring, for
+    scoring on `device`. Where the models run in onnxruntime there, a checkpoint whose export is cached is read from
+    its card instead (`onnx_model.cached_card`: no weights, no torch)."""
     paths = [str(checkpoint)] if isinstance(checkpoint, (str, Path)) else [str(c) for c in checkpoint]
+    cards = runtime_for(cfg.score.runtime, device, cfg.score.mc_samples) == "onnx"
     ckpts = [(cards and cached_card(path)) or load_checkpoint(path) for path in paths]
     scorings = [scoring_settings(ckpt, cfg, path) for ckpt, path in zip(ckpts, paths)]
     if isinstance(checkpoint, (str, Path)):

@@ -36,6 +36,7 @@ from ..manifests.table import NotWritable, atomic_write_bytes
 from ..manifests.units import sha256_file
 from ..pipeline import __version__
 from .checkpoint import CARD_KEYS
+from .faces import device_type
 from .ort_session import cache_dir, cached_session, cpu_flags
 
 if TYPE_CHECKING:
@@ -66,6 +67,11 @@ def choose_runtime(runtime: str, device_type: str, mc_samples: int) -> str:
     if runtime == "auto" and device_type == "cpu" and not mc_samples and not missing and not has_amx():
         return "onnx"
     return "torch"
+
+
+def runtime_for(runtime: str, device, mc_samples: int) -> str:
+    """`choose_runtime` for a device setting (auto, cpu, cuda:N, or a torch.device)."""
+    return choose_runtime(runtime, device_type(str(device)), mc_samples)
 
 
 def has_amx() -> bool:

@@ -27,7 +27,7 @@ from ..manifests.progress import bar as progress_bar
 from ..manifests.progress import note, warn
 from ..manifests.table import atomic_write_bytes, check_writable, write_table
 from ..manifests.workspace import LockHeld, Shard, Workspace, lock_file
-from .detector import Detector, runtime_for
+from .detector import Detector
 from .ensemble import load_models, models_digest
 from .evaluate import binary_metrics, write_plots
 from .labels import TARGET
@@ -251,8 +251,7 @@ def run_score(inputs: list[str], checkpoint: str | list[str], cfg, *, out: str, 
     split is the one the checkpoint was trained on, or refused (``run_splits``: read it from the run folder).
     A list of checkpoints scores as an ensemble (`ensemble`): a workspace split must then be every model's."""
     csv_path, jsonl = output_paths(out, shard)
-    runtime = runtime_for(cfg.score.runtime, cfg.score.device, cfg.score.mc_samples)
-    ckpts, scoring = load_models(checkpoint, cfg, cards=runtime == "onnx")
+    ckpts, scoring = load_models(checkpoint, cfg, device=cfg.score.device)
     paths = [checkpoint] if isinstance(checkpoint, str) else list(checkpoint)
     if work is not None and len(paths) > 1:
         if run_splits:
