@@ -14,8 +14,8 @@ NCHW).
 Defined here rather than imported because `import facenet_pytorch` (any of its modules: the package's __init__
 runs first) imports torchvision, and torchvision imports torch._dynamo: 1.2-1.7 s and ~165 MB of every process's
 start-up on a 2-core AMD EPYC. The weight files are found with `importlib.util.find_spec`, which locates a
-top-level package without running its __init__. The torch modules are defined on first use (`PNet`, `RNet`, `ONet`
-are looked up lazily) so that importing this module imports no torch. tests/test_mtcnn.py checks these nets give
+top-level package without running its __init__. The torch modules are in `mtcnn_modules.py`, imported only where
+torch runs or exports them, so that importing this module imports no torch. tests/test_mtcnn.py checks these nets give
 facenet-pytorch's outputs, and onnxruntime's graphs torch's.
 """
 from __future__ import annotations
@@ -132,121 +132,5 @@ def _prelu_for_onnxruntime(slope, y):
 
 def module(name: str):
     """The torch module of `name` (pnet, rnet, onet) with facenet-pytorch's weights, in eval mode."""
-    return _modules()[name]().load_weights().eval()
-
-
-def __getattr__(name: str):
-    """`PNet`, `RNet`, `ONet`: the torch module classes, defined (and torch imported) on first use."""
-    if name in ("PNet", "RNet", "ONet"):
-        return _modules()[name.lower()]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@functools.cache
-def _modules() -> dict[str, type]:
-    import torch
-    from torch import nn
-
-    class _Net(nn.Module):
-        WEIGHTS = ""
-
-        def load_weights(self) -> _Net:
-            self.load_state_dict(torch.load(weights_file(self.WEIGHTS), map_location="cpu", weights_only=True))
-            return self
-    return {"pnet": _pnet(_Net, nn), "rnet": _rnet(_Net, nn), "onet": _onet(_Net, nn)}
-
-
-def _pnet(base: type, nn) -> type:
-    class PNet(base):
-        """Fully convolutional: for each 12 x 12 window (stride 2), box regression (N, 4, h, w) and face / no face
-        probabilities (N, 2, h, w)."""
-        WEIGHTS = "pnet"
-
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 10, kernel_size=3)
-            self.prelu1 = nn.PReLU(10)
-            self.pool1 = nn.MaxPool2d(2, 2, ceil_mode=True)
-            self.conv2 = nn.Conv2d(10, 16, kernel_size=3)
-            self.prelu2 = nn.PReLU(16)
-            self.conv3 = nn.Conv2d(16, 32, kernel_size=3)
-            self.prelu3 = nn.PReLU(32)
-            self.conv4_1 = nn.Conv2d(32, 2, kernel_size=1)
-            self.softmax4_1 = nn.Softmax(dim=1)
-            self.conv4_2 = nn.Conv2d(32, 4, kernel_size=1)
-
-        def forward(self, x):
-            x = self.prelu1(self.conv1(x))
-            x = self.pool1(x)
-            x = self.prelu2(self.conv2(x))
-            x = self.prelu3(self.conv3(x))
-            return self.conv4_2(x), self.softmax4_1(self.conv4_1(x))
-    return PNet
-
-
-def _rnet(base: type, nn) -> type:
-    class RNet(base):
-        """24 x 24 crops -> box regression (N, 4), probabilities (N, 2)."""
-        WEIGHTS = "rnet"
-
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 28, kernel_size=3)
-            self.prelu1 = nn.PReLU(28)
-            self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
-            self.conv2 = nn.Conv2d(28, 48, kernel_size=3)
-            self.prelu2 = nn.PReLU(48)
-            self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
-            self.conv3 = nn.Conv2d(48, 64, kernel_size=2)
-            self.prelu3 = nn.PReLU(64)
-            self.dense4 = nn.Linear(576, 128)
-            self.prelu4 = nn.PReLU(128)
-            self.dense5_1 = nn.Linear(128, 2)
-            self.softmax5_1 = nn.Softmax(dim=1)
-            self.dense5_2 = nn.Linear(128, 4)
-
-        def forward(self, x):
-            x = self.pool1(self.prelu1(self.conv1(x)))
-            x = self.pool2(self.prelu2(self.conv2(x)))
-            x = self.prelu3(self.conv3(x))
-            x = x.permute(0, 3, 2, 1).contiguous()  # (N, W, H, C): the order the dense weights were converted in
-            x = self.prelu4(self.dense4(x.view(x.shape[0], -1)))
-            return self.dense5_2(x), self.softmax5_1(self.dense5_1(x))
-    return RNet
-
-
-def _onet(base: type, nn) -> type:
-    class ONet(base):
-        """48 x 48 crops -> box regression (N, 4), landmarks (N, 10: five x then five y, as fractions of the box),
-        probabilities (N, 2)."""
-        WEIGHTS = "onet"
-
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, 32, kernel_size=3)
-            self.prelu1 = nn.PReLU(32)
-            self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
-            self.conv2 = nn.Conv2d(32, 64, kernel_size=3)
-            self.prelu2 = nn.PReLU(64)
-            self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
-            self.conv3 = nn.Conv2d(64, 64, kernel_size=3)
-            self.prelu3 = nn.PReLU(64)
-            self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
-            self.conv4 = nn.Conv2d(64, 128, kernel_size=2)
-            self.prelu4 = nn.PReLU(128)
-            self.dense5 = nn.Linear(1152, 256)
-            self.prelu5 = nn.PReLU(256)
-            self.dense6_1 = nn.Linear(256, 2)
-            self.softmax6_1 = nn.Softmax(dim=1)
-            self.dense6_2 = nn.Linear(256, 4)
-            self.dense6_3 = nn.Linear(256, 10)
-
-        def forward(self, x):
-            x = self.pool1(self.prelu1(self.conv1(x)))
-            x = self.pool2(self.prelu2(self.conv2(x)))
-            x = self.pool3(self.prelu3(self.conv3(x)))
-            x = self.prelu4(self.conv4(x))
-            x = x.permute(0, 3, 2, 1).contiguous()  # (N, W, H, C): the order the dense weights were converted in
-            x = self.prelu5(self.dense5(x.view(x.shape[0], -1)))
-            return self.dense6_2(x), self.dense6_3(x), self.softmax6_1(self.dense6_1(x))
-    return ONet
+    from .mtcnn_modules import NETS
+    return NETS[name]().load_weights().eval()

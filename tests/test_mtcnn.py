@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from dfpipe.manifests.errors import InputError
-from dfpipe.stages import mtcnn, mtcnn_nets
+from dfpipe.stages import mtcnn, mtcnn_modules, mtcnn_nets
 from dfpipe.stages.mtcnn import MTCNN
 from facenet_pytorch import MTCNN as FacenetMTCNN
 from facenet_pytorch.models import mtcnn as facenet_nets
@@ -127,7 +127,7 @@ def test_frames_smaller_than_the_smallest_face_have_no_faces(ours):
 @pytest.mark.parametrize("name, shape", [("PNet", (2, 3, 41, 57)), ("RNet", (7, 3, 24, 24)), ("ONet", (7, 3, 48, 48))])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 def test_nets_are_facenet_pytorchs_with_its_weights(name, shape, layout):
-    ours = getattr(mtcnn_nets, name)().load_weights().eval().to(memory_format=layout)
+    ours = getattr(mtcnn_modules, name)().load_weights().eval().to(memory_format=layout)
     theirs = getattr(facenet_nets, name)().eval().to(memory_format=layout)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
@@ -144,7 +144,7 @@ def test_nets_load_facenet_pytorchs_files_without_importing_it_and_say_when_it_i
     assert path == Path(facenet_nets.__file__).parents[1] / "data" / "onet.pt"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(InputError, match="facenet-pytorch, which is not installed"):
-        mtcnn_nets.PNet().load_weights()
+        mtcnn_modules.PNet().load_weights()
 
 
 def test_importing_the_face_path_imports_neither_torchvision_nor_facenet_pytorch():
